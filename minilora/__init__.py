@@ -1,0 +1,30 @@
+"""minilora: LoRA and DoRA layers in NumPy + Numba, every gradient derived by hand.
+
+    import minilora as ml
+    y, cache = ml.lora_forward(x, W, A, B, scaling=ml.lora_scaling(alpha=16, r=8))
+    grads = ml.lora_backward(dy, cache)          # grads.dx, grads.dA, grads.dB
+"""
+
+from minilora.functional import (
+    LoRACache,
+    LoRAGrads,
+    lora_backward,
+    lora_forward,
+    lora_scaling,
+)
+from minilora.gradcheck import GradcheckError, gradcheck
+from minilora.layer import LoRALinear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GradcheckError",
+    "LoRACache",
+    "LoRAGrads",
+    "LoRALinear",
+    "__version__",
+    "gradcheck",
+    "lora_backward",
+    "lora_forward",
+    "lora_scaling",
+]

@@ -1,0 +1,99 @@
+"""Input validation, done once at each public entry point.
+
+Every public op calls one function here before any arithmetic. Errors name the offending array
+and its shape or dtype: ``TypeError`` for types and dtypes, ``ValueError`` for shapes and values.
+Nothing here copies or modifies an input.
+"""
+
+import math
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def check_scaling(scaling):
+    """Return ``scaling`` as a Python float (so it never promotes float32 arrays to float64)."""
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float, np.integer, np.floating)):
+        raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
+    s = float(scaling)
+    if not math.isfinite(s):
+        raise ValueError(f"scaling must be finite, got {s}")
+    return s
+
+
+def check_dtypes(**arrays):
+    """Check that every given array is an ndarray of one shared float dtype; return that dtype.
+
+    ``None`` values (optional inputs that were not passed) are skipped.
+    """
+    dtype = None
+    first = None
+    for name, a in arrays.items():
+        if a is None:
+            continue
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
+        if a.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} has dtype {a.dtype}; minilora computes in float32 or float64")
+        if dtype is None:
+            dtype, first = a.dtype, name
+        elif a.dtype != dtype:
+            raise TypeError(
+                f"all float inputs must share one dtype: {first} is {dtype} but {name} is {a.dtype}"
+            )
+    return dtype
+
+
+def check_layer_shapes(x, W, A, B, *, fan_in_fan_out, bias=None, dropout_mask=None, m=None):
+    """Check the shapes of a LoRA/DoRA layer's inputs; return ``(d_in, d_out, r)``.
+
+    x (..., d_in), W (d_out, d_in) or (d_in, d_out) when ``fan_in_fan_out``, A (r, d_in),
+    B (d_out, r), bias (d_out,), m (d_out,), dropout_mask broadcastable to x.
+    """
+    if x.ndim < 1:
+        raise ValueError(f"x must have at least one dimension (..., d_in), got shape {x.shape}")
+    if W.ndim != 2:
+        raise ValueError(f"W must be 2-D, got shape {W.shape}")
+    if A.ndim != 2 or B.ndim != 2:
+        raise ValueError(f"A and B must be 2-D, got A {A.shape} and B {B.shape}")
+    r, d_in = A.shape
+    d_out = B.shape[0]
+    if r < 1:
+        raise ValueError(f"rank r = A.shape[0] must be at least 1, got A {A.shape}")
+    if B.shape[1] != r:
+        raise ValueError(f"B must be (d_out, r) with r = A.shape[0] = {r}, got B {B.shape}")
+    expected_W = (d_in, d_out) if fan_in_fan_out else (d_out, d_in)
+    if W.shape != expected_W:
+        layout = "(d_in, d_out) with fan_in_fan_out=True" if fan_in_fan_out else "(d_out, d_in)"
+        raise ValueError(
+            f"W must be {layout} = {expected_W} to match A {A.shape} and B {B.shape}, "
+            f"got W {W.shape}"
+        )
+    if x.shape[-1] != d_in:
+        raise ValueError(
+            f"x must be (..., d_in) with d_in = {d_in} (from A {A.shape}), got x {x.shape}")
+    if bias is not None and bias.shape != (d_out,):
+        raise ValueError(f"bias must be (d_out,) = ({d_out},), got bias {bias.shape}")
+    if m is not None and m.shape != (d_out,):
+        raise ValueError(f"m must be (d_out,) = ({d_out},), got m {m.shape}")
+    if dropout_mask is not None:
+        try:
+            broadcast = np.broadcast_shapes(dropout_mask.shape, x.shape)
+        except ValueError:
+            broadcast = None
+        if broadcast != x.shape:
+            raise ValueError(
+                f"dropout_mask must broadcast to x {x.shape}, got dropout_mask {dropout_mask.shape}"
+            )
+    return d_in, d_out, r
+
+
+def check_dy(dy, y_shape, dtype):
+    """Check the upstream gradient against the forward output's shape and dtype."""
+    if not isinstance(dy, np.ndarray):
+        raise TypeError(f"dy must be a numpy.ndarray, got {type(dy).__name__}")
+    if dy.dtype != dtype:
+        raise TypeError(f"dy has dtype {dy.dtype} but the forward pass ran in {dtype}")
+    if dy.shape != y_shape:
+        raise ValueError(f"dy must have the shape of y {y_shape}, got dy {dy.shape}")

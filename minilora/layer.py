@@ -1,0 +1,175 @@
+"""``LoRALinear``: a small stateful layer over the functional forward/backward pair.
+
+The layer owns its arrays (frozen W and bias, trainable A and B, and m for DoRA), samples the
+dropout mask from its own seeded generator in training mode, keeps the cache of the last forward
+pass for ``backward``, and accumulates gradients in ``layer.grads``. There is no merge state:
+``merged_weight()`` returns a new array and the layer keeps computing the unmerged way.
+"""
+
+import numpy as np
+
+from minilora._checks import FLOAT_DTYPES
+from minilora.functional import lora_backward, lora_forward, lora_scaling
+from minilora.init import init_lora, kaiming_uniform
+
+
+class LoRALinear:
+    """A linear layer with a frozen weight W and a trainable low-rank update s·B A.
+
+    y = x Wᵀ + bias + s · (dropout(x) Aᵀ) Bᵀ, with s = alpha/r (alpha/√r for rsLoRA).
+
+    Parameters
+    ----------
+    in_features, out_features : int, d_in and d_out
+    r : int, rank of the update
+    alpha : float, the LoRA alpha; the scaling is alpha/r, or alpha/√r with ``use_rslora``
+    dropout : float in [0, 1], dropout probability on the LoRA branch's input (training mode only)
+    use_rslora : bool
+    use_dora : bool, weight-decomposed LoRA (DoRA); adds the trainable magnitude m (d_out,)
+    fan_in_fan_out : bool, W is stored as (d_in, d_out) (GPT-2 Conv1D layout)
+    bias : bool, whether the layer has a (frozen) bias
+    init : "default" | "gaussian" | "pissa" | "olora" (see ``minilora.init``)
+    weight : array (d_out, d_in) (or (d_in, d_out) with fan_in_fan_out), the pretrained W; copied.
+        When None, W is drawn like ``nn.Linear``'s.
+    bias_value : array (d_out,), the pretrained bias; copied. When None, drawn like ``nn.Linear``'s.
+    dtype : numpy.float32 or numpy.float64
+    seed : int or None, seeds the generator used for init and dropout masks
+    backend : "numpy", "numba" or None (see ``minilora.backends``)
+
+    Attributes
+    ----------
+    W, bias : frozen arrays;  A (r, d_in), B (d_out, r), m (d_out,) : trainable arrays
+    grads : dict of accumulated gradients, keys "A", "B" (and "m")
+    scaling : float
+    training : bool
+    """
+
+    def __init__(self, in_features, out_features, *, r=8, alpha=8, dropout=0.0, use_rslora=False,
+                 use_dora=False, fan_in_fan_out=False, bias=True, init="default", weight=None,
+                 bias_value=None, dtype=np.float32, seed=None, backend=None):
+        dtype = np.dtype(dtype)
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        for name, n in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+                raise ValueError(f"{name} must be a positive integer, got {n!r}")
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"dropout must be a probability in [0, 1], got {dropout}")
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.r, self.alpha, self.dropout = r, alpha, float(dropout)
+        self.use_rslora, self.use_dora = bool(use_rslora), bool(use_dora)
+        self.fan_in_fan_out = bool(fan_in_fan_out)
+        self.scaling = lora_scaling(alpha, r, use_rslora=use_rslora)
+        self.dtype, self.backend = dtype, backend
+        self.rng = np.random.default_rng(seed)
+        self.training = True
+        self._cache = None
+
+        W = self._base_weight(weight)  # (d_out, d_in)
+        self.bias = self._base_bias(bias, bias_value)  # (d_out,) or None
+        self.A, self.B, W = init_lora(init, W, r, self.scaling, self.rng)  # (r, d_in), (d_out, r)
+        self.W = np.ascontiguousarray(W.T) if self.fan_in_fan_out else W  # stored layout
+        self.m = None
+        if self.use_dora:
+            raise NotImplementedError("use_dora=True arrives with minilora's DoRA ops")
+        self.grads = {name: np.zeros_like(p) for name, p in self.parameters().items()}
+
+    def _base_weight(self, weight):
+        """The pretrained W as a new (d_out, d_in) array of the layer's dtype."""
+        d_in, d_out = self.in_features, self.out_features
+        if weight is None:
+            return kaiming_uniform(self.rng, (d_out, d_in), self.dtype)
+        weight = np.asarray(weight)
+        expected = (d_in, d_out) if self.fan_in_fan_out else (d_out, d_in)
+        if weight.shape != expected:
+            raise ValueError(f"weight must have shape {expected}, got {weight.shape}")
+        if not np.issubdtype(weight.dtype, np.number) or np.iscomplexobj(weight):
+            raise TypeError(f"weight must be a real numeric array, got dtype {weight.dtype}")
+        W = weight.T if self.fan_in_fan_out else weight
+        return np.array(W, dtype=self.dtype, order="C")  # always a copy
+
+    def _base_bias(self, bias, bias_value):
+        """The frozen bias as a new (d_out,) array, or None."""
+        if not bias:
+            if bias_value is not None:
+                raise ValueError("bias_value was given but bias=False")
+            return None
+        if bias_value is None:
+            bound = 1.0 / np.sqrt(self.in_features)
+            return self.rng.uniform(-bound, bound, self.out_features).astype(self.dtype)
+        bias_value = np.asarray(bias_value)
+        if bias_value.shape != (self.out_features,):
+            raise ValueError(f"bias_value must have shape ({self.out_features},), "
+                             f"got {bias_value.shape}")
+        return np.array(bias_value, dtype=self.dtype)
+
+    # -- parameters and modes -------------------------------------------------------------------
+
+    def parameters(self):
+        """The trainable arrays by name (the layer's own arrays: update them in place)."""
+        params = {"A": self.A, "B": self.B}
+        if self.m is not None:
+            params["m"] = self.m
+        return params
+
+    def zero_grad(self):
+        for g in self.grads.values():
+            g.fill(0)
+
+    def train(self, mode=True):
+        """Training mode: dropout is applied to the LoRA branch. Returns the layer."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Evaluation mode: no dropout. Returns the layer."""
+        return self.train(False)
+
+    def num_parameters(self):
+        """``(trainable, frozen)`` parameter counts."""
+        trainable = sum(p.size for p in self.parameters().values())
+        frozen = self.W.size + (0 if self.bias is None else self.bias.size)
+        return trainable, frozen
+
+    # -- forward and backward -------------------------------------------------------------------
+
+    def dropout_mask(self, shape):
+        """An inverted-dropout mask of the given shape: 0 with probability p, else 1/(1−p)."""
+        p = self.dropout
+        if p == 1.0:
+            return np.zeros(shape, self.dtype)
+        keep = self.rng.random(shape) >= p  # (..., d_in) bool
+        return keep.astype(self.dtype) / self.dtype.type(1.0 - p)
+
+    def forward(self, x):
+        """y = layer(x): x (..., d_in) -> y (..., d_out); keeps the cache for ``backward``."""
+        mask = None
+        if self.training and self.dropout > 0.0 and isinstance(x, np.ndarray):
+            mask = self.dropout_mask(x.shape)  # (..., d_in)
+        y, self._cache = lora_forward(x, self.W, self.A, self.B, scaling=self.scaling,
+                                      bias=self.bias, dropout_mask=mask,
+                                      fan_in_fan_out=self.fan_in_fan_out, backend=self.backend)
+        return y
+
+    __call__ = forward
+
+    def backward(self, dy):
+        """Backpropagate dy (..., d_out) through the last forward pass; returns dx (..., d_in).
+
+        Adds dA, dB (and dm) into ``self.grads``. Each forward pass can be backpropagated once.
+        """
+        if self._cache is None:
+            raise RuntimeError("backward() needs a forward() first (each forward is used once)")
+        grads = lora_backward(dy, self._cache, need_dx=True)
+        self._cache = None
+        self.grads["A"] += grads.dA
+        self.grads["B"] += grads.dB
+        return grads.dx
+
+    def merged_weight(self):
+        """W + s·B A in W's stored layout, as a new array: y = x W_mergedᵀ + bias.
+
+        With ``fan_in_fan_out`` the result is (d_in, d_out) and y = x W_merged + bias.
+        """
+        delta = self.scaling * (self.B @ self.A)  # (d_out, d_in)
+        return self.W + (delta.T if self.fan_in_fan_out else delta)

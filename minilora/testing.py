@@ -1,0 +1,89 @@
+"""Hypothesis strategies for LoRA test cases, for minilora's tests and for other projects' tests.
+
+    from hypothesis import given
+    from minilora.testing import lora_cases
+
+    @given(lora_cases())
+    def test_my_kernel(case):
+        y = my_lora(case.x, case.W, case.A, case.B, case.scaling)   # compare with minilora
+
+Needs the ``hypothesis`` package (``pip install minilora[test]``).
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+from hypothesis import strategies as st
+
+
+@dataclass
+class LoRACase:
+    """One drawn LoRA problem: inputs, options and an upstream gradient dy."""
+
+    x: np.ndarray  # (..., d_in)
+    W: np.ndarray  # (d_out, d_in), or (d_in, d_out) when fan_in_fan_out
+    A: np.ndarray  # (r, d_in)
+    B: np.ndarray  # (d_out, r), never all zero (with B = 0 a wrong dA would hide)
+    scaling: float
+    bias: np.ndarray | None  # (d_out,)
+    dropout_mask: np.ndarray | None  # broadcastable to x
+    fan_in_fan_out: bool
+    dy: np.ndarray  # (..., d_out)
+
+    def kwargs(self):
+        """Keyword arguments of ``lora_forward`` besides x, W, A, B."""
+        return dict(scaling=self.scaling, bias=self.bias, dropout_mask=self.dropout_mask,
+                    fan_in_fan_out=self.fan_in_fan_out)
+
+
+@st.composite
+def lora_shapes(draw, max_dim=12, max_lead_dims=3, max_lead=3):
+    """(lead, d_in, d_out, r): leading dims (0 to ``max_lead_dims`` of them, sizes from 0),
+    and r from 1 to above min(d_in, d_out)."""
+    lead = tuple(draw(st.lists(st.integers(0, max_lead), max_size=max_lead_dims)))
+    d_in = draw(st.integers(1, max_dim))
+    d_out = draw(st.integers(1, max_dim))
+    r = draw(st.integers(1, min(d_in, d_out) + 2))
+    return lead, d_in, d_out, r
+
+
+@st.composite
+def lora_cases(draw, dtypes=(np.float64, np.float32), max_dim=12, dropout=None, bias=None,
+               fan_in_fan_out=None):
+    """A LoRACase: shapes from ``lora_shapes``, options drawn unless fixed by the arguments.
+
+    The dropout mask is drawn at one of three shapes: x's own, a per-feature (d_in,) row, or one
+    value per token (..., 1); its values are 0 or 1/(1−p). Values are standard normal from a
+    drawn seed, so a failing example reproduces from its printed seed.
+    """
+    lead, d_in, d_out, r = draw(lora_shapes(max_dim=max_dim))
+    dtype = np.dtype(draw(st.sampled_from(dtypes)))
+    use_bias = draw(st.booleans()) if bias is None else bias
+    fifo = draw(st.booleans()) if fan_in_fan_out is None else fan_in_fan_out
+    mask_kind = draw(st.sampled_from(["none", "full", "feature", "token"])) if dropout is None \
+        else ("full" if dropout else "none")
+    alpha = draw(st.sampled_from([1.0, 8.0, 16.0, -2.0]))
+    scaling = alpha / (np.sqrt(r) if draw(st.booleans()) else r)  # rsLoRA or alpha/r
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+
+    def normal(*shape):
+        return rng.standard_normal(shape).astype(dtype)
+
+    B = normal(d_out, r)
+    B.flat[0] = 1.0 + abs(B.flat[0])  # never all zero
+    mask = None
+    if mask_kind != "none":
+        p = draw(st.sampled_from([0.1, 0.5]))
+        shape = {"full": lead + (d_in,), "feature": (d_in,), "token": lead + (1,)}[mask_kind]
+        mask = ((rng.random(shape) >= p) / (1 - p)).astype(dtype)
+    return LoRACase(
+        x=normal(*lead, d_in),
+        W=normal(d_in, d_out) if fifo else normal(d_out, d_in),
+        A=normal(r, d_in),
+        B=B,
+        scaling=float(scaling),
+        bias=normal(d_out) if use_bias else None,
+        dropout_mask=mask,
+        fan_in_fan_out=fifo,
+        dy=normal(*lead, d_out),
+    )

@@ -1,0 +1,93 @@
+"""The Numba kernels against the NumPy reference they implement."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import minilora as ml
+from minilora import lora_numba
+from minilora.testing import lora_cases
+from minilora.tolerance import UNIT_ROUNDOFF, lora_error_bounds
+
+
+def _run(case, backend, x=None, W=None):
+    x = case.x if x is None else x
+    W = case.W if W is None else W
+    y, cache = ml.lora_forward(x, W, case.A, case.B, backend=backend, **case.kwargs())
+    g = ml.lora_backward(case.dy, cache, need_dW=True, need_dbias=case.bias is not None)
+    return {"y": y, **{k: v for k, v in g._asdict().items() if v is not None}}
+
+
+def _assert_close_to_reference(case, got, ref):
+    """Within twice the derived rounding bound of the arrays' dtype: both results are within the
+    bound of the exact value, so they are within twice it of each other."""
+    u = UNIT_ROUNDOFF[case.x.dtype]
+    bounds = lora_error_bounds(case.x, case.W, case.A, case.B, dy=case.dy, u=u, **case.kwargs())
+    for name, value in got.items():
+        assert value.dtype == case.x.dtype and value.shape == ref[name].shape, name
+        err = np.abs(value.astype(np.float64) - ref[name])
+        assert np.all(err <= 2 * bounds[name]), (name, float(np.max(err - 2 * bounds[name])))
+
+
+@given(case=lora_cases(max_dim=20))
+def test_kernels_match_the_reference(case):
+    _assert_close_to_reference(case, _run(case, "numba"), _run(case, "numpy"))
+
+
+@given(case=lora_cases(max_dim=20), order=st.sampled_from(["F", "strided"]))
+def test_non_contiguous_and_fortran_inputs(case, order):
+    if order == "F":
+        x, W = np.asfortranarray(case.x), np.asfortranarray(case.W)
+    else:  # every other column of a wider array
+        wide = np.repeat(case.x, 2, axis=-1)
+        x = wide[..., ::2]
+        W = np.repeat(case.W, 2, axis=1)[:, ::2]
+    _assert_close_to_reference(case, _run(case, "numba", x=x, W=W), _run(case, "numpy"))
+
+
+def test_large_batch_takes_the_parallel_path_and_matches():
+    """Shapes big enough for the threaded kernels and several reduction chunks."""
+    rng = np.random.default_rng(3)
+    N, d_in, d_out, r = 1500, 96, 80, 6
+    assert N * r * (d_in + d_out) >= lora_numba.PARALLEL_MIN_WORK
+    for mask in (None, ((rng.random((N, d_in)) > 0.2) / 0.8)):
+        case = _Case(rng, N, d_in, d_out, r, mask)
+        _assert_close_to_reference(case, _run(case, "numba"), _run(case, "numpy"))
+        first, second = _run(case, "numba"), _run(case, "numba")
+        for k in first:
+            np.testing.assert_array_equal(first[k], second[k])
+
+
+class _Case:
+    def __init__(self, rng, N, d_in, d_out, r, mask):
+        self.x = rng.standard_normal((N, d_in))
+        self.W = rng.standard_normal((d_out, d_in))
+        self.A = rng.standard_normal((r, d_in))
+        self.B = rng.standard_normal((d_out, r))
+        self.dy = rng.standard_normal((N, d_out))
+        self.bias = rng.standard_normal(d_out)
+        self.mask = mask
+
+    def kwargs(self):
+        return dict(scaling=0.75, bias=self.bias, dropout_mask=self.mask, fan_in_fan_out=False)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_small_products_match_numpy(dtype):
+    """The three building blocks, on odd sizes that exercise the 4-way unroll's remainder."""
+    rng = np.random.default_rng(4)
+    tol = dict(rtol=0, atol=1e-5 if dtype == np.float32 else 1e-13)  # entries are O(1)..O(10)
+    M = rng.standard_normal((7, 13)).astype(dtype)
+    u, c = rng.standard_normal(13).astype(dtype), rng.standard_normal(7).astype(dtype)
+    out = np.ones(7, dtype)
+    lora_numba._matvec_acc(u, M, out)
+    np.testing.assert_allclose(out, 1 + M @ u, **tol)
+    out = np.ones(13, dtype)
+    lora_numba._vecmat_acc(c, M, out)
+    np.testing.assert_allclose(out, 1 + c @ M, **tol)
+    for R in (1, 3, 4):
+        C, U = rng.standard_normal((R, 7)).astype(dtype), rng.standard_normal((R, 13)).astype(dtype)
+        out = np.ones((7, 13), dtype)
+        lora_numba._outer_acc(C, U, out)
+        np.testing.assert_allclose(out, 1 + C.T @ U, **tol)
