@@ -6,8 +6,12 @@
 """
 
 from minilora.functional import (
+    DoRACache,
+    DoRAGrads,
     LoRACache,
     LoRAGrads,
+    dora_backward,
+    dora_forward,
     lora_backward,
     lora_forward,
     lora_scaling,
@@ -18,11 +22,15 @@ from minilora.layer import LoRALinear
 __version__ = "0.1.0"
 
 __all__ = [
+    "DoRACache",
+    "DoRAGrads",
     "GradcheckError",
     "LoRACache",
     "LoRAGrads",
     "LoRALinear",
     "__version__",
+    "dora_backward",
+    "dora_forward",
     "gradcheck",
     "lora_backward",
     "lora_forward",

@@ -3,7 +3,8 @@
 Each op is a pair ``op_forward(...) -> (y, cache)`` and ``op_backward(dy, cache) -> grads``. The
 public functions here check their inputs once, fold x's leading dimensions into N rows, and hand
 two-dimensional arrays to a backend (``lora_numpy`` is the reference, ``lora_numba`` the fast
-kernels). Shapes: x (..., d_in), W (d_out, d_in), A (r, d_in), B (d_out, r).
+kernels; ``dora`` builds DoRA on either). Shapes: x (..., d_in), W (d_out, d_in), A (r, d_in),
+B (d_out, r), m (d_out,).
 """
 
 import importlib
@@ -12,6 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from minilora import dora
 from minilora._checks import check_dtypes, check_dy, check_layer_shapes, check_scaling
 from minilora.backends import resolve_backend
 
@@ -29,7 +31,7 @@ def lora_scaling(alpha, r, *, use_rslora=False):
 
 
 def _backend_module(op, backend):
-    """The module implementing ``op`` ("lora" or "dora") for a resolved backend name."""
+    """The module implementing ``op`` for a resolved backend name (``lora_numpy``, ...)."""
     return importlib.import_module(f"minilora.{op}_{backend}")
 
 
@@ -142,3 +144,98 @@ def lora_backward(dy, cache, *, need_dx=True, need_dW=False, need_dbias=False):
     if dx is not None:
         dx = dx.reshape(cache.x_shape)  # (..., d_in)
     return LoRAGrads(dx, dA, dB, dW, dbias)
+
+
+class DoRACache(NamedTuple):
+    """What ``dora_backward`` needs from the forward pass."""
+
+    x: np.ndarray  # (N, d_in)
+    W: np.ndarray  # (d_out, d_in), or (d_in, d_out) when fan_in_fan_out
+    A: np.ndarray  # (r, d_in)
+    B: np.ndarray  # (d_out, r)
+    scaling: float
+    mask: np.ndarray | None  # broadcast to (N, d_in), or None
+    saved: dict  # u (N, d_out), h (N, r), c (d_out,), inv_n (d_out,), WA, AA, x_d
+    fan_in_fan_out: bool
+    detach_norm: bool
+    x_shape: tuple
+    has_bias: bool
+    backend: str
+
+
+class DoRAGrads(NamedTuple):
+    """Gradients of a DoRA layer; a field is None when it was not asked for."""
+
+    dx: np.ndarray | None  # (..., d_in)
+    dA: np.ndarray  # (r, d_in)
+    dB: np.ndarray  # (d_out, r)
+    dm: np.ndarray  # (d_out,)
+    dW: np.ndarray | None  # W's layout
+    dbias: np.ndarray | None  # (d_out,)
+
+
+def dora_forward(x, W, A, B, m, *, scaling, bias=None, dropout_mask=None, fan_in_fan_out=False,
+                 detach_norm=True, backend=None):
+    """DoRA (weight-decomposed LoRA) layer, forward pass; PEFT's LoRA with ``use_dora=True``.
+
+    Parameters
+    ----------
+    x, W, A, B, scaling, bias, dropout_mask, fan_in_fan_out, backend : as in ``lora_forward``
+    m : (d_out,) trainable magnitude
+    detach_norm : bool, treat n as a constant in the backward pass (PEFT; DoRA paper §4.3)
+
+    Returns
+    -------
+    y : (..., d_out)
+    cache : DoRACache for ``dora_backward``
+
+    Notes
+    -----
+    n = ‖W + s·B A‖ per output row (d_out,), c = m / n,
+    y = x Wᵀ + bias + (c − 1) ⊙ (x_d Wᵀ) + c ⊙ s·(x_d Aᵀ) Bᵀ
+      = c ⊙ (x_d (W + s·B A)ᵀ) + (x − x_d) Wᵀ + bias.
+    A row with W + s·B A = 0 gets c = 0 (see ``minilora.dora``), never NaN.
+    """
+    scaling = check_scaling(scaling)
+    check_dtypes(x=x, W=W, A=A, B=B, m=m, bias=bias, dropout_mask=dropout_mask)
+    d_in, d_out, _ = check_layer_shapes(x, W, A, B, fan_in_fan_out=fan_in_fan_out, bias=bias,
+                                        dropout_mask=dropout_mask, m=m)
+    backend = resolve_backend(backend)
+    fan_in_fan_out = bool(fan_in_fan_out)
+    x2, mask2 = _flatten(x, dropout_mask, d_in)  # (N, d_in)
+    y, saved = dora.forward(_backend_module("lora", backend), x2, W, A, B, m, scaling, bias, mask2,
+                            fan_in_fan_out)
+    cache = DoRACache(x2, W, A, B, scaling, mask2, saved, fan_in_fan_out, bool(detach_norm),
+                      x.shape, bias is not None, backend)
+    return y.reshape(x.shape[:-1] + (d_out,)), cache
+
+
+def dora_backward(dy, cache, *, need_dx=True, need_dW=False, need_dbias=False):
+    """DoRA layer, backward pass.
+
+    Returns
+    -------
+    DoRAGrads with dx (..., d_in), dA (r, d_in), dB (d_out, r), dm (d_out,), and when asked for
+    dW (W's layout) and dbias (d_out,).
+
+    Notes
+    -----
+    With u = x_d (W + s·B A)ᵀ and dy_c = c ⊙ dy:  dm = Σ_n (dy ⊙ u) / n; dA, dB as LoRA's with
+    upstream dy_c; dx = (dy_c W + s·(dy_c B) A) ⊙ mask + (dy W) ⊙ (1 − mask).
+    With ``detach_norm=False`` the gradient through n is added (``minilora.dora``).
+    """
+    if not isinstance(cache, DoRACache):
+        raise TypeError(
+            f"cache must be the DoRACache from dora_forward, got {type(cache).__name__}")
+    d_out = cache.B.shape[0]
+    check_dy(dy, cache.x_shape[:-1] + (d_out,), cache.x.dtype)
+    if need_dbias and not cache.has_bias:
+        raise ValueError("need_dbias=True but the forward pass had no bias")
+    dy2 = dy.reshape(-1, d_out)  # (N, d_out)
+    dx, dA, dB, dm, dW, dbias = dora.backward(
+        _backend_module("lora", cache.backend), dy2, cache.x, cache.W, cache.A, cache.B,
+        cache.scaling, cache.mask, cache.fan_in_fan_out, cache.saved, cache.detach_norm,
+        bool(need_dx), bool(need_dW), bool(need_dbias))
+    if dx is not None:
+        dx = dx.reshape(cache.x_shape)  # (..., d_in)
+    return DoRAGrads(dx, dA, dB, dm, dW, dbias)

@@ -14,8 +14,10 @@ What is checked, for each input p named in ``wrt``:
   checked along random directions u, ⟨∂φ/∂p, u⟩, and at a sample of coordinates, so a failure
   still names an index.
 * derivatives by central differences D(h) = (φ(p+hu) − φ(p−hu)) / 2h, evaluated at h and h/2 and
-  combined by Richardson extrapolation (4·D(h/2) − D(h))/3; |D(h) − D(h/2)| plus the rounding
-  error of φ estimates the error of the difference and widens the tolerance by that much only.
+  combined by Richardson extrapolation (4·D(h/2) − D(h))/3. The extrapolation amplifies noise
+  about threefold, so 4·|D(h) − D(h/2)| plus the rounding error of φ (32 ulps of max|y| over the
+  step: an output's rounding error follows the size of the terms that made it, not its own
+  size) estimates the error of the difference, and widens the tolerance by that much only.
   ``method="complex"`` uses complex steps instead, Im φ(p + i·h·u)/h with h = 1e-30, which has
   no cancellation (forward must then accept complex128 and use only analytic operations).
 * beside values, as torch's gradcheck does: a zero cotangent gives exactly zero gradients, two
@@ -49,6 +51,7 @@ class InputCheck:
     analytical: float
     tolerance: float  # the tolerance at the worst index
     passed: bool
+    scale: float = 0.0  # the gradient's magnitude (max |numerical|, or ‖∂φ/∂p‖ for directions)
 
     def describe(self):
         return (f"{self.name}{self.shape} [{self.mode}]: worst at index {self.worst_index}: "
@@ -139,7 +142,11 @@ def gradcheck(forward, backward, inputs, *, wrt=None, method="central", eps=1e-4
         p = base[name]
         G = np.asarray(_grad_of(grads, name), dtype=np.float64)
         h = 1e-30 if method == "complex" else eps * max(1.0, float(np.max(np.abs(p), initial=0)))
-        round_err = 0.0 if method == "complex" else 8 * EPS64 * float(np.sum(np.abs(v * y0))) / h
+        # Rounding in evaluating y: divided by the step for differences; for complex steps, an
+        # absolute floor of a few ulps of y per unit of p (a derivative cannot be resolved finer).
+        unit = h if method == "central" else max(float(np.max(np.abs(p), initial=0)), 1e-300)
+        y_max = float(np.max(np.abs(y0), initial=0.0))
+        round_err = 32 * EPS64 * float(np.sum(np.abs(v))) * y_max / unit
 
         def derivative(name, u, h=h, round_err=round_err):
             """The directional derivative of φ along u, and an estimate of its error."""
@@ -147,10 +154,11 @@ def gradcheck(forward, backward, inputs, *, wrt=None, method="central", eps=1e-4
                 return float(np.imag(phi_along(name, u, 1j * h))) / h, 0.0
             d1 = (phi_along(name, u, h) - phi_along(name, u, -h)) / (2 * h)
             d2 = (phi_along(name, u, h / 2) - phi_along(name, u, -h / 2)) / h
-            return (4 * d2 - d1) / 3, abs(d1 - d2) + round_err
+            return (4 * d2 - d1) / 3, 4 * abs(d1 - d2) + round_err
 
         if y0.size * p.size <= max_jacobian:
-            check = _check_jacobian(name, p, y0, forward, backward, base, cache, method, h, rtol)
+            check = _check_jacobian(name, p, y0, forward, backward, base, cache, method, h, unit,
+                                    rtol)
         else:
             check = _check_directions(name, p, G, derivative, rng, rtol, n_directions, n_coords)
         report.inputs.append(check)
@@ -186,7 +194,7 @@ def _tolerance(num, scale, rtol, err_est):
     return rtol * (np.abs(num) + scale) + err_est
 
 
-def _check_jacobian(name, p, y0, forward, backward, base, cache, method, h, rtol):
+def _check_jacobian(name, p, y0, forward, backward, base, cache, method, h, unit, rtol):
     """Compare the full Jacobian ∂y/∂p: columns by differences, rows by unit cotangents."""
     if p.size == 0 or y0.size == 0:
         return InputCheck(name, p.shape, "jacobian", 0.0, 0.0, (), 0.0, 0.0, 0.0, True)
@@ -204,12 +212,12 @@ def _check_jacobian(name, p, y0, forward, backward, base, cache, method, h, rtol
 
         if method == "complex":
             J_num[:, i] = np.imag(y_at(1j * h)) / h
-            J_err[:, i] = 0.0
+            J_err[:, i] = 32 * EPS64 * np.max(np.abs(y0)) / unit
         else:
             d1 = (y_at(h) - y_at(-h)) / (2 * h)
             d2 = (y_at(h / 2) - y_at(-h / 2)) / h
             J_num[:, i] = (4 * d2 - d1) / 3
-            J_err[:, i] = np.abs(d1 - d2) + 8 * EPS64 * np.abs(y0).ravel() / h
+            J_err[:, i] = 4 * np.abs(d1 - d2) + 32 * EPS64 * np.max(np.abs(y0)) / unit
     J_ana = np.empty_like(J_num)
     for j in range(y0.size):
         e = np.zeros(y0.size)
@@ -236,7 +244,7 @@ def _check_directions(name, p, G, derivative, rng, rtol, n_directions, n_coords)
         if err > tol and direction_failure is None:
             rel = err / max(abs(num), scale, 1e-300)
             direction_failure = InputCheck(name, p.shape, "directions", err, rel,
-                                           ("random direction",), num, ana, tol, False)
+                                           ("random direction",), num, ana, tol, False, scale)
     # Coordinates: the largest gradient entries (where a wrong formula shows most) and random ones.
     flat = np.abs(G).ravel()
     k = min(n_coords, p.size)
@@ -269,7 +277,7 @@ def _verdict(name, shape, mode, err, tol, scale, num, ana, at, index):
     passed = bool(np.all(err <= tol))
     rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else np.inf)
     return InputCheck(name, shape, mode, max_abs, rel, index, float(num[at]), float(ana[at]),
-                      float(tol[at]), passed)
+                      float(tol[at]), passed, scale)
 
 
 def _finish(report, raise_on_failure):

@@ -9,7 +9,14 @@ pass for ``backward``, and accumulates gradients in ``layer.grads``. There is no
 import numpy as np
 
 from minilora._checks import FLOAT_DTYPES
-from minilora.functional import lora_backward, lora_forward, lora_scaling
+from minilora.dora import inverse_norms, row_norms
+from minilora.functional import (
+    dora_backward,
+    dora_forward,
+    lora_backward,
+    lora_forward,
+    lora_scaling,
+)
 from minilora.init import init_lora, kaiming_uniform
 
 
@@ -70,8 +77,8 @@ class LoRALinear:
         self.A, self.B, W = init_lora(init, W, r, self.scaling, self.rng)  # (r, d_in), (d_out, r)
         self.W = np.ascontiguousarray(W.T) if self.fan_in_fan_out else W  # stored layout
         self.m = None
-        if self.use_dora:
-            raise NotImplementedError("use_dora=True arrives with minilora's DoRA ops")
+        if self.use_dora:  # m = ‖W + s·B A‖ per row, so that c = m/n = 1 at the start
+            self.m = row_norms(self.W, self.A, self.B, self.scaling, self.fan_in_fan_out)[0]
         self.grads = {name: np.zeros_like(p) for name, p in self.parameters().items()}
 
     def _base_weight(self, weight):
@@ -146,9 +153,12 @@ class LoRALinear:
         mask = None
         if self.training and self.dropout > 0.0 and isinstance(x, np.ndarray):
             mask = self.dropout_mask(x.shape)  # (..., d_in)
-        y, self._cache = lora_forward(x, self.W, self.A, self.B, scaling=self.scaling,
-                                      bias=self.bias, dropout_mask=mask,
-                                      fan_in_fan_out=self.fan_in_fan_out, backend=self.backend)
+        common = dict(scaling=self.scaling, bias=self.bias, dropout_mask=mask,
+                      fan_in_fan_out=self.fan_in_fan_out, backend=self.backend)
+        if self.use_dora:
+            y, self._cache = dora_forward(x, self.W, self.A, self.B, self.m, **common)
+        else:
+            y, self._cache = lora_forward(x, self.W, self.A, self.B, **common)
         return y
 
     __call__ = forward
@@ -160,16 +170,26 @@ class LoRALinear:
         """
         if self._cache is None:
             raise RuntimeError("backward() needs a forward() first (each forward is used once)")
-        grads = lora_backward(dy, self._cache, need_dx=True)
+        backward = dora_backward if self.use_dora else lora_backward
+        grads = backward(dy, self._cache, need_dx=True)
         self._cache = None
         self.grads["A"] += grads.dA
         self.grads["B"] += grads.dB
+        if self.use_dora:
+            self.grads["m"] += grads.dm
         return grads.dx
 
     def merged_weight(self):
-        """W + s·B A in W's stored layout, as a new array: y = x W_mergedᵀ + bias.
+        """The weight of the equivalent plain linear layer, in W's stored layout, as a new array.
 
-        With ``fan_in_fan_out`` the result is (d_in, d_out) and y = x W_merged + bias.
+        LoRA: W + s·B A.  DoRA: diag(m/n) (W + s·B A), n the row norms of W + s·B A.
+        y = x W_mergedᵀ + bias (with ``fan_in_fan_out``, (d_in, d_out) and y = x W_merged + bias),
+        equal to the layer's output in eval mode.
         """
         delta = self.scaling * (self.B @ self.A)  # (d_out, d_in)
-        return self.W + (delta.T if self.fan_in_fan_out else delta)
+        merged = self.W + (delta.T if self.fan_in_fan_out else delta)  # W's layout
+        if self.use_dora:
+            n = row_norms(self.W, self.A, self.B, self.scaling, self.fan_in_fan_out)[0]
+            c = self.m * inverse_norms(n)  # (d_out,)
+            merged *= c if self.fan_in_fan_out else c[:, None]
+        return merged

@@ -1,4 +1,4 @@
-"""Hypothesis strategies for LoRA test cases, for minilora's tests and for other projects' tests.
+"""Hypothesis strategies for LoRA and DoRA test cases, for minilora's tests and for yours.
 
     from hypothesis import given
     from minilora.testing import lora_cases
@@ -30,8 +30,10 @@ class LoRACase:
     fan_in_fan_out: bool
     dy: np.ndarray  # (..., d_out)
 
+    m: np.ndarray | None = None  # (d_out,), DoRA's magnitude (dora_cases only)
+
     def kwargs(self):
-        """Keyword arguments of ``lora_forward`` besides x, W, A, B."""
+        """Keyword arguments of ``lora_forward``/``dora_forward`` besides the arrays."""
         return dict(scaling=self.scaling, bias=self.bias, dropout_mask=self.dropout_mask,
                     fan_in_fan_out=self.fan_in_fan_out)
 
@@ -87,3 +89,16 @@ def lora_cases(draw, dtypes=(np.float64, np.float32), max_dim=12, dropout=None, 
         fan_in_fan_out=fifo,
         dy=normal(*lead, d_out),
     )
+
+
+@st.composite
+def dora_cases(draw, **kwargs):
+    """A LoRACase with a DoRA magnitude m: the row norms of W + s·B A times factors in [0.5, 2]
+    (as after some training), so c = m/n is not 1. Takes ``lora_cases``' arguments."""
+    from minilora.dora import row_norms
+
+    case = draw(lora_cases(**kwargs))
+    n = row_norms(case.W, case.A, case.B, case.scaling, case.fan_in_fan_out)[0]
+    factors = np.random.default_rng(draw(st.integers(0, 2**32 - 1))).uniform(0.5, 2.0, n.shape)
+    case.m = (n * factors).astype(case.x.dtype)
+    return case

@@ -129,3 +129,26 @@ def test_parameters_counts_and_user_weight_is_copied():
 def test_bad_layer_arguments(kwargs, error, pattern):
     with pytest.raises(error, match=pattern):
         ml.LoRALinear(4, 3, **kwargs)
+
+
+@pytest.mark.parametrize("init", INIT_SCHEMES)
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_dora_layer_starts_at_the_base_layer_and_merges(init, fan_in_fan_out):
+    rng = np.random.default_rng(7)
+    W0 = rng.standard_normal((9, 6) if fan_in_fan_out else (6, 9))
+    layer = ml.LoRALinear(9, 6, r=3, alpha=4, use_dora=True, init=init, weight=W0,
+                          fan_in_fan_out=fan_in_fan_out, dtype=np.float64, seed=0)
+    x = rng.standard_normal((4, 9))
+    np.testing.assert_allclose(layer(x), _base_output(W0, layer.bias, x, fan_in_fan_out),
+                               rtol=1e-10, atol=1e-10)
+    assert set(layer.parameters()) == {"A", "B", "m"}
+    layer.B[:] = rng.standard_normal(layer.B.shape)
+    layer.m *= 1.7
+    layer.eval()
+    merged = layer.merged_weight()
+    np.testing.assert_allclose(_base_output(merged, layer.bias, x, fan_in_fan_out), layer(x),
+                               rtol=1e-12, atol=1e-12)
+    layer.train()
+    layer(x)
+    layer.backward(np.ones((4, 6)))
+    assert layer.grads["m"].any()

@@ -1,0 +1,153 @@
+"""DoRA (weight-decomposed LoRA), forward and backward, on top of either LoRA backend.
+
+PEFT's LoRA layer with ``use_dora=True`` computes, with V = W + s·B A (d_out, d_in),
+
+    n = ‖V_j‖ per output row (d_out,),   c = m / n (d_out,),
+    y = x Wᵀ + bias + (c − 1) ⊙ (x_d Wᵀ) + c ⊙ s·(x_d Aᵀ) Bᵀ.
+
+Regrouped, with u = x_d Vᵀ = x_d Wᵀ + s·(x_d Aᵀ) Bᵀ, the LoRA layer's output on x_d:
+
+    y = c ⊙ u + (x − x_d) Wᵀ + bias                                               (N, d_out)
+
+DoRA is LoRA on the dropped-out input, rescaled per output row, plus the frozen layer applied to
+what dropout removed (nothing, without dropout). So this module computes u and its gradients with
+the LoRA backend's own pair (``lora_numpy`` or the ``lora_numba`` kernels) and adds only
+per-row work. docs/math.md derives the backward:
+
+    dc = Σ_n dy ⊙ u,   dm = dc / n,   dy_c = c ⊙ dy
+    dA, dB, du_dx = LoRA backward of u with upstream dy_c
+    dx = du_dx ⊙ mask + (dy W) ⊙ (1 − mask)        (dx = du_dx without dropout)
+    dW = dy_cᵀ x_d + dyᵀ (x − x_d)
+
+With ``detach_norm=False`` the gradient also flows through n: dn = −dc ⊙ c / n, and with
+w = dn / n, ∂L/∂V = diag(w) V, so
+
+    dB += s · diag(w) (W Aᵀ + s·B (A Aᵀ)),   dA += s · ((wB)ᵀ W + s·((wB)ᵀ B) A),   dW += diag(w) V.
+
+None of it forms V: only W Aᵀ (d_out, r) and A Aᵀ (r, r).
+
+Rows with V_j = 0 have no direction; minilora defines c_j = 0 there (and 1/n_j := 0 wherever it
+appears), so such a row outputs bias_j plus the dropout correction, its merged weight row is 0
+(as c·V_j is for any finite c), and no NaN arises. PEFT divides by zero and returns NaN.
+"""
+
+import numpy as np
+
+
+def row_norms(W, A, B, scaling, fan_in_fan_out):
+    """n_j = ‖W_j + s·B_j A‖ for every output row j, without forming W + s·B A.
+
+    Parameters
+    ----------
+    W : (d_out, d_in), or (d_in, d_out) when ``fan_in_fan_out``
+    A : (r, d_in), B : (d_out, r), scaling : float s
+
+    Returns
+    -------
+    n : (d_out,)
+    WA : (d_out, r) = W Aᵀ, AA : (r, r) = A Aᵀ (reused by the full-gradient backward)
+    n_direct : int, how many rows needed the direct computation
+
+    Notes
+    -----
+    ‖W_j + s·B_j A‖² = ‖W_j‖² + 2s·B_j·(W_j Aᵀ) + s²·B_j (A Aᵀ) B_jᵀ. Summed in floating point,
+    the error of this is at most γ_K·t_j² with t_j = ‖W_j‖ + |s|·Σ_k |B_jk|·‖A_k‖ (each term is a
+    dot product bounded by Cauchy–Schwarz; K = d_in + 2r + 4), while the direct sum of V_ji² has
+    an error of order γ·n_j·t_j. So the expansion is as good as direct while n_j ≥ t_j/2, and loses
+    to cancellation below: those rows are recomputed directly, V_j = W_j + s·B_j A, one row at a
+    time. The relative error of every n_j is then at most about 2γ_K.
+    """
+    Wr = W.T if fan_in_fan_out else W  # (d_out, d_in) view
+    WA = Wr @ A.T  # (d_out, r)
+    AA = A @ A.T  # (r, r)
+    w2 = np.einsum("ji,ji->j", Wr, Wr)  # (d_out,) ‖W_j‖²
+    n2 = w2 + 2 * scaling * np.einsum("jk,jk->j", B, WA) \
+        + scaling**2 * np.einsum("jk,kl,jl->j", B, AA, B)  # (d_out,)
+    a_norms = np.sqrt(np.einsum("ki,ki->k", A, A).real)  # (r,) ‖A_k‖
+    t = np.sqrt(w2.real) + abs(scaling) * (np.abs(B.real) @ a_norms)  # (d_out,)
+    rows = np.flatnonzero(~(n2.real >= t * t / 4))  # cancellation (or NaN): recompute directly
+    if rows.size:
+        V = Wr[rows] + scaling * (B[rows] @ A)  # (rows, d_in), only the unsafe rows
+        n2 = n2.copy()
+        n2[rows] = np.einsum("ji,ji->j", V, V)
+    n = np.sqrt(n2)  # (d_out,)
+    return n, WA, AA, rows.size
+
+
+def inverse_norms(n):
+    """1/n, with 0 where n = 0 (the zero-row convention of the module docstring)."""
+    nonzero = n.real > 0
+    return np.where(nonzero, 1 / np.where(nonzero, n, 1), 0)  # (d_out,)
+
+
+def forward(lora, x, W, A, B, m, scaling, bias, mask, fan_in_fan_out, norms=None):
+    """DoRA forward on two-dimensional inputs, the LoRA part run by the ``lora`` backend module.
+
+    Parameters
+    ----------
+    lora : module with ``forward``/``backward`` (``lora_numpy`` or ``lora_numba``)
+    x : (N, d_in), W : (d_out, d_in) or (d_in, d_out) with ``fan_in_fan_out``,
+    A : (r, d_in), B : (d_out, r), m : (d_out,), scaling : float, bias : (d_out,) or None,
+    mask : broadcast to (N, d_in) or None
+    norms : the ``row_norms`` result to use instead of computing it (for example from other A
+        and B: a finite-difference check of the detached gradient holds n fixed that way)
+
+    Returns
+    -------
+    y : (N, d_out)
+    saved : dict of what ``backward`` needs (u, h, c, 1/n, W Aᵀ, A Aᵀ, x_d)
+
+    Notes
+    -----
+    y = c ⊙ u + (x − x_d) Wᵀ + bias with u = x_d Vᵀ and c = m / ‖V_j‖.
+    """
+    if norms is None:
+        norms = row_norms(W, A, B, scaling, fan_in_fan_out)
+    n, WA, AA, _ = norms  # (d_out,), (d_out, r), (r, r)
+    inv_n = inverse_norms(n)  # (d_out,)
+    c = m * inv_n  # (d_out,)
+    x_d = x if mask is None else x * mask  # (N, d_in)
+    u, h = lora.forward(x_d, W, A, B, scaling, None, None, fan_in_fan_out)  # (N, d_out), (N, r)
+    y = c * u  # (N, d_out)
+    if mask is not None:
+        dropped = x - x_d  # (N, d_in), what dropout removed from the LoRA branch's input
+        y = y + (dropped @ W if fan_in_fan_out else dropped @ W.T)  # (N, d_out)
+    if bias is not None:
+        y = y + bias  # (N, d_out)
+    return y, dict(u=u, h=h, c=c, inv_n=inv_n, WA=WA, AA=AA, x_d=x_d)
+
+
+def backward(lora, dy, x, W, A, B, scaling, mask, fan_in_fan_out, saved, detach_norm, need_dx,
+             need_dW, need_dbias):
+    """DoRA backward on two-dimensional inputs (see the module docstring for the equations).
+
+    Returns
+    -------
+    dx (N, d_in) or None, dA (r, d_in), dB (d_out, r), dm (d_out,), dW (W's layout) or None,
+    dbias (d_out,) or None
+    """
+    u, c, inv_n, x_d = saved["u"], saved["c"], saved["inv_n"], saved["x_d"]
+    dc = np.einsum("nj,nj->j", dy, u)  # (d_out,) Σ_n dy ⊙ u
+    dm = dc * inv_n  # (d_out,)
+    dy_c = c * dy  # (N, d_out)
+    du_dx, dA, dB, dW, _ = lora.backward(dy_c, x_d, W, A, B, scaling, None, fan_in_fan_out,
+                                         saved["h"], need_dx, need_dW, False)
+    dx = du_dx
+    if mask is not None:
+        if need_dx:
+            base_dx = dy @ W.T if fan_in_fan_out else dy @ W  # (N, d_in)
+            dx = du_dx * mask + base_dx * (1 - mask)  # (N, d_in)
+        if need_dW:
+            dropped = x - x_d  # (N, d_in)
+            dW = dW + (dropped.T @ dy if fan_in_fan_out else dy.T @ dropped)  # W's layout
+    if not detach_norm:
+        w = -dc * c * inv_n * inv_n  # (d_out,) ∂L/∂n_j / n_j
+        wB = w[:, None] * B  # (d_out, r)
+        Wr = W.T if fan_in_fan_out else W  # (d_out, d_in) view
+        dB = dB + scaling * (w[:, None] * saved["WA"] + scaling * (wB @ saved["AA"]))  # (d_out, r)
+        dA = dA + scaling * (wB.T @ Wr + scaling * ((wB.T @ B) @ A))  # (r, d_in)
+        if need_dW:
+            dV = w[:, None] * Wr + scaling * (wB @ A)  # (d_out, d_in) diag(w) V
+            dW = dW + (dV.T if fan_in_fan_out else dV)
+    dbias = dy.sum(axis=0) if need_dbias else None  # (d_out,)
+    return dx, dA, dB, dm, dW, dbias

@@ -1,0 +1,168 @@
+"""DoRA: gradients against finite differences (central and complex-step) for both settings of
+detach_norm and both backends; the norm expansion's fallback; zero rows; validation."""
+
+import functools
+
+import numpy as np
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+import minilora as ml
+from minilora import dora, lora_numpy
+from minilora.testing import dora_cases
+
+BACKENDS = ["numpy", "numba"]
+
+
+def _inputs(case):
+    inputs = dict(x=case.x, W=case.W, A=case.A, B=case.B, m=case.m)
+    if case.bias is not None:
+        inputs["bias"] = case.bias
+    return inputs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(case=dora_cases(dtypes=(np.float64,), max_dim=8))
+def test_full_gradient_matches_finite_differences(backend, case):
+    """detach_norm=False: every gradient, including through n, is the true derivative."""
+    kw = case.kwargs()
+    kw.pop("bias")
+
+    def forward(x, W, A, B, m, bias=None):
+        return ml.dora_forward(x, W, A, B, m, bias=bias, detach_norm=False, backend=backend, **kw)
+
+    backward = functools.partial(ml.dora_backward, need_dW=True,
+                                 need_dbias=case.bias is not None)
+    ml.gradcheck(forward, backward, _inputs(case), max_jacobian=2_000)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(case=dora_cases(dtypes=(np.float64,), max_dim=8))
+def test_detached_gradient_is_the_derivative_with_n_held_fixed(backend, case):
+    """detach_norm=True (PEFT): the derivative of the forward whose n is computed from the
+    point's own W, A, B and then held constant."""
+    kw = case.kwargs()
+    frozen = dora.row_norms(case.W, case.A, case.B, case.scaling, case.fan_in_fan_out)
+    mask = None if case.dropout_mask is None else \
+        np.broadcast_to(case.dropout_mask, case.x.shape).reshape(-1, case.x.shape[-1])
+
+    def forward(x, W, A, B, m, bias=None):  # the reference, n held at its value at the point
+        y, _ = dora.forward(lora_numpy, x.reshape(-1, x.shape[-1]), W, A, B, m, kw["scaling"],
+                            bias, mask, kw["fan_in_fan_out"], norms=frozen)
+        _, cache = ml.dora_forward(x, W, A, B, m, bias=bias, dropout_mask=kw["dropout_mask"],
+                                   scaling=kw["scaling"], fan_in_fan_out=kw["fan_in_fan_out"],
+                                   backend=backend)
+        return y.reshape(x.shape[:-1] + (B.shape[0],)), cache
+
+    backward = functools.partial(ml.dora_backward, need_dW=True,
+                                 need_dbias=case.bias is not None)
+    ml.gradcheck(forward, backward, _inputs(case), max_jacobian=2_000)
+
+
+def _reference_pair(scaling, mask, fan_in_fan_out, detach_norm):
+    """DoRA through the NumPy reference only, so that it accepts complex128 inputs."""
+
+    def forward(x, W, A, B, m):
+        y, saved = dora.forward(lora_numpy, x, W, A, B, m, scaling, None, mask, fan_in_fan_out)
+        return y, (x, W, A, B, saved)
+
+    def backward(dy, cache):
+        x, W, A, B, saved = cache
+        dx, dA, dB, dm, dW, _ = dora.backward(lora_numpy, dy, x, W, A, B, scaling, mask,
+                                              fan_in_fan_out, saved, detach_norm, True, True,
+                                              False)
+        return {"x": dx, "W": dW, "A": dA, "B": dB, "m": dm}
+
+    return forward, backward
+
+
+@given(case=dora_cases(dtypes=(np.float64,), max_dim=8), mask=st.booleans())
+def test_complex_step_agrees_to_1e_12(case, mask):
+    """Complex steps have no cancellation, so the full DoRA gradient must agree to ~1e-12 of
+    the gradient's magnitude.
+
+    d_in = 1 is left to the central-difference tests: there y = m·sign(V)·x does not depend on W,
+    A or B at all, and the analytic zero is a cancellation of O(1) terms, exact only to rounding.
+    """
+    assume(case.x.shape[-1] > 1)
+    x = case.x.reshape(-1, case.x.shape[-1])
+    dropout = ((np.arange(x.size).reshape(x.shape) % 3 != 0) * 1.5) if mask else None
+    forward, backward = _reference_pair(case.scaling, dropout, case.fan_in_fan_out, False)
+    inputs = dict(x=x, W=case.W, A=case.A, B=case.B, m=case.m)
+    report = ml.gradcheck(forward, backward, inputs, method="complex", rtol=1e-12,
+                          max_jacobian=2_000)
+    magnitude = max(c.scale for c in report.inputs)
+    assert max(c.max_abs_err for c in report.inputs) <= 1e-12 * magnitude
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_row_of_W_plus_sBA_is_defined_not_nan(backend):
+    rng = np.random.default_rng(0)
+    d_in, d_out, r, s = 5, 4, 2, 0.5
+    W, A, B = rng.standard_normal((d_out, d_in)), rng.standard_normal((r, d_in)), \
+        rng.standard_normal((d_out, r))
+    W[2] = -s * B[2] @ A  # row 2 of W + s·B A is exactly zero
+    x, bias, m = rng.standard_normal((3, d_in)), rng.standard_normal(d_out), np.ones(d_out)
+    y, cache = ml.dora_forward(x, W, A, B, m, scaling=s, bias=bias, detach_norm=False,
+                               backend=backend)
+    grads = ml.dora_backward(np.ones_like(y), cache, need_dW=True)
+    for name, value in [("y", y), *grads._asdict().items()]:
+        assert value is None or np.all(np.isfinite(value)), name
+    np.testing.assert_array_equal(y[:, 2], bias[2])  # c = 0: the row outputs its bias
+    assert grads.dm[2] == 0
+
+
+def test_norm_expansion_falls_back_where_it_cancels():
+    """Rows where ‖W_j + s·B_j A‖ ≪ ‖W_j‖ are computed directly, to full relative accuracy."""
+    rng = np.random.default_rng(1)
+    d_in, d_out, r, s = 64, 6, 3, 2.0
+    A, B = rng.standard_normal((r, d_in)), rng.standard_normal((d_out, r))
+    W = rng.standard_normal((d_out, d_in))
+    W[:3] = -s * B[:3] @ A + 1e-9 * rng.standard_normal((3, d_in))  # n_j ~ 1e-8 ≪ ‖W_j‖ ~ 10
+    n, _, _, n_direct = dora.row_norms(W, A, B, s, False)
+    exact = np.linalg.norm(W + s * B @ A, axis=1)
+    assert n_direct == 3
+    np.testing.assert_allclose(n, exact, rtol=1e-6)  # the expansion alone is off by ~1e-1
+    expansion = np.sqrt(np.abs(np.einsum("ji,ji->j", W, W) + 2 * s * np.einsum(
+        "jk,jk->j", B, W @ A.T) + s**2 * np.einsum("jk,kl,jl->j", B, A @ A.T, B)))
+    assert np.max(np.abs(expansion[:3] - exact[:3]) / exact[:3]) > 1e-3
+
+
+def test_norms_in_float32_are_accurate_relative_to_float64():
+    rng = np.random.default_rng(2)
+    W, A, B = (rng.standard_normal(s).astype(np.float32) for s in ((50, 80), (4, 80), (50, 4)))
+    n32 = dora.row_norms(W, A, B, 0.5, False)[0]
+    exact = np.linalg.norm(W.astype(np.float64) + 0.5 * B.astype(np.float64) @ A, axis=1)
+    assert n32.dtype == np.float32
+    assert np.max(np.abs(n32 - exact) / exact) < 2 * (80 + 2 * 4 + 4) * 2.0**-24
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(case=dora_cases(dtypes=(np.float32,), max_dim=16))
+def test_float32_matches_float64(backend, case):
+    kw = case.kwargs()
+    y32, c32 = ml.dora_forward(case.x, case.W, case.A, case.B, case.m, backend=backend, **kw)
+    g32 = ml.dora_backward(case.dy, c32)
+    kw64 = {k: (v.astype(np.float64) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
+    up = [a.astype(np.float64) for a in (case.x, case.W, case.A, case.B, case.m)]
+    y64, c64 = ml.dora_forward(*up, backend="numpy", **kw64)
+    g64 = ml.dora_backward(case.dy.astype(np.float64), c64)
+    for name, a, b in [("y", y32, y64), ("dx", g32.dx, g64.dx), ("dA", g32.dA, g64.dA),
+                       ("dB", g32.dB, g64.dB), ("dm", g32.dm, g64.dm)]:
+        assert a.dtype == np.float32, name
+        # Not a derived bound (the norm makes DoRA nonlinear): 1e-4 of the largest entry.
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * max(1.0, np.abs(b).max(initial=0)),
+                                   err_msg=name)
+
+
+def test_bad_m_is_named():
+    rng = np.random.default_rng(3)
+    x, W, A, B = (rng.standard_normal(s) for s in ((2, 4), (3, 4), (2, 4), (3, 2)))
+    with pytest.raises(ValueError, match=r"m must be \(d_out,\) = \(3,\), got m \(4,\)"):
+        ml.dora_forward(x, W, A, B, np.ones(4), scaling=1.0)
+    with pytest.raises(TypeError, match="m is float32"):
+        ml.dora_forward(x, W, A, B, np.ones(3, np.float32), scaling=1.0)
+    _, cache = ml.lora_forward(x, W, A, B, scaling=1.0)
+    with pytest.raises(TypeError, match="DoRACache"):
+        ml.dora_backward(np.zeros((2, 3)), cache)
