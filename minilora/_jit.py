@@ -7,8 +7,10 @@ disk (``cache=True``), so only the first run on a machine pays for compilation.
 fastmath: ``reassoc`` lets LLVM vectorise the dot products inside the kernels (a different
 summation order from NumPy's, equally accurate), ``contract`` allows fused multiply-adds. NaN and
 infinity semantics are kept (no ``nnan``/``ninf``), so a NaN in the input still reaches the output.
-The summation order depends only on the shapes, never on the thread count, so results are
-bit-for-bit reproducible (see ``lora_numba`` for how the batch reductions are split).
+The kernels are single-threaded on purpose: the threads belong to BLAS, which does the large
+products between kernel calls (``lora_numba``'s docstring says why). So Numba's and BLAS's
+thread pools never compete for the cores, and a kernel's summation order depends on the shapes
+alone: results are bit-for-bit reproducible.
 """
 
 import numba
@@ -25,14 +27,3 @@ def jit(fn=None, *, parallel=False):
         return lambda f: jit(f, parallel=parallel)
     return numba.njit(parallel=parallel, **OPTIONS)(fn)
 
-
-prange = numba.prange
-
-
-def row_chunks(n_rows):
-    """How many chunks the batch reductions split N rows into.
-
-    It depends on N only (at most 16 chunks of at least 64 rows), never on the number of threads,
-    so every reduction adds the same numbers in the same order on any machine configuration.
-    """
-    return max(1, min(16, n_rows // 64))

@@ -10,12 +10,25 @@ def _gradcheck(args):
     return 0 if selfcheck.run() else 1
 
 
+def _bench(args):
+    from minilora import bench
+
+    bench.run(quick=args.quick, with_torch=not args.no_torch, json_path=args.json)
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="minilora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("gradcheck", help="check every gradient of minilora's ops against finite "
                        "differences and print a table")
     p.set_defaults(func=_gradcheck)
+    p = sub.add_parser("bench", help="speed and memory ratios against the two-GEMM floor, the "
+                       "numpy backend and (when installed) PyTorch + PEFT")
+    p.add_argument("--quick", action="store_true", help="two small cases, few repeats")
+    p.add_argument("--no-torch", action="store_true", help="skip PyTorch + PEFT")
+    p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    p.set_defaults(func=_bench)
     return parser
 
 

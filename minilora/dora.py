@@ -33,6 +33,8 @@ appears), so such a row outputs bias_j plus the dropout correction, its merged w
 
 import numpy as np
 
+DIRECT_BLOCK = 64  # rows per block when norms are recomputed directly (see row_norms)
+
 
 def row_norms(W, A, B, scaling, fan_in_fan_out):
     """n_j = ‖W_j + s·B_j A‖ for every output row j, without forming W + s·B A.
@@ -53,9 +55,10 @@ def row_norms(W, A, B, scaling, fan_in_fan_out):
     ‖W_j + s·B_j A‖² = ‖W_j‖² + 2s·B_j·(W_j Aᵀ) + s²·B_j (A Aᵀ) B_jᵀ. Summed in floating point,
     the error of this is at most γ_K·t_j² with t_j = ‖W_j‖ + |s|·Σ_k |B_jk|·‖A_k‖ (each term is a
     dot product bounded by Cauchy–Schwarz; K = d_in + 2r + 4), while the direct sum of V_ji² has
-    an error of order γ·n_j·t_j. So the expansion is as good as direct while n_j ≥ t_j/2, and loses
-    to cancellation below: those rows are recomputed directly, V_j = W_j + s·B_j A, one row at a
-    time. The relative error of every n_j is then at most about 2γ_K.
+    an error of order γ·n_j·t_j. The expansion's bound is t_j/n_j times the direct one: rows with
+    t_j > 4·n_j (where W_j and s·B_j A cancel, and the expansion could lose more than two bits
+    against direct) are recomputed directly, V_j = W_j + s·B_j A, ``DIRECT_BLOCK`` rows at a time
+    so that the temporary stays small whatever the number of such rows.
     """
     Wr = W.T if fan_in_fan_out else W  # (d_out, d_in) view
     WA = Wr @ A.T  # (d_out, r)
@@ -65,11 +68,11 @@ def row_norms(W, A, B, scaling, fan_in_fan_out):
         + scaling**2 * np.einsum("jk,kl,jl->j", B, AA, B)  # (d_out,)
     a_norms = np.sqrt(np.einsum("ki,ki->k", A, A).real)  # (r,) ‖A_k‖
     t = np.sqrt(w2.real) + abs(scaling) * (np.abs(B.real) @ a_norms)  # (d_out,)
-    rows = np.flatnonzero(~(n2.real >= t * t / 4))  # cancellation (or NaN): recompute directly
-    if rows.size:
-        V = Wr[rows] + scaling * (B[rows] @ A)  # (rows, d_in), only the unsafe rows
-        n2 = n2.copy()
-        n2[rows] = np.einsum("ji,ji->j", V, V)
+    rows = np.flatnonzero(~(16 * n2.real >= t * t))  # cancellation (or NaN): recompute directly
+    for start in range(0, rows.size, DIRECT_BLOCK):
+        block = rows[start:start + DIRECT_BLOCK]
+        V = Wr[block] + scaling * (B[block] @ A)  # (block, d_in), only rows that cancel
+        n2[block] = np.einsum("ji,ji->j", V, V)
     n = np.sqrt(n2)  # (d_out,)
     return n, WA, AA, rows.size
 

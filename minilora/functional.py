@@ -7,6 +7,7 @@ kernels; ``dora`` builds DoRA on either). Shapes: x (..., d_in), W (d_out, d_in)
 B (d_out, r), m (d_out,).
 """
 
+import functools
 import importlib
 import math
 from typing import NamedTuple
@@ -30,6 +31,7 @@ def lora_scaling(alpha, r, *, use_rslora=False):
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
+@functools.cache
 def _backend_module(op, backend):
     """The module implementing ``op`` for a resolved backend name (``lora_numpy``, ...)."""
     return importlib.import_module(f"minilora.{op}_{backend}")
@@ -37,7 +39,7 @@ def _backend_module(op, backend):
 
 def _flatten(x, dropout_mask, d_in):
     """Fold leading dimensions: x (..., d_in) -> (N, d_in); the mask broadcast to the same."""
-    x2 = x.reshape(-1, d_in)  # (N, d_in)
+    x2 = x if x.ndim == 2 else x.reshape(-1, d_in)  # (N, d_in)
     if dropout_mask is None:
         return x2, None
     mask2 = np.broadcast_to(dropout_mask, x.shape).reshape(-1, d_in)  # (N, d_in), may be a view
@@ -107,7 +109,7 @@ def lora_forward(x, W, A, B, *, scaling, bias=None, dropout_mask=None, fan_in_fa
                                                     fan_in_fan_out)
     cache = LoRACache(x2, W, A, B, scaling, mask2, h, fan_in_fan_out, x.shape, bias is not None,
                       backend)
-    return y.reshape(x.shape[:-1] + (d_out,)), cache
+    return (y if x.ndim == 2 else y.reshape(x.shape[:-1] + (d_out,))), cache
 
 
 def lora_backward(dy, cache, *, need_dx=True, need_dW=False, need_dbias=False):
@@ -137,11 +139,11 @@ def lora_backward(dy, cache, *, need_dx=True, need_dW=False, need_dbias=False):
     check_dy(dy, cache.x_shape[:-1] + (d_out,), cache.x.dtype)
     if need_dbias and not cache.has_bias:
         raise ValueError("need_dbias=True but the forward pass had no bias")
-    dy2 = dy.reshape(-1, d_out)  # (N, d_out)
+    dy2 = dy if dy.ndim == 2 else dy.reshape(-1, d_out)  # (N, d_out)
     dx, dA, dB, dW, dbias = _backend_module("lora", cache.backend).backward(
         dy2, cache.x, cache.W, cache.A, cache.B, cache.scaling, cache.mask, cache.fan_in_fan_out,
         cache.h, bool(need_dx), bool(need_dW), bool(need_dbias))
-    if dx is not None:
+    if dx is not None and dx.shape != cache.x_shape:
         dx = dx.reshape(cache.x_shape)  # (..., d_in)
     return LoRAGrads(dx, dA, dB, dW, dbias)
 

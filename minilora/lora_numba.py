@@ -1,29 +1,40 @@
-"""LoRA linear layer, forward and backward, as fused Numba kernels.
+"""LoRA linear layer, forward and backward, fast: ``backend="numba"``.
 
-Implements ``lora_numpy.forward`` and ``lora_numpy.backward`` (same arguments, same results up
-to summation order). The two large products, x Wᵀ forward and dy W backward, stay with NumPy's
-BLAS: no loop nest beats it. The kernels do all the O(N·r·d) low-rank work around them in one
-pass over the rows, so no (N, d) temporary is made beyond y and dx themselves:
+Implements ``lora_numpy.forward`` and ``lora_numpy.backward`` (same arguments, same results up to
+summation order) by one of two routes, chosen by size:
 
-    forward, per row n:   h_n  = (x_n ⊙ mask_n) Aᵀ               (r,)
-                          y_n += bias + h_n (s·Bᵀ)                (d_out,)  [y_n = x_n Wᵀ from BLAS]
-    backward, per row n:  g_n  = dy_n B                           (r,)
-                          dBᵀ += h_n ⊗ dy_n,  dbias += dy_n      (r, d_out), (d_out,)
-                          dA  += g_n ⊗ (x_n ⊙ mask_n)             (r, d_in)
-                          dx_n += ((s·g_n) A) ⊙ mask_n            (d_in,)   [dx_n = dy_n W, BLAS]
+* **Small layers** (N·d_in·d_out ≤ ``SMALL_WORK``, the examples' sizes): after the large product
+  (BLAS, so that B = 0 gives exactly the base layer's bits), one fused Numba kernel does all the
+  low-rank work of the pass. At these sizes the time goes to calls, not arithmetic: the NumPy
+  reference makes about a dozen, each with its own overhead.
 
-dA, dB and dbias are sums over the batch. They are accumulated per chunk of rows (the chunks set
-by ``_jit.row_chunks``, which depends on N only) and the chunk partials are added in order, so the
-bits do not depend on how many threads ran the chunks.
+* **Large layers**: the two large products (x Wᵀ forward, dy W backward) and the skinny low-rank
+  products go to NumPy's BLAS, which on this class of machine runs AVX-512 on every core and
+  beats any Numba loop on them. The low-rank updates of y and dx are then added in blocks of
+  ``ROW_BLOCK`` rows, so the temporary they need is one block in cache, not an (N, d) array:
+
+      forward:   y  = x Wᵀ;   h = x_d Aᵀ;   y[rows] += h[rows] (s·Bᵀ)
+      backward:  dx = dy W;   g = dy B;    dB = s·dyᵀ h;   dA = s·gᵀ x_d;
+                 dx[rows] += ((s·g[rows]) A) ⊙ mask[rows]
+
+  With dropout, x_d = x ⊙ mask is formed one block at a time too.
+
+Why not Numba kernels for the large low-rank work: measured on this project's 2-core machine
+(docs/performance.md), row-parallel Numba kernels for it ran at 1.47x the two-GEMM floor against
+1.24x for this route: Numba's loops vectorise at 256 bits where BLAS uses 512, and OpenBLAS's
+threads keep spinning for a while after each product, so two Numba threads right after a GEMM
+got no speed-up over one.
+
+Every route adds in an order fixed by the shapes alone (rows in fixed blocks, the batch sums of
+dA and dB in fixed block order or inside one BLAS call), so results are bit-for-bit reproducible.
 """
 
 import numpy as np
 
-from minilora._jit import jit, prange, row_chunks
+from minilora._jit import jit
 
-# Below this many multiply-adds of low-rank work the kernels run on one thread: waking the
-# thread pool costs more than it saves.
-PARALLEL_MIN_WORK = 1 << 18
+SMALL_WORK = 1 << 18  # N·d_in·d_out at or below which the fused kernels run
+ROW_BLOCK = 256  # rows per block of the large route's in-place updates
 
 # The three small products every kernel below is made of. Each handles four terms per pass over
 # its long axis, so a row in L1 is loaded and stored once per four multiply-adds, not once per one.
@@ -87,135 +98,135 @@ def _outer_acc(C, U, out):
 
 
 @jit
-def _forward_rows(x, mask, A, sBt, bias, y, h, lo, hi):
-    """Rows lo:hi of the forward's low-rank part: h = x_d Aᵀ, then y += h (s·Bᵀ) + bias.
+def _forward_small(x, A, B, s, bias, mask, y):
+    """The low-rank part of ``lora_numpy.forward`` in one pass over the rows, for small layers.
 
-    x (N, d_in), mask broadcast to (N, d_in) or None, A (r, d_in), sBt = s·Bᵀ (r, d_out),
-    bias (d_out,) or None, y (N, d_out) holding x Wᵀ, h (N, r) zeros on entry.
+    x (N, d_in), A (r, d_in), B (d_out, r), s the scaling, bias (d_out,) or None, mask (N, d_in)
+    or None; y (N, d_out) holds x Wᵀ and gets h (s·Bᵀ) + bias added. Returns h = x_d Aᵀ (N, r).
     """
-    xd = np.empty(x.shape[1], x.dtype)  # (d_in,) the row x_n ⊙ mask_n
-    for n in range(lo, hi):
+    N, d_in = x.shape
+    r = A.shape[0]
+    sBt = (s * B).T.copy()  # (r, d_out)
+    h = np.zeros((N, r), x.dtype)  # (N, r)
+    xd = np.empty(d_in, x.dtype)  # (d_in,) the row x_n ⊙ mask_n
+    for n in range(N):
         if mask is None:
             _matvec_acc(x[n], A, h[n])  # h_n = x_n Aᵀ
         else:
-            for i in range(xd.size):
+            for i in range(d_in):
                 xd[i] = x[n, i] * mask[n, i]
             _matvec_acc(xd, A, h[n])  # h_n = x_d,n Aᵀ
         _vecmat_acc(h[n], sBt, y[n])  # y_n += h_n (s·Bᵀ)
         if bias is not None:
             y[n] += bias
+    return h
 
 
-@jit(parallel=True)
-def _forward_parallel(x, mask, A, sBt, bias, y, h):
-    N = x.shape[0]
-    n_blocks = min(N, 64)
-    for b in prange(n_blocks):
-        _forward_rows(x, mask, A, sBt, bias, y, h, b * N // n_blocks, (b + 1) * N // n_blocks)
+@jit
+def _backward_small(dy, x, A, B, h, s, mask, dx):
+    """The low-rank part of ``lora_numpy.backward`` in one pass over the rows, for small layers.
+
+    dy (N, d_out), x (N, d_in), A (r, d_in), B (d_out, r), h (N, r), s the scaling, mask (N, d_in)
+    or None; dx (N, d_in) holds dy W and gets ((s·g) A) ⊙ mask added, or has 0 rows when dx is
+    not wanted. Returns dA (r, d_in) and dB (d_out, r).
+    """
+    N, d_in = x.shape
+    r, d_out = A.shape[0], B.shape[0]
+    Bt = B.T.copy()  # (r, d_out)
+    dBt = np.zeros((r, d_out), x.dtype)  # (r, d_out), dBᵀ / s
+    dA = np.zeros((r, d_in), x.dtype)  # (r, d_in), dA / s
+    g = np.zeros((1, r), x.dtype)  # the row g_n = dy_n B
+    xd = np.empty((1, d_in), x.dtype)  # the row x_n ⊙ mask_n
+    t = np.empty(d_in, x.dtype)  # (d_in,) the row (s·g_n) A
+    for n in range(N):
+        g[:] = 0
+        _matvec_acc(dy[n], Bt, g[0])  # g_n = dy_n B
+        _outer_acc(h[n:n + 1], dy[n:n + 1], dBt)  # dBᵀ += h_n ⊗ dy_n
+        if mask is None:
+            _outer_acc(g, x[n:n + 1], dA)  # dA += g_n ⊗ x_n
+        else:
+            for i in range(d_in):
+                xd[0, i] = x[n, i] * mask[n, i]
+            _outer_acc(g, xd, dA)  # dA += g_n ⊗ x_d,n
+        if dx.shape[0] == 0:
+            continue
+        g *= s  # s·g_n
+        if mask is None:
+            _vecmat_acc(g[0], A, dx[n])  # dx_n += (s·g_n) A
+        else:
+            t[:] = 0
+            _vecmat_acc(g[0], A, t)
+            for i in range(d_in):
+                dx[n, i] += t[i] * mask[n, i]  # dx_n += ((s·g_n) A) ⊙ mask_n
+    dA *= s
+    dBt *= s
+    return dA, dBt.T.copy()
+
+
+def _is_small(N, d_in, d_out):
+    return N * d_in * d_out <= SMALL_WORK
 
 
 def forward(x, W, A, B, scaling, bias, mask, fan_in_fan_out):
-    """``lora_numpy.forward`` with the low-rank part fused into one pass over x and y."""
-    N, r = x.shape[0], A.shape[0]
+    """``lora_numpy.forward``: y (N, d_out) and h (N, r)."""
+    N, (r, d_in), d_out = x.shape[0], A.shape, B.shape[0]
     y = x @ W if fan_in_fan_out else x @ W.T  # (N, d_out), BLAS
-    h = np.zeros((N, r), x.dtype)  # (N, r)
+    if _is_small(N, d_in, d_out):
+        return y, _forward_small(x, A, B, x.dtype.type(scaling), bias, mask, y)
     sBt = np.ascontiguousarray((scaling * B).T)  # (r, d_out)
-    if N * r * (A.shape[1] + B.shape[0]) >= PARALLEL_MIN_WORK:
-        _forward_parallel(x, mask, A, sBt, bias, y, h)
+    if mask is None:
+        h = x @ A.T  # (N, r)
     else:
-        _forward_rows(x, mask, A, sBt, bias, y, h, 0, N)
+        h = np.empty((N, r), x.dtype)  # (N, r)
+        for lo, hi in _blocks(N):
+            np.matmul(x[lo:hi] * mask[lo:hi], A.T, out=h[lo:hi])  # x_d Aᵀ, a block at a time
+    tmp = np.empty((min(N, ROW_BLOCK), d_out), x.dtype)  # (block, d_out), reused
+    for lo, hi in _blocks(N):
+        block = tmp[: hi - lo]
+        np.matmul(h[lo:hi], sBt, out=block)  # s·h Bᵀ
+        y[lo:hi] += block
+    if bias is not None:
+        y += bias
     return y, h
 
 
-@jit
-def _backward_chunk(dy, x, mask, A, Bt, h, s, g, dx, dBt, dA, dbias, need_dbias, lo, hi):
-    """Rows lo:hi of the backward's low-rank part, four rows at a time.
-
-    dy (N, d_out), x (N, d_in), mask (N, d_in) or None, A (r, d_in), Bt = Bᵀ (r, d_out),
-    h (N, r), s the scaling, g (N, r) zeros on entry, dx (N, d_in) holding dy W, or None.
-    Accumulates this chunk's unscaled dBᵀ (r, d_out), dA (r, d_in) and, if ``need_dbias``,
-    dbias (d_out,).
-    """
-    r, d_in = A.shape
-    xd = np.empty((4, d_in), x.dtype)  # (4, d_in) rows x_n ⊙ mask_n
-    sg = np.empty(r, x.dtype)  # (r,) the row s·g_n
-    for n0 in range(lo, hi, 4):
-        n1 = min(n0 + 4, hi)
-        for n in range(n0, n1):
-            _matvec_acc(dy[n], Bt, g[n])  # g_n = dy_n B
-        _outer_acc(h[n0:n1], dy[n0:n1], dBt)  # dBᵀ += hᵀ dy
-        if need_dbias:
-            for n in range(n0, n1):
-                dbias += dy[n]
-        if mask is None:
-            _outer_acc(g[n0:n1], x[n0:n1], dA)  # dA += gᵀ x
-        else:
-            for n in range(n0, n1):
-                for i in range(d_in):
-                    xd[n - n0, i] = x[n, i] * mask[n, i]
-            _outer_acc(g[n0:n1], xd[: n1 - n0], dA)  # dA += gᵀ x_d
-        if dx is None:
-            continue
-        for n in range(n0, n1):
-            for k in range(r):
-                sg[k] = s * g[n, k]
-            if mask is None:
-                _vecmat_acc(sg, A, dx[n])  # dx_n += (s·g_n) A
-            else:
-                t = xd[n - n0]  # (d_in,) reused as scratch: x_d,n is no longer needed
-                t[:] = 0
-                _vecmat_acc(sg, A, t)
-                for i in range(d_in):
-                    dx[n, i] += t[i] * mask[n, i]  # dx_n += ((s·g_n) A) ⊙ mask_n
-
-
-@jit(parallel=True)
-def _backward_parallel(dy, x, mask, A, Bt, h, s, g, dx, dBt, dA, dbias, need_dbias):
-    N = x.shape[0]
-    n_chunks = dA.shape[0]
-    for c in prange(n_chunks):
-        _backward_chunk(dy, x, mask, A, Bt, h, s, g, dx, dBt[c], dA[c], dbias[c], need_dbias,
-                        c * N // n_chunks, (c + 1) * N // n_chunks)
-
-
-@jit
-def _backward_serial(dy, x, mask, A, Bt, h, s, g, dx, dBt, dA, dbias, need_dbias):
-    N = x.shape[0]
-    n_chunks = dA.shape[0]
-    for c in range(n_chunks):
-        _backward_chunk(dy, x, mask, A, Bt, h, s, g, dx, dBt[c], dA[c], dbias[c], need_dbias,
-                        c * N // n_chunks, (c + 1) * N // n_chunks)
-
-
 def backward(dy, x, W, A, B, scaling, mask, fan_in_fan_out, h, need_dx, need_dW, need_dbias):
-    """``lora_numpy.backward`` with the low-rank part fused into one pass over the rows."""
+    """``lora_numpy.backward``: dx, dA, dB, dW, dbias (None where not asked for)."""
     N, (r, d_in), d_out = x.shape[0], A.shape, B.shape[0]
-    dtype = x.dtype
+    dW = dbias = None
+    if need_dW:
+        dW = x.T @ dy if fan_in_fan_out else dy.T @ x  # W's layout
+    if need_dbias:
+        dbias = dy.sum(axis=0)  # (d_out,)
     dx = None
     if need_dx:
         dx = dy @ W.T if fan_in_fan_out else dy @ W  # (N, d_in), BLAS
-    n_chunks = row_chunks(N)
-    g = np.zeros((N, r), dtype)  # (N, r)
-    dBt = np.zeros((n_chunks, r, d_out), dtype)  # chunk partials of dBᵀ
-    dA = np.zeros((n_chunks, r, d_in), dtype)  # chunk partials of dA
-    dbias = np.zeros((n_chunks, d_out if need_dbias else 0), dtype)  # chunk partials of dbias
-    Bt = np.ascontiguousarray(B.T)  # (r, d_out)
-    kernel = _backward_parallel if N * r * (d_in + d_out) >= PARALLEL_MIN_WORK else _backward_serial
-    kernel(dy, x, mask, A, Bt, h, dtype.type(scaling), g, dx, dBt, dA, dbias, need_dbias)
-    dA = _sum_chunks(dA)  # (r, d_in)
-    dA *= scaling
-    dB = _sum_chunks(dBt).T.copy()  # (d_out, r)
+    if _is_small(N, d_in, d_out):
+        dA, dB = _backward_small(dy, x, A, B, h, x.dtype.type(scaling), mask,
+                                 dx if need_dx else np.empty((0, d_in), x.dtype))
+        return dx, dA, dB, dW, dbias
+    g = dy @ B  # (N, r)
+    dB = dy.T @ h  # (d_out, r)
     dB *= scaling
-    dbias = _sum_chunks(dbias) if need_dbias else None  # (d_out,)
-    dW = None
-    if need_dW:
-        dW = x.T @ dy if fan_in_fan_out else dy.T @ x  # W's layout
+    if mask is None:
+        dA = g.T @ x  # (r, d_in)
+    else:
+        dA = np.zeros((r, d_in), x.dtype)
+        for lo, hi in _blocks(N):  # in block order: fixed bits
+            dA += g[lo:hi].T @ (x[lo:hi] * mask[lo:hi])  # gᵀ x_d
+    dA *= scaling
+    if need_dx:
+        sg = scaling * g  # (N, r)
+        tmp = np.empty((min(N, ROW_BLOCK), d_in), x.dtype)  # (block, d_in), reused
+        for lo, hi in _blocks(N):
+            block = tmp[: hi - lo]
+            np.matmul(sg[lo:hi], A, out=block)  # (s·g) A
+            if mask is not None:
+                block *= mask[lo:hi]
+            dx[lo:hi] += block
     return dx, dA, dB, dW, dbias
 
 
-def _sum_chunks(parts):
-    """Add chunk partials in chunk order (a fixed order, so fixed bits)."""
-    total = parts[0].copy()
-    for part in parts[1:]:
-        total += part
-    return total
+def _blocks(N):
+    """(lo, hi) row ranges of ``ROW_BLOCK`` rows."""
+    return ((lo, min(lo + ROW_BLOCK, N)) for lo in range(0, N, ROW_BLOCK))

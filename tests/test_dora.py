@@ -166,3 +166,12 @@ def test_bad_m_is_named():
     _, cache = ml.lora_forward(x, W, A, B, scaling=1.0)
     with pytest.raises(TypeError, match="DoRACache"):
         ml.dora_backward(np.zeros((2, 3)), cache)
+
+
+def test_no_fallback_for_a_typical_adapter():
+    """When s·B A is a modest update of W (training), the cheap expansion serves every row."""
+    rng = np.random.default_rng(4)
+    d, r = 256, 8
+    W = rng.standard_normal((d, d)) / np.sqrt(d)
+    A, B = rng.standard_normal((r, d)) / np.sqrt(d), 0.1 * rng.standard_normal((d, r))
+    assert dora.row_norms(W, A, B, 2.0, False)[3] == 0

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import minilora as ml
@@ -30,13 +30,31 @@ def _assert_close_to_reference(case, got, ref):
         assert np.all(err <= 2 * bounds[name]), (name, float(np.max(err - 2 * bounds[name])))
 
 
+@pytest.fixture(params=["fused", "blocked"])
+def route(request, monkeypatch):
+    """Run a test through the fused small-layer kernels, then through the blocked BLAS route
+    (with 3-row blocks, so that drawn batches span several blocks and a partial last one)."""
+    if request.param == "fused":
+        monkeypatch.setattr(lora_numba, "SMALL_WORK", 1 << 62)
+    else:
+        monkeypatch.setattr(lora_numba, "SMALL_WORK", -1)
+        monkeypatch.setattr(lora_numba, "ROW_BLOCK", 3)
+    return request.param
+
+
+# The route fixture only sets module constants, which stay valid across Hypothesis's examples.
+same_route = settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@same_route
 @given(case=lora_cases(max_dim=20))
-def test_kernels_match_the_reference(case):
+def test_kernels_match_the_reference(route, case):
     _assert_close_to_reference(case, _run(case, "numba"), _run(case, "numpy"))
 
 
+@same_route
 @given(case=lora_cases(max_dim=20), order=st.sampled_from(["F", "strided"]))
-def test_non_contiguous_and_fortran_inputs(case, order):
+def test_non_contiguous_and_fortran_inputs(route, case, order):
     if order == "F":
         x, W = np.asfortranarray(case.x), np.asfortranarray(case.W)
     else:  # every other column of a wider array
@@ -46,11 +64,11 @@ def test_non_contiguous_and_fortran_inputs(case, order):
     _assert_close_to_reference(case, _run(case, "numba", x=x, W=W), _run(case, "numpy"))
 
 
-def test_large_batch_takes_the_parallel_path_and_matches():
-    """Shapes big enough for the threaded kernels and several reduction chunks."""
+def test_large_batch_takes_the_blocked_route_and_matches():
+    """Default settings, shapes big enough for the BLAS route and several row blocks."""
     rng = np.random.default_rng(3)
     N, d_in, d_out, r = 1500, 96, 80, 6
-    assert N * r * (d_in + d_out) >= lora_numba.PARALLEL_MIN_WORK
+    assert N * d_in * d_out > lora_numba.SMALL_WORK and N > 2 * lora_numba.ROW_BLOCK
     for mask in (None, ((rng.random((N, d_in)) > 0.2) / 0.8)):
         case = _Case(rng, N, d_in, d_out, r, mask)
         _assert_close_to_reference(case, _run(case, "numba"), _run(case, "numpy"))

@@ -1,0 +1,225 @@
+"""``minilora bench``: speed and memory as ratios measured in one process.
+
+The machine this runs on may be shared and noisy, so an absolute time means little. Every
+contender of a case runs in the same process, interleaved (floor, numba, numpy, torch, floor,
+numba, ...), each timing being the median of a short inner loop, and each reported figure the
+median over repeats of the ratio. The floor is the two large products every LoRA step needs:
+``x @ W.T`` plus ``dy @ W`` in NumPy.
+"""
+
+import json
+import subprocess
+import sys
+import time
+import tracemalloc
+
+import numpy as np
+
+import minilora as ml
+
+# (name, N, d_in, d_out, r, dtype, dropout, op)
+CASES = [
+    ("fp32 N=4096 1024->1024 r=16", 4096, 1024, 1024, 16, np.float32, False, "lora"),
+    ("fp32 N=4096 1024->1024 r=16 dropout", 4096, 1024, 1024, 16, np.float32, True, "lora"),
+    ("fp64 N=2048 1024->1024 r=16", 2048, 1024, 1024, 16, np.float64, False, "lora"),
+    ("fp32 N=10 128->64 r=4", 10, 128, 64, 4, np.float32, False, "lora"),
+    ("fp32 N=64 128->64 r=4", 64, 128, 64, 4, np.float32, False, "lora"),
+    ("fp32 N=256 128->64 r=4", 256, 128, 64, 4, np.float32, False, "lora"),
+    ("fp32 N=10 512->256 r=8", 10, 512, 256, 8, np.float32, False, "lora"),
+    ("fp32 N=64 512->256 r=8", 64, 512, 256, 8, np.float32, False, "lora"),
+    ("fp32 N=256 512->256 r=8", 256, 512, 256, 8, np.float32, False, "lora"),
+    ("DoRA fp32 N=4096 1024->1024 r=16", 4096, 1024, 1024, 16, np.float32, False, "dora"),
+]
+QUICK = ["fp32 N=10 128->64 r=4", "fp32 N=256 512->256 r=8"]
+
+
+def _problem(N, d_in, d_out, r, dtype, dropout, seed=0):
+    rng = np.random.default_rng(seed)
+    p = dict(x=rng.standard_normal((N, d_in), dtype=np.float64).astype(dtype),
+             W=(rng.standard_normal((d_out, d_in)) / np.sqrt(d_in)).astype(dtype),
+             A=(rng.standard_normal((r, d_in)) / np.sqrt(d_in)).astype(dtype),
+             B=(rng.standard_normal((d_out, r)) * 0.1).astype(dtype),
+             dy=rng.standard_normal((N, d_out)).astype(dtype))
+    p["m"] = np.linalg.norm(p["W"], axis=1).astype(dtype)
+    p["mask"] = ((rng.random((N, d_in)) >= 0.1) / 0.9).astype(dtype) if dropout else None
+    return p
+
+
+def _contenders(p, op, with_torch):
+    """name -> a zero-argument callable running one forward + backward (dx, dA, dB)."""
+    x, W, A, B, dy, m, mask = (p[k] for k in ("x", "W", "A", "B", "dy", "m", "mask"))
+
+    def floor():
+        x @ W.T
+        dy @ W
+
+    def minilora_step(backend):
+        if op == "dora":
+            def step():
+                _, cache = ml.dora_forward(x, W, A, B, m, scaling=2.0, dropout_mask=mask,
+                                           backend=backend)
+                ml.dora_backward(dy, cache)
+        else:
+            def step():
+                _, cache = ml.lora_forward(x, W, A, B, scaling=2.0, dropout_mask=mask,
+                                           backend=backend)
+                ml.lora_backward(dy, cache)
+        return step
+
+    out = {"floor": floor, "numba": minilora_step("numba"), "numpy": minilora_step("numpy")}
+    if with_torch:
+        torch_step = _torch_peft_step(p, op)
+        if torch_step is not None:
+            out["torch+peft"] = torch_step
+    return out
+
+
+def _torch_peft_step(p, op):
+    """PEFT's LoRA layer on a torch Linear; None when torch or peft is not installed."""
+    try:
+        import peft
+        import torch
+    except ImportError:
+        return None
+    dtype = torch.float32 if p["x"].dtype == np.float32 else torch.float64
+    d_out, d_in = p["W"].shape
+    base = torch.nn.Linear(d_in, d_out, bias=False, dtype=dtype)
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = base
+
+        def forward(self, x):
+            return self.lin(x)
+
+    config = peft.LoraConfig(r=p["A"].shape[0], lora_alpha=2 * p["A"].shape[0],
+                             target_modules=["lin"], use_dora=op == "dora",
+                             lora_dropout=0.1 if p["mask"] is not None else 0.0)
+    model = peft.get_peft_model(Wrapper(), config).to(dtype)
+    with torch.no_grad():
+        layer = model.base_model.model.lin
+        layer.base_layer.weight.copy_(torch.from_numpy(p["W"]))
+        layer.lora_A["default"].weight.copy_(torch.from_numpy(p["A"]))
+        layer.lora_B["default"].weight.copy_(torch.from_numpy(p["B"]))
+    x = torch.from_numpy(p["x"]).requires_grad_(True)
+    dy = torch.from_numpy(p["dy"])
+
+    def step():
+        x.grad = None
+        model.zero_grad(set_to_none=True)
+        model(x).backward(dy)
+
+    return step
+
+
+def _median_time(fn, inner):
+    times = []
+    for _ in range(inner):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def time_case(contenders, repeats, inner):
+    """Median over ``repeats`` of each contender's time divided by the floor's, interleaved."""
+    for fn in contenders.values():  # warm up: JIT, caches, thread pools
+        fn()
+    ratios = {name: [] for name in contenders if name != "floor"}
+    floors = []
+    for _ in range(repeats):
+        t_floor = _median_time(contenders["floor"], inner)
+        floors.append(t_floor)
+        for name, fn in contenders.items():
+            if name != "floor":
+                ratios[name].append(_median_time(fn, inner) / t_floor)
+    result = {f"{name}/floor": float(np.median(r)) for name, r in ratios.items()}
+    per_rep = {name: np.asarray(r) for name, r in ratios.items()}
+    for other in ("numpy", "torch+peft"):
+        if other in per_rep:
+            result[f"numba/{other}"] = float(np.median(per_rep["numba"] / per_rep[other]))
+    result["floor_ms"] = float(np.median(floors) * 1e3)
+    return result
+
+
+def peak_extra_bytes(fn):
+    """Peak bytes allocated (through NumPy, which reports to tracemalloc) while fn runs."""
+    fn()
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def memory_figures(backend="numba"):
+    """LoRA: N=4096, 2048->2048, r=16 fp32 against the bytes of y, dx, dA, dB.
+    DoRA: d=4096, N=64, r=16 fp32 against the bytes of W."""
+    p = _problem(4096, 2048, 2048, 16, np.float32, False)
+    step = _contenders(p, "lora", False)[backend]
+    outputs = 2 * p["dy"].nbytes + p["A"].nbytes + p["B"].nbytes
+    lora = peak_extra_bytes(step) / outputs
+    p = _problem(64, 4096, 4096, 16, np.float32, False)
+    dora = peak_extra_bytes(_contenders(p, "dora", False)[backend]) / p["W"].nbytes
+    return {"lora_peak_over_outputs": lora, "dora_peak_over_W": dora}
+
+
+def startup_seconds(runs=3):
+    """A fresh process: import minilora and run one small forward + backward (JIT cache warm)."""
+    code = ("import numpy as np, minilora as ml; x = np.ones((10, 128), np.float32); "
+            "W = np.ones((64, 128), np.float32); A = np.ones((4, 128), np.float32); "
+            "B = np.ones((64, 4), np.float32); y, c = ml.lora_forward(x, W, A, B, scaling=1.0); "
+            "ml.lora_backward(np.ones_like(y), c)")
+    subprocess.run([sys.executable, "-c", code], check=True)  # warms the on-disk JIT cache
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def run(quick=False, with_torch=True, json_path=None, out=print):
+    """Measure and print every figure; return them as a dict (also written to ``json_path``)."""
+    repeats, inner = (3, 3) if quick else (7, 5)
+    results = {"cases": {}, "blas": _blas_info()}
+    header = f"{'case':<36} {'numba/floor':>11} {'numpy/floor':>11} {'numba/numpy':>11} " \
+             f"{'torch/floor':>11} {'numba/torch':>11} {'floor ms':>9}"
+    out(header)
+    for name, N, d_in, d_out, r, dtype, dropout, op in CASES:
+        if quick and name not in QUICK:
+            continue
+        big = N * d_in * d_out > 1e9
+        p = _problem(N, d_in, d_out, r, dtype, dropout)
+        res = time_case(_contenders(p, op, with_torch), repeats,
+                        inner if big else 20 * inner)
+        results["cases"][name] = res
+
+        cells = " ".join(f"{res[k]:>11.3f}" if k in res else f"{'-':>11}" for k in (
+            "numba/floor", "numpy/floor", "numba/numpy", "torch+peft/floor", "numba/torch+peft"))
+        out(f"{name:<36} {cells} {res['floor_ms']:>9.3f}")
+    if not quick:
+        results["memory"] = memory_figures()
+        out(f"extra peak memory, LoRA fwd+bwd N=4096 2048->2048 r=16 fp32: "
+            f"{results['memory']['lora_peak_over_outputs']:.3f}x the bytes of y, dx, dA, dB")
+        out(f"extra peak memory, DoRA fwd+bwd d=4096 N=64 r=16 fp32: "
+            f"{results['memory']['dora_peak_over_W']:.3f}x the bytes of W")
+        results["startup_s"] = startup_seconds()
+        out(f"fresh process, import + first small fwd+bwd (JIT cache warm): "
+            f"{results['startup_s']:.2f} s")
+    if json_path:
+        from minilora._io import write_atomic
+
+        write_atomic(json_path, json.dumps(results, indent=2).encode())
+    return results
+
+
+def _blas_info():
+    """What NumPy's BLAS reports about itself (library, threads), for the record."""
+    try:
+        config = np.show_config(mode="dicts")
+        return config.get("Build Dependencies", {}).get("blas", {})
+    except (TypeError, AttributeError):  # NumPy < 1.26 prints only
+        return {}
