@@ -5,6 +5,7 @@
     grads = ml.lora_backward(dy, cache)          # grads.dx, grads.dA, grads.dB
 """
 
+from minilora import oracle, peft
 from minilora.functional import (
     DoRACache,
     DoRAGrads,
@@ -35,4 +36,6 @@ __all__ = [
     "lora_backward",
     "lora_forward",
     "lora_scaling",
+    "oracle",
+    "peft",
 ]

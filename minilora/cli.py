@@ -1,4 +1,4 @@
-"""The ``minilora`` command line: ``minilora gradcheck`` (and further subcommands as they land)."""
+"""The ``minilora`` command line: gradcheck, bench, oracle (and demo)."""
 
 import argparse
 import sys
@@ -29,11 +29,18 @@ def build_parser():
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch + PEFT")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     p.set_defaults(func=_bench)
+    from minilora.oracle import cli as oracle_cli
+
+    oracle_cli.add_parser(sub)
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.command == "oracle":
+        from minilora.oracle import cli as oracle_cli
+
+        return oracle_cli.run(args)
     return args.func(args)
 
 

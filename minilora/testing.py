@@ -31,11 +31,38 @@ class LoRACase:
     dy: np.ndarray  # (..., d_out)
 
     m: np.ndarray | None = None  # (d_out,), DoRA's magnitude (dora_cases only)
+    detach_norm: bool = True  # DoRA: PEFT's default
 
     def kwargs(self):
         """Keyword arguments of ``lora_forward``/``dora_forward`` besides the arrays."""
         return dict(scaling=self.scaling, bias=self.bias, dropout_mask=self.dropout_mask,
                     fan_in_fan_out=self.fan_in_fan_out)
+
+    def to_oracle(self):
+        """This case as a ``minilora.oracle.Case``."""
+        from minilora.oracle import Case
+
+        names = ("x", "W", "A", "B", "dy", "bias", "dropout_mask", "m")
+        tensors = {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+        dtype = "fp64" if self.x.dtype == np.float64 else "fp32"
+        return Case(tensors, self.scaling, self.fan_in_fan_out, self.detach_norm, dtype)
+
+
+def assert_matches_reference(candidate_outputs, case, *, dtype="fp32", accum_dtype=None):
+    """Fail with the oracle's report unless ``candidate_outputs`` match the float64 reference.
+
+    candidate_outputs : dict with any of "y", "dx", "dA", "dB", "dm", "dbias", "dW"
+    case : a LoRACase (from ``lora_cases``/``dora_cases``) or a ``minilora.oracle.Case``
+    dtype, accum_dtype : the precision the candidate computes and accumulates in
+    Returns the report when it passes.
+    """
+    from minilora.oracle import Case, compare
+
+    oracle_case = case if isinstance(case, Case) else case.to_oracle()
+    report = compare(oracle_case, candidate_outputs, dtype=dtype, accum_dtype=accum_dtype)
+    if not report.passed:
+        raise AssertionError("candidate does not match the float64 reference:\n" + str(report))
+    return report
 
 
 @st.composite

@@ -18,6 +18,9 @@ make that tolerance too small, because mag(z) never cancels.
     dB       d_in + N + 2          h = x_d Aᵀ (d_in), then dyᵀ h (N); the mask and s
     dW       N                     dyᵀ x
     dbias    N                     Σ_n dy
+
+DoRA adds, for every output that c = m/n multiplies, the norms' own reduction length
+(``dora_magnitudes``); dm has the K of y plus N (it sums dy ⊙ u over the batch).
 """
 
 import numpy as np
@@ -38,6 +41,28 @@ def lora_reduction_lengths(N, d_in, d_out, r):
             "dW": N, "dbias": N}
 
 
+def _abs(a):
+    return None if a is None else np.abs(a).astype(np.float64)
+
+
+def lora_magnitudes(x, W, A, B, *, scaling, dy, bias=None, dropout_mask=None,
+                    fan_in_fan_out=False):
+    """mag(z) for every LoRA output z: the float64 reference run on absolute values.
+
+    Returns a dict ``{"y", "dx", "dA", "dB", "dW"}`` (and ``"dbias"`` with a bias) of float64
+    arrays shaped like the outputs.
+    """
+    from minilora.functional import lora_backward, lora_forward
+
+    y_mag, cache = lora_forward(_abs(x), _abs(W), _abs(A), _abs(B), scaling=abs(scaling),
+                                bias=_abs(bias), dropout_mask=_abs(dropout_mask),
+                                fan_in_fan_out=fan_in_fan_out, backend="numpy")
+    mags = lora_backward(_abs(dy), cache, need_dx=True, need_dW=True,
+                         need_dbias=bias is not None)._asdict()
+    mags["y"] = y_mag
+    return {k: v for k, v in mags.items() if v is not None}
+
+
 def lora_error_bounds(x, W, A, B, *, scaling, dy, bias=None, dropout_mask=None,
                       fan_in_fan_out=False, u):
     """Elementwise bounds on |computed − exact| for every LoRA output, at unit roundoff u.
@@ -45,17 +70,61 @@ def lora_error_bounds(x, W, A, B, *, scaling, dy, bias=None, dropout_mask=None,
     Returns a dict ``{"y", "dx", "dA", "dB", "dW", "dbias"}`` of float64 arrays (``dbias`` only
     with a bias), each γ_K · mag(output) with mag from the reference run on absolute values.
     """
-    from minilora.functional import lora_backward, lora_forward
-
-    def absolute(a):
-        return None if a is None else np.abs(a).astype(np.float64)
-
-    y_mag, cache = lora_forward(absolute(x), absolute(W), absolute(A), absolute(B),
-                                scaling=abs(scaling), bias=absolute(bias),
-                                dropout_mask=absolute(dropout_mask),
-                                fan_in_fan_out=fan_in_fan_out, backend="numpy")
-    mags = lora_backward(absolute(dy), cache, need_dx=True, need_dW=True,
-                         need_dbias=bias is not None)._asdict()
-    mags["y"] = y_mag
+    mags = lora_magnitudes(x, W, A, B, scaling=scaling, dy=dy, bias=bias,
+                           dropout_mask=dropout_mask, fan_in_fan_out=fan_in_fan_out)
     K = lora_reduction_lengths(int(np.prod(x.shape[:-1])), A.shape[1], B.shape[0], A.shape[0])
-    return {name: gamma(K[name], u) * mag for name, mag in mags.items() if mag is not None}
+    return {name: gamma(K[name], u) * mag for name, mag in mags.items()}
+
+
+def dora_magnitudes(x, W, A, B, m, *, scaling, dy, bias=None, dropout_mask=None,
+                    fan_in_fan_out=False, detach_norm=True):
+    """mag(z) for every DoRA output, and the extra reduction length that the norms add.
+
+    DoRA is y = c ⊙ u + (x − x_d) Wᵀ + bias with u the LoRA output on x_d (``minilora.dora``), so
+    the magnitudes are LoRA's for u, with the upstream |c|·|dy|, plus those of the dropout
+    correction; with ``detach_norm=False`` also those of the gradient through n. c = m/n itself
+    carries the norms' rounding error, a reduction of d_in + 2r + 4 terms: the returned
+    ``extra_K`` is added to every output's K but dW's and dbias's own.
+
+    Returns ``(mags, extra_K)`` with mags a dict ``{"y", "dx", "dA", "dB", "dm", "dW"}``
+    (and ``"dbias"``).
+    """
+    from minilora.dora import inverse_norms, row_norms
+
+    x2 = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    dy2 = np.abs(dy.reshape(-1, dy.shape[-1])).astype(np.float64)
+    W64, A64, B64 = (a.astype(np.float64) for a in (W, A, B))
+    mask = None if dropout_mask is None else \
+        np.broadcast_to(dropout_mask, x.shape).reshape(x2.shape).astype(np.float64)
+    x_d = x2 if mask is None else x2 * mask
+    inv_n = inverse_norms(row_norms(W64, A64, B64, scaling, fan_in_fan_out)[0])  # (d_out,)
+    c = np.abs(m.astype(np.float64)) * inv_n  # (d_out,) |c|
+    lora = lora_magnitudes(x_d, W64, A64, B64, scaling=scaling, dy=c * dy2,
+                           fan_in_fan_out=fan_in_fan_out)
+    from minilora.functional import lora_forward
+
+    u_mag, _ = lora_forward(np.abs(x_d), np.abs(W64), np.abs(A64), np.abs(B64),
+                            scaling=abs(scaling), fan_in_fan_out=fan_in_fan_out, backend="numpy")
+    Wr = np.abs(W64.T if fan_in_fan_out else W64)  # (d_out, d_in)
+    mags = {"y": c * u_mag, "dA": lora["dA"], "dB": lora["dB"], "dx": lora["dx"],
+            "dW": lora["dW"], "dm": np.einsum("nj,nj->j", dy2, u_mag) * inv_n}
+    if mask is not None:
+        dropped = np.abs(x2 - x_d)  # (N, d_in)
+        mags["y"] = mags["y"] + dropped @ Wr.T
+        mags["dx"] = lora["dx"] * np.abs(mask) + (dy2 @ Wr) * np.abs(1 - mask)
+        extra = dropped.T @ dy2 if fan_in_fan_out else dy2.T @ dropped
+        mags["dW"] = mags["dW"] + extra
+    if not detach_norm:
+        s = abs(scaling)
+        w = mags["dm"] * c * inv_n  # (d_out,) |∂L/∂n| / n
+        V = Wr + s * np.abs(B64) @ np.abs(A64)  # (d_out, d_in) |W| + s|B||A|
+        mags["dB"] = mags["dB"] + s * w[:, None] * (V @ np.abs(A64).T)
+        mags["dA"] = mags["dA"] + s * (w[:, None] * np.abs(B64)).T @ V
+        dV = w[:, None] * V
+        mags["dW"] = mags["dW"] + (dV.T if fan_in_fan_out else dV)
+    if bias is not None:
+        mags["y"] = mags["y"] + np.abs(bias)
+        mags["dbias"] = dy2.sum(axis=0)
+    mags["dx"] = mags["dx"].reshape(x.shape)
+    mags["y"] = mags["y"].reshape(dy.shape)
+    return mags, A.shape[1] + 2 * A.shape[0] + 4

@@ -1,0 +1,26 @@
+"""minilora's gradient oracle: test cases, float64 references, and comparisons of a candidate
+implementation with tolerances derived from its precision, the reduction lengths and the data.
+
+    import minilora as ml
+    case = ml.oracle.make_case(d_in=64, d_out=32, r=8, dtype="bf16", seed=0)
+    report = ml.oracle.compare(case, my_outputs, dtype="bf16")   # my_outputs: {"y": ..., ...}
+    assert report.passed, report
+"""
+
+from minilora.oracle.cases import (
+    INPUTS,
+    OUTPUTS,
+    Case,
+    OracleInputError,
+    load_case,
+    load_outputs,
+    make_case,
+    reference,
+    save_case,
+    save_outputs,
+)
+from minilora.oracle.judge import Report, TensorVerdict, compare
+
+__all__ = ["INPUTS", "OUTPUTS", "Case", "OracleInputError", "Report", "TensorVerdict",
+           "compare", "load_case", "load_outputs", "make_case", "reference", "save_case",
+           "save_outputs"]

@@ -1,0 +1,139 @@
+"""``minilora oracle ...``: make cases, compute references, judge candidates.
+
+Exit codes of ``compare``: 0 every tensor within tolerance, 1 a mismatch, 2 unusable input
+(unreadable or truncated files, missing tensors, wrong shapes); the last with one line on stderr
+naming the problem, no traceback.
+"""
+
+import json
+import os
+import sys
+
+from minilora._io import write_atomic
+from minilora.oracle.cases import (
+    OracleInputError,
+    load_case,
+    load_outputs,
+    make_case,
+    reference,
+    save_case,
+    save_outputs,
+)
+from minilora.oracle.judge import compare
+from minilora.oracle.precision import PRECISIONS
+
+# The standard suite written by ``oracle vectors``: every option on its own and some together.
+VECTORS = {
+    "lora_basic": dict(d_in=32, d_out=24, r=4),
+    "lora_rank1": dict(d_in=16, d_out=16, r=1),
+    "lora_rank_above_dims": dict(d_in=6, d_out=5, r=8),
+    "lora_rslora": dict(d_in=32, d_out=24, r=16, rslora=True),
+    "lora_bias": dict(d_in=32, d_out=24, r=4, bias=True),
+    "lora_dropout": dict(d_in=32, d_out=24, r=4, dropout=0.25),
+    "lora_conv1d": dict(d_in=32, d_out=24, r=4, fan_in_fan_out=True),
+    "lora_sequence": dict(d_in=32, d_out=24, r=4, batch=3, seq=7),
+    "lora_everything": dict(d_in=40, d_out=36, r=8, batch=2, seq=5, bias=True, dropout=0.1,
+                            fan_in_fan_out=True, rslora=True),
+    "lora_bf16": dict(d_in=64, d_out=48, r=8, dtype="bf16"),
+    "lora_fp16": dict(d_in=64, d_out=48, r=8, dtype="fp16"),
+    "lora_fp64": dict(d_in=32, d_out=24, r=4, dtype="fp64"),
+    "dora_basic": dict(d_in=32, d_out=24, r=4, dora=True),
+    "dora_full_norm_gradient": dict(d_in=32, d_out=24, r=4, dora=True, detach_norm=False),
+    "dora_dropout_bias": dict(d_in=32, d_out=24, r=4, dora=True, dropout=0.2, bias=True),
+    "dora_conv1d": dict(d_in=32, d_out=24, r=4, dora=True, fan_in_fan_out=True),
+    "dora_bf16": dict(d_in=64, d_out=48, r=8, dora=True, dtype="bf16"),
+}
+
+
+def add_parser(sub):
+    oracle = sub.add_parser("oracle", help="gradient oracle: cases, references, comparisons")
+    osub = oracle.add_subparsers(dest="oracle_command", required=True)
+
+    p = osub.add_parser("case", help="write a test case (inputs and a cotangent)")
+    for name in ("--d-in", "--d-out", "--r"):
+        p.add_argument(name, type=int, required=True)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int)
+    p.add_argument("--alpha", type=float)
+    p.add_argument("--rslora", action="store_true")
+    p.add_argument("--dora", action="store_true")
+    p.add_argument("--full-norm-gradient", action="store_true",
+                   help="DoRA: gradient through the norm (detach_norm=False)")
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--bias", action="store_true")
+    p.add_argument("--fan-in-fan-out", action="store_true")
+    p.add_argument("--dtype", default="fp32", choices=list(PRECISIONS))
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("-o", "--output", required=True, help="CASE.npz or CASE.safetensors")
+    p.set_defaults(func=_case)
+
+    p = osub.add_parser("reference", help="write the float64 outputs and gradients of a case")
+    p.add_argument("case")
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=_reference)
+
+    p = osub.add_parser("compare", help="judge a candidate's outputs against the reference")
+    p.add_argument("case")
+    p.add_argument("candidate")
+    p.add_argument("--dtype", default="fp32", choices=list(PRECISIONS),
+                   help="the precision the candidate computes in")
+    p.add_argument("--accum-dtype", choices=list(PRECISIONS),
+                   help="the precision it accumulates in (default fp32; fp64 for fp64)")
+    p.add_argument("--json", metavar="REPORT", help="also write the report as JSON")
+    p.set_defaults(func=_compare)
+
+    p = osub.add_parser("vectors", help="write the standard suite of cases with references")
+    p.add_argument("--out", required=True, help="folder to write into (created if needed)")
+    p.add_argument("--format", choices=["npz", "safetensors"], default="npz")
+    p.set_defaults(func=_vectors)
+
+
+def run(args):
+    """Run an oracle subcommand; unusable input is exit code 2 with one line on stderr."""
+    try:
+        return args.func(args)
+    except (OracleInputError, ValueError, TypeError, OSError) as e:
+        print(f"minilora oracle: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _case(args):
+    case = make_case(d_in=args.d_in, d_out=args.d_out, r=args.r, batch=args.batch, seq=args.seq,
+                     alpha=args.alpha, rslora=args.rslora, dora=args.dora,
+                     dropout=args.dropout, bias=args.bias, fan_in_fan_out=args.fan_in_fan_out,
+                     detach_norm=not args.full_norm_gradient, dtype=args.dtype, seed=args.seed)
+    save_case(args.output, case)
+    print(f"wrote {args.output}: {', '.join(f'{k}{v.shape}' for k, v in case.tensors.items())}")
+    return 0
+
+
+def _reference(args):
+    ref = reference(load_case(args.case))
+    save_outputs(args.output, ref, {"dtype": "fp64"})
+    print(f"wrote {args.output}: {', '.join(f'{k}{v.shape}' for k, v in ref.items())}")
+    return 0
+
+
+def _compare(args):
+    case = load_case(args.case)
+    report = compare(case, load_outputs(args.candidate, case), dtype=args.dtype,
+                     accum_dtype=args.accum_dtype)
+    print(report)
+    if args.json:
+        write_atomic(args.json, report.to_json().encode())
+    return 0 if report.passed else 1
+
+
+def _vectors(args):
+    os.makedirs(args.out, exist_ok=True)
+    index = {}
+    for seed, (name, kwargs) in enumerate(VECTORS.items()):
+        case = make_case(seed=seed, **kwargs)
+        case_file, ref_file = f"{name}.case.{args.format}", f"{name}.reference.{args.format}"
+        save_case(os.path.join(args.out, case_file), case)
+        save_outputs(os.path.join(args.out, ref_file), reference(case), {"dtype": "fp64"})
+        index[name] = {"case": case_file, "reference": ref_file, "dtype": case.dtype,
+                       "options": {k: v for k, v in kwargs.items() if k != "dtype"}}
+    write_atomic(os.path.join(args.out, "index.json"), json.dumps(index, indent=2).encode())
+    print(f"wrote {len(index)} cases with references and index.json to {args.out}")
+    return 0

@@ -1,0 +1,66 @@
+"""Floating-point formats a candidate may compute in, and NumPy emulations of their rounding.
+
+    name  unit roundoff u   emulation (round to nearest, ties to even, on float32 bits)
+    bf16  2⁻⁸               keep the top 16 bits of a float32 (8 exponent, 7 mantissa bits)
+    fp16  2⁻¹¹              numpy.float16 (5 exponent, 10 mantissa bits; overflows past 65504)
+    tf32  2⁻¹¹              keep 10 mantissa bits of a float32 (the exponent range of float32)
+    fp32  2⁻²⁴              numpy.float32
+    fp64  2⁻⁵³              numpy.float64
+
+A candidate "computes in bf16" when its inputs and stored intermediates are bf16; its dot
+products accumulate in the accumulation format (fp32 by default for bf16, fp16 and tf32, as
+tensor cores and CPU kernels do).
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def _round_mantissa(a, drop_bits):
+    """Round float32 values to ``23 − drop_bits`` mantissa bits, nearest-even, in float32."""
+    a = np.asarray(a, dtype=np.float32)
+    bits = a.view(np.uint32).astype(np.uint64)
+    half = np.uint64(1 << (drop_bits - 1)) - np.uint64(1)
+    lsb = (bits >> np.uint64(drop_bits)) & np.uint64(1)
+    rounded = ((bits + half + lsb) >> np.uint64(drop_bits)) << np.uint64(drop_bits)
+    out = rounded.astype(np.uint32).view(np.float32)
+    return np.where(np.isfinite(a), out, a)  # NaN and inf pass through unchanged
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str
+    u: float  # unit roundoff
+
+    def round(self, a):
+        """``a`` rounded to this format, returned as float32 (float64 for fp64)."""
+        a = np.asarray(a)
+        if self.name == "fp64":
+            return a.astype(np.float64)
+        if self.name == "fp32":
+            return a.astype(np.float32)
+        if self.name == "fp16":
+            with np.errstate(over="ignore"):
+                return a.astype(np.float16).astype(np.float32)
+        return _round_mantissa(a, 16 if self.name == "bf16" else 13)
+
+    @property
+    def numpy_dtype(self):
+        """The NumPy dtype that holds this format's values exactly."""
+        return np.dtype(np.float64 if self.name == "fp64" else np.float32)
+
+
+PRECISIONS = {p.name: p for p in (Precision("bf16", 2.0**-8), Precision("fp16", 2.0**-11),
+                                  Precision("tf32", 2.0**-11), Precision("fp32", 2.0**-24),
+                                  Precision("fp64", 2.0**-53))}
+DEFAULT_ACCUMULATION = {"bf16": "fp32", "fp16": "fp32", "tf32": "fp32", "fp32": "fp32",
+                        "fp64": "fp64"}
+
+
+def precision(name):
+    """The Precision called ``name``, or a ValueError listing the known ones."""
+    try:
+        return PRECISIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown precision {name!r}; known: {', '.join(PRECISIONS)}") from None

@@ -1,0 +1,206 @@
+"""The gradient oracle: the CLI's exit codes, hostile files, the tolerance model (honest
+candidates pass at every precision, planted bugs fail), files and vectors."""
+
+import json
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+import minilora as ml
+from minilora import oracle
+from minilora.cli import main
+from minilora.oracle.cases import Case, evaluate
+from minilora.oracle.precision import PRECISIONS, precision
+
+
+def honest(case, dtype, backend="numba"):
+    """A correct candidate at ``dtype``: inputs rounded, fp32 (fp64) arithmetic, outputs rounded.
+    It runs minilora's numba backend, a different summation order from the oracle's baseline."""
+    prec = precision(dtype)
+    work = np.float64 if dtype == "fp64" else np.float32
+    rounded = {k: prec.round(v).astype(work) for k, v in case.tensors.items()}
+    out = evaluate(Case(rounded, case.scaling, case.fan_in_fan_out, case.detach_norm, dtype),
+                   backend=backend)
+    return {k: prec.round(v).astype(np.float64) for k, v in out.items()}
+
+
+OPTIONS = [dict(), dict(bias=True, dropout=0.2), dict(fan_in_fan_out=True, rslora=True, seq=3),
+           dict(dora=True), dict(dora=True, detach_norm=False, dropout=0.1, bias=True)]
+
+
+@pytest.mark.parametrize("dtype", list(PRECISIONS))
+@pytest.mark.parametrize("options", OPTIONS)
+def test_honest_candidates_pass_and_planted_bugs_fail(dtype, options):
+    for seed in range(3):
+        case = oracle.make_case(d_in=24, d_out=20, r=4, batch=5, dtype=dtype, seed=seed,
+                                **options)
+        good = honest(case, dtype)
+        report = oracle.compare(case, good, dtype=dtype)
+        assert report.passed, str(report)
+        for name in good:
+            halved = {**good, name: good[name] * 0.5}
+            verdict = {t.name: t for t in oracle.compare(case, halved, dtype=dtype).tensors}
+            assert not verdict[name].passed and abs(verdict[name].scale_ratio - 0.5) < 0.01
+        one_off = {**good, "dx": good["dx"].copy()}
+        one_off["dx"].flat[3] += 0.2 * np.max(np.abs(good["dx"]))
+        assert not oracle.compare(case, one_off, dtype=dtype).passed
+
+
+def test_fp32_candidate_judged_as_bf16_passes_but_bf16_judged_as_fp32_fails():
+    case = oracle.make_case(d_in=64, d_out=48, r=8, dtype="bf16", seed=1)
+    bf16 = honest(case, "bf16")
+    assert oracle.compare(case, bf16, dtype="bf16").passed
+    assert not oracle.compare(case, bf16, dtype="fp32").passed
+    assert oracle.compare(case, honest(case, "fp32"), dtype="bf16").passed
+
+
+def test_nan_is_a_mismatch_that_says_non_finite():
+    case = oracle.make_case(d_in=8, d_out=6, r=2, seed=0)
+    out = oracle.reference(case)
+    out["dB"][1, 1] = np.nan
+    report = oracle.compare(case, out)
+    (dB,) = [t for t in report.tensors if t.name == "dB"]
+    assert not report.passed and dB.nonfinite == 1 and "non-finite" in dB.reasons[0]
+
+
+def test_cosine_is_reported_but_a_scale_bug_fails():
+    case = oracle.make_case(d_in=8, d_out=6, r=2, seed=0)
+    out = oracle.reference(case)
+    out["y"] = out["y"] * 0.5
+    (y,) = [t for t in oracle.compare(case, out).tensors if t.name == "y"]
+    assert not y.passed and y.cosine == pytest.approx(1.0) and y.scale_ratio == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("ext", ["npz", "safetensors"])
+def test_cli_round_trip_and_exit_codes(tmp_path, capsys, ext):
+    case, ref, bad = (str(tmp_path / f"{n}.{ext}") for n in ("case", "ref", "bad"))
+    assert main(["oracle", "case", "--d-in", "12", "--d-out", "8", "--r", "3", "--dora",
+                 "--bias", "--dropout", "0.25", "--seq", "2", "--seed", "5", "-o", case]) == 0
+    assert main(["oracle", "reference", case, "-o", ref]) == 0
+    report = str(tmp_path / "report.json")
+    assert main(["oracle", "compare", case, ref, "--json", report]) == 0
+    assert json.loads((tmp_path / "report.json").read_text())["passed"] is True
+    outputs = oracle.load_outputs(ref, oracle.load_case(case))
+    outputs["dm"] = outputs["dm"] * 1.01
+    oracle.save_outputs(bad, outputs)
+    capsys.readouterr()
+    assert main(["oracle", "compare", case, bad]) == 1
+    assert "dm" in capsys.readouterr().out
+
+
+def _write(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+@pytest.mark.parametrize("hostile", ["truncated", "garbage", "missing", "wrong_shape",
+                                     "pickle", "empty", "unknown_tensor", "nonexistent",
+                                     "bad_header", "bad_offsets", "int_dtype"])
+def test_hostile_files_exit_2_with_one_line(tmp_path, capsys, hostile):
+    case_path = str(tmp_path / "case.npz")
+    main(["oracle", "case", "--d-in", "6", "--d-out", "4", "--r", "2", "--seed", "0",
+          "-o", case_path])
+    ref_path = str(tmp_path / "ref.safetensors")
+    main(["oracle", "reference", case_path, "-o", ref_path])
+    case = oracle.load_case(case_path)
+    target = str(tmp_path / "cand.npz")  # the candidate file, or the case file for "missing"
+    good = oracle.reference(case)
+    if hostile == "truncated":
+        target = str(tmp_path / "cand.safetensors")
+        _write(target, pathlib.Path(ref_path).read_bytes()[:-10])
+    elif hostile == "garbage":
+        _write(target, b"\x00not a zip at all" * 10)
+    elif hostile == "missing":  # a case without dy
+        tensors = dict(case.tensors)
+        del tensors["dy"]
+        np.savez(target, **tensors)
+        case_path, target = target, ref_path
+    elif hostile == "wrong_shape":
+        np.savez(target, dA=np.zeros((3, 3)))
+    elif hostile == "pickle":
+        np.save(str(tmp_path / "obj.npy"), np.array([{"a": 1}], dtype=object), allow_pickle=True)
+        import zipfile
+
+        with zipfile.ZipFile(target, "w") as z:
+            z.write(str(tmp_path / "obj.npy"), "dA.npy")
+    elif hostile == "empty":
+        np.savez(target)
+    elif hostile == "unknown_tensor":
+        np.savez(target, dQ=good["dA"])
+    elif hostile == "nonexistent":
+        target = str(tmp_path / "nope.npz")
+    elif hostile == "bad_header":
+        target = str(tmp_path / "cand.safetensors")
+        _write(target, (20).to_bytes(8, "little") + b"{not json at all!!}")
+    elif hostile == "bad_offsets":
+        target = str(tmp_path / "cand.safetensors")
+        header = b'{"dA":{"dtype":"F32","shape":[2,6],"data_offsets":[0,4000]}}'
+        _write(target, len(header).to_bytes(8, "little") + header + b"\x00" * 48)
+    elif hostile == "int_dtype":
+        np.savez(target, dA=np.zeros((2, 6), dtype=np.int64))
+    capsys.readouterr()
+    assert main(["oracle", "compare", case_path, target]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("minilora oracle: error:") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+
+
+def test_outputs_are_written_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "case.npz"
+    main(["oracle", "case", "--d-in", "6", "--d-out", "4", "--r", "2", "--seed", "0",
+          "-o", str(path)])
+    before = path.read_bytes()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    assert main(["oracle", "case", "--d-in", "9", "--d-out", "4", "--r", "2", "--seed", "1",
+                 "-o", str(path)]) == 2
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["case.npz"]  # no temporary left behind
+
+
+def test_vectors_suite(tmp_path):
+    assert main(["oracle", "vectors", "--out", str(tmp_path)]) == 0
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert len(index) >= 15
+    for entry in index.values():
+        case = oracle.load_case(str(tmp_path / entry["case"]))
+        ref = oracle.load_outputs(str(tmp_path / entry["reference"]), case)
+        for name, value in oracle.reference(case).items():
+            np.testing.assert_array_equal(ref[name], value)
+
+
+def test_bf16_safetensors_candidates_are_widened(tmp_path):
+    case = oracle.make_case(d_in=16, d_out=8, r=2, dtype="bf16", seed=3)
+    out = honest(case, "bf16")
+    # Write bf16 by hand: the high 16 bits of each float32.
+    import struct
+
+    header, body, offset = {}, b"", 0
+    for name, value in out.items():
+        raw = (value.astype(np.float32).view(np.uint32) >> 16).astype("<u2").tobytes()
+        header[name] = {"dtype": "BF16", "shape": list(value.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        body += raw
+        offset += len(raw)
+    head = json.dumps(header).encode()
+    path = tmp_path / "cand.safetensors"
+    path.write_bytes(struct.pack("<Q", len(head)) + head + body)
+    loaded = oracle.load_outputs(str(path), case)
+    for name in out:
+        np.testing.assert_array_equal(loaded[name], out[name])
+    assert oracle.compare(case, loaded, dtype="bf16").passed
+
+
+def test_python_api_as_in_the_contract(tmp_path):
+    case = oracle.make_case(d_in=10, d_out=7, r=3, seed=9)
+    oracle.save_case(str(tmp_path / "c.safetensors"), case)
+    again = ml.oracle.load_case(str(tmp_path / "c.safetensors"))
+    for k, v in case.tensors.items():
+        np.testing.assert_array_equal(again.tensors[k], v)
+    assert again.scaling == case.scaling
+    assert ml.oracle.compare(again, ml.oracle.reference(again), dtype="fp64").passed
