@@ -17,9 +17,23 @@ def _bench(args):
     return 0
 
 
+def _demo(args):
+    from minilora import demo
+
+    return demo.main(args)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="minilora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="pretrain an MLP, then adapt it to a shifted task by full "
+                       "fine-tuning and by LoRA, and compare")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--r", type=int, default=8, help="LoRA rank (alpha = 2r)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", metavar="PATH", help="write loss and accuracy curves (matplotlib)")
+    p.add_argument("--json", metavar="PATH", help="write the summary as JSON")
+    p.set_defaults(func=_demo)
     p = sub.add_parser("gradcheck", help="check every gradient of minilora's ops against finite "
                        "differences and print a table")
     p.set_defaults(func=_gradcheck)

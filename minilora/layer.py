@@ -18,9 +18,10 @@ from minilora.functional import (
     lora_scaling,
 )
 from minilora.init import init_lora, kaiming_uniform
+from minilora.modules import Module
 
 
-class LoRALinear:
+class LoRALinear(Module):
     """A linear layer with a frozen weight W and a trainable low-rank update s·B A.
 
     y = x Wᵀ + bias + s · (dropout(x) Aᵀ) Bᵀ, with s = alpha/r (alpha/√r for rsLoRA).
@@ -110,33 +111,19 @@ class LoRALinear:
                              f"got {bias_value.shape}")
         return np.array(bias_value, dtype=self.dtype)
 
-    # -- parameters and modes -------------------------------------------------------------------
+    # -- parameters (zero_grad, train, eval and num_parameters come from Module) ----------------
 
-    def parameters(self):
+    @property
+    def params(self):
         """The trainable arrays by name (the layer's own arrays: update them in place)."""
         params = {"A": self.A, "B": self.B}
         if self.m is not None:
             params["m"] = self.m
         return params
 
-    def zero_grad(self):
-        for g in self.grads.values():
-            g.fill(0)
-
-    def train(self, mode=True):
-        """Training mode: dropout is applied to the LoRA branch. Returns the layer."""
-        self.training = bool(mode)
-        return self
-
-    def eval(self):
-        """Evaluation mode: no dropout. Returns the layer."""
-        return self.train(False)
-
-    def num_parameters(self):
-        """``(trainable, frozen)`` parameter counts."""
-        trainable = sum(p.size for p in self.parameters().values())
-        frozen = self.W.size + (0 if self.bias is None else self.bias.size)
-        return trainable, frozen
+    @property
+    def frozen(self):
+        return {"W": self.W} if self.bias is None else {"W": self.W, "bias": self.bias}
 
     # -- forward and backward -------------------------------------------------------------------
 
@@ -160,8 +147,6 @@ class LoRALinear:
         else:
             y, self._cache = lora_forward(x, self.W, self.A, self.B, **common)
         return y
-
-    __call__ = forward
 
     def backward(self, dy):
         """Backpropagate dy (..., d_out) through the last forward pass; returns dx (..., d_in).

@@ -1,0 +1,58 @@
+"""Saving and loading a model's trainable arrays (the adapters), as .npz or a PEFT folder.
+
+    save_trainable("adapters.npz", model)       # every array in model.parameters(), by name
+    load_trainable("adapters.npz", model)       # copies them back in place, checking names/shapes
+    save_peft("out/", model)                    # the LoRALinear layers as a PEFT adapter folder
+"""
+
+import io
+
+import numpy as np
+
+from minilora._io import write_atomic
+from minilora.layer import LoRALinear
+
+
+def save_trainable(path, model):
+    """Write ``model.parameters()`` to an .npz file, atomically."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **model.parameters())
+    write_atomic(path, buffer.getvalue())
+
+
+def load_trainable(path, model):
+    """Copy the arrays of an .npz file into ``model.parameters()`` in place.
+
+    Every name must exist in the model with the same shape, and every trainable array of the
+    model must be in the file: a mismatch raises ValueError before anything is changed.
+    """
+    with np.load(path, allow_pickle=False) as z:
+        saved = {k: z[k] for k in z.files}
+    params = model.parameters()
+    if set(saved) != set(params):
+        missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+        raise ValueError(f"{path}: the file's arrays do not match the model's trainable ones "
+                         f"(missing {missing}, unexpected {extra})")
+    for name, value in saved.items():
+        if value.shape != params[name].shape:
+            raise ValueError(f"{path}: {name} has shape {value.shape}, the model's is "
+                             f"{params[name].shape}")
+    for name, value in saved.items():
+        params[name][...] = value
+
+
+def lora_layers(model, prefix=""):
+    """``{name: LoRALinear}`` for every LoRA layer in a model (Sequential names are indices)."""
+    if isinstance(model, LoRALinear):
+        return {prefix.rstrip(".") or "layer": model}
+    found = {}
+    for i, m in enumerate(getattr(model, "modules", [])):
+        found.update(lora_layers(m, f"{prefix}{i}."))
+    return found
+
+
+def save_peft(path, model):
+    """Write the model's LoRA layers as a PEFT adapter folder (see ``minilora.peft``)."""
+    from minilora.peft import save_adapter
+
+    save_adapter(path, lora_layers(model))
