@@ -173,18 +173,15 @@ def forward(x, W, A, B, scaling, bias, mask, fan_in_fan_out):
     y = x @ W if fan_in_fan_out else x @ W.T  # (N, d_out), BLAS
     if _is_small(N, d_in, d_out):
         return y, _forward_small(x, A, B, x.dtype.type(scaling), bias, mask, y)
-    sBt = np.ascontiguousarray((scaling * B).T)  # (r, d_out)
+    sBt = (scaling * B).T  # (r, d_out), a transposed view: BLAS reads it as it is
     if mask is None:
         h = x @ A.T  # (N, r)
     else:
         h = np.empty((N, r), x.dtype)  # (N, r)
-        for lo, hi in _blocks(N):
-            np.matmul(x[lo:hi] * mask[lo:hi], A.T, out=h[lo:hi])  # x_d Aᵀ, a block at a time
-    tmp = np.empty((min(N, ROW_BLOCK), d_out), x.dtype)  # (block, d_out), reused
-    for lo, hi in _blocks(N):
-        block = tmp[: hi - lo]
-        np.matmul(h[lo:hi], sBt, out=block)  # s·h Bᵀ
-        y[lo:hi] += block
+        for rows in _blocks(N):
+            h[rows] = (x[rows] * mask[rows]) @ A.T  # x_d Aᵀ, a block at a time
+    for rows in _blocks(N):
+        y[rows] += h[rows] @ sBt  # s·h Bᵀ, a (block, d_out) temporary in cache
     if bias is not None:
         y += bias
     return y, h
@@ -212,21 +209,17 @@ def backward(dy, x, W, A, B, scaling, mask, fan_in_fan_out, h, need_dx, need_dW,
         dA = g.T @ x  # (r, d_in)
     else:
         dA = np.zeros((r, d_in), x.dtype)
-        for lo, hi in _blocks(N):  # in block order: fixed bits
-            dA += g[lo:hi].T @ (x[lo:hi] * mask[lo:hi])  # gᵀ x_d
+        for rows in _blocks(N):  # in block order: fixed bits
+            dA += g[rows].T @ (x[rows] * mask[rows])  # gᵀ x_d
     dA *= scaling
     if need_dx:
         sg = scaling * g  # (N, r)
-        tmp = np.empty((min(N, ROW_BLOCK), d_in), x.dtype)  # (block, d_in), reused
-        for lo, hi in _blocks(N):
-            block = tmp[: hi - lo]
-            np.matmul(sg[lo:hi], A, out=block)  # (s·g) A
-            if mask is not None:
-                block *= mask[lo:hi]
-            dx[lo:hi] += block
+        for rows in _blocks(N):
+            lora_dx = sg[rows] @ A  # (block, d_in) (s·g) A, in cache
+            dx[rows] += lora_dx if mask is None else lora_dx * mask[rows]
     return dx, dA, dB, dW, dbias
 
 
 def _blocks(N):
-    """(lo, hi) row ranges of ``ROW_BLOCK`` rows."""
-    return ((lo, min(lo + ROW_BLOCK, N)) for lo in range(0, N, ROW_BLOCK))
+    """Slices of ``ROW_BLOCK`` rows covering N rows."""
+    return [slice(lo, lo + ROW_BLOCK) for lo in range(0, N, ROW_BLOCK)]
