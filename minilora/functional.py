@@ -37,13 +37,30 @@ def _backend_module(op, backend):
     return importlib.import_module(f"minilora.{op}_{backend}")
 
 
-def _flatten(x, dropout_mask, d_in):
-    """Fold leading dimensions: x (..., d_in) -> (N, d_in); the mask broadcast to the same."""
+def _prepare(x, W, A, B, m, scaling, bias, dropout_mask, fan_in_fan_out, backend):
+    """Validate a forward call's inputs once, resolve the backend and fold x's leading
+    dimensions: returns (scaling, d_out, backend, x (N, d_in), mask broadcast to (N, d_in))."""
+    scaling = check_scaling(scaling)
+    check_dtypes(x=x, W=W, A=A, B=B, m=m, bias=bias, dropout_mask=dropout_mask)
+    d_in, d_out, _ = check_layer_shapes(x, W, A, B, fan_in_fan_out=fan_in_fan_out, bias=bias,
+                                        dropout_mask=dropout_mask, m=m)
+    backend = resolve_backend(backend)
     x2 = x if x.ndim == 2 else x.reshape(-1, d_in)  # (N, d_in)
-    if dropout_mask is None:
-        return x2, None
-    mask2 = np.broadcast_to(dropout_mask, x.shape).reshape(-1, d_in)  # (N, d_in), may be a view
-    return x2, mask2
+    mask2 = None if dropout_mask is None else \
+        np.broadcast_to(dropout_mask, x.shape).reshape(-1, d_in)  # (N, d_in), may be a view
+    return scaling, d_out, backend, x2, mask2
+
+
+def _prepare_backward(dy, cache, cache_type, need_dbias):
+    """Check a backward call against its cache; returns dy as (N, d_out)."""
+    if not isinstance(cache, cache_type):
+        raise TypeError(f"cache must be the {cache_type.__name__} from the matching forward, "
+                        f"got {type(cache).__name__}")
+    d_out = cache.B.shape[0]
+    check_dy(dy, cache.x_shape[:-1] + (d_out,), cache.x.dtype)
+    if need_dbias and not cache.has_bias:
+        raise ValueError("need_dbias=True but the forward pass had no bias")
+    return dy if dy.ndim == 2 else dy.reshape(-1, d_out)  # (N, d_out)
 
 
 class LoRACache(NamedTuple):
@@ -98,13 +115,9 @@ def lora_forward(x, W, A, B, *, scaling, bias=None, dropout_mask=None, fan_in_fa
     -----
     y = x Wᵀ + bias + s · (x_d Aᵀ) Bᵀ,  x_d = x ⊙ dropout_mask.
     """
-    scaling = check_scaling(scaling)
-    check_dtypes(x=x, W=W, A=A, B=B, bias=bias, dropout_mask=dropout_mask)
-    d_in, d_out, _ = check_layer_shapes(x, W, A, B, fan_in_fan_out=fan_in_fan_out, bias=bias,
-                                        dropout_mask=dropout_mask)
-    backend = resolve_backend(backend)
+    scaling, d_out, backend, x2, mask2 = _prepare(x, W, A, B, None, scaling, bias, dropout_mask,
+                                                  fan_in_fan_out, backend)
     fan_in_fan_out = bool(fan_in_fan_out)
-    x2, mask2 = _flatten(x, dropout_mask, d_in)  # (N, d_in)
     y, h = _backend_module("lora", backend).forward(x2, W, A, B, scaling, bias, mask2,
                                                     fan_in_fan_out)
     cache = LoRACache(x2, W, A, B, scaling, mask2, h, fan_in_fan_out, x.shape, bias is not None,
@@ -132,14 +145,7 @@ def lora_backward(dy, cache, *, need_dx=True, need_dW=False, need_dbias=False):
         dB = s · dyᵀ h,   dA = s · gᵀ x_d,   dx = dy W + s · (g A) ⊙ mask,
         dW = dyᵀ x,       dbias = Σ_n dy.
     """
-    if not isinstance(cache, LoRACache):
-        raise TypeError(
-            f"cache must be the LoRACache from lora_forward, got {type(cache).__name__}")
-    d_out = cache.B.shape[0]
-    check_dy(dy, cache.x_shape[:-1] + (d_out,), cache.x.dtype)
-    if need_dbias and not cache.has_bias:
-        raise ValueError("need_dbias=True but the forward pass had no bias")
-    dy2 = dy if dy.ndim == 2 else dy.reshape(-1, d_out)  # (N, d_out)
+    dy2 = _prepare_backward(dy, cache, LoRACache, need_dbias)  # (N, d_out)
     dx, dA, dB, dW, dbias = _backend_module("lora", cache.backend).backward(
         dy2, cache.x, cache.W, cache.A, cache.B, cache.scaling, cache.mask, cache.fan_in_fan_out,
         cache.h, bool(need_dx), bool(need_dW), bool(need_dbias))
@@ -198,18 +204,14 @@ def dora_forward(x, W, A, B, m, *, scaling, bias=None, dropout_mask=None, fan_in
       = c ⊙ (x_d (W + s·B A)ᵀ) + (x − x_d) Wᵀ + bias.
     A row with W + s·B A = 0 gets c = 0 (see ``minilora.dora``), never NaN.
     """
-    scaling = check_scaling(scaling)
-    check_dtypes(x=x, W=W, A=A, B=B, m=m, bias=bias, dropout_mask=dropout_mask)
-    d_in, d_out, _ = check_layer_shapes(x, W, A, B, fan_in_fan_out=fan_in_fan_out, bias=bias,
-                                        dropout_mask=dropout_mask, m=m)
-    backend = resolve_backend(backend)
+    scaling, d_out, backend, x2, mask2 = _prepare(x, W, A, B, m, scaling, bias, dropout_mask,
+                                                  fan_in_fan_out, backend)
     fan_in_fan_out = bool(fan_in_fan_out)
-    x2, mask2 = _flatten(x, dropout_mask, d_in)  # (N, d_in)
     y, saved = dora.forward(_backend_module("lora", backend), x2, W, A, B, m, scaling, bias, mask2,
                             fan_in_fan_out)
     cache = DoRACache(x2, W, A, B, scaling, mask2, saved, fan_in_fan_out, bool(detach_norm),
                       x.shape, bias is not None, backend)
-    return y.reshape(x.shape[:-1] + (d_out,)), cache
+    return (y if x.ndim == 2 else y.reshape(x.shape[:-1] + (d_out,))), cache
 
 
 def dora_backward(dy, cache, *, need_dx=True, need_dW=False, need_dbias=False):
@@ -226,18 +228,11 @@ def dora_backward(dy, cache, *, need_dx=True, need_dW=False, need_dbias=False):
     upstream dy_c; dx = (dy_c W + s·(dy_c B) A) ⊙ mask + (dy W) ⊙ (1 − mask).
     With ``detach_norm=False`` the gradient through n is added (``minilora.dora``).
     """
-    if not isinstance(cache, DoRACache):
-        raise TypeError(
-            f"cache must be the DoRACache from dora_forward, got {type(cache).__name__}")
-    d_out = cache.B.shape[0]
-    check_dy(dy, cache.x_shape[:-1] + (d_out,), cache.x.dtype)
-    if need_dbias and not cache.has_bias:
-        raise ValueError("need_dbias=True but the forward pass had no bias")
-    dy2 = dy.reshape(-1, d_out)  # (N, d_out)
+    dy2 = _prepare_backward(dy, cache, DoRACache, need_dbias)  # (N, d_out)
     dx, dA, dB, dm, dW, dbias = dora.backward(
         _backend_module("lora", cache.backend), dy2, cache.x, cache.W, cache.A, cache.B,
         cache.scaling, cache.mask, cache.fan_in_fan_out, cache.saved, cache.detach_norm,
         bool(need_dx), bool(need_dW), bool(need_dbias))
-    if dx is not None:
+    if dx is not None and dx.shape != cache.x_shape:
         dx = dx.reshape(cache.x_shape)  # (..., d_in)
     return DoRAGrads(dx, dA, dB, dm, dW, dbias)

@@ -20,6 +20,20 @@ class FixedMask(torch.nn.Module):
         return x * self.mask
 
 
+def _wrapped(base):
+    """A model whose one submodule, "lin", is ``base``: what PEFT's target_modules can name."""
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = base
+
+        def forward(self, x):
+            return self.lin(x)
+
+    return Wrapper()
+
+
 def _peft_layer(d_in, d_out, r, *, use_dora, fifo, bias, rslora, seed):
     torch.manual_seed(seed)
     if fifo:
@@ -31,18 +45,10 @@ def _peft_layer(d_in, d_out, r, *, use_dora, fifo, bias, rslora, seed):
     else:
         base = torch.nn.Linear(d_in, d_out, bias=bias)
 
-    class Wrapper(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = base
-
-        def forward(self, x):
-            return self.lin(x)
-
     config = peft.LoraConfig(r=r, lora_alpha=5, target_modules=["lin"], use_dora=use_dora,
                              lora_dropout=0.1, fan_in_fan_out=fifo, use_rslora=rslora,
                              init_lora_weights=False)
-    model = peft.get_peft_model(Wrapper().double(), config).double()
+    model = peft.get_peft_model(_wrapped(base).double(), config).double()
     layer = model.base_model.model.lin
     with torch.no_grad():
         layer.lora_A["default"].weight.normal_()
@@ -135,16 +141,9 @@ def test_init_schemes_match_peft(init):
     base = torch.nn.Linear(d_in, d_out)  # PEFT factorises in float32 only
     W0 = base.weight.detach().numpy().astype(np.float64)
 
-    class Wrapper(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = base
-
-        def forward(self, x):
-            return self.lin(x)
-
-    model = peft.get_peft_model(Wrapper(), peft.LoraConfig(r=r, lora_alpha=6, target_modules=[
-        "lin"], init_lora_weights=init))
+    model = peft.get_peft_model(_wrapped(base), peft.LoraConfig(r=r, lora_alpha=6,
+                                                                 target_modules=["lin"],
+                                                                 init_lora_weights=init))
     layer = model.base_model.model.lin
     ours = ml.LoRALinear(d_in, d_out, r=r, alpha=6, init=init, weight=W0, dtype=np.float64)
     peft_BA = (layer.lora_B["default"].weight @ layer.lora_A["default"].weight).detach().numpy()
