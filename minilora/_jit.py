@@ -21,9 +21,7 @@ OPTIONS = dict(nogil=True, cache=True, fastmath=FASTMATH, error_model="numpy",
                boundscheck=False)
 
 
-def jit(fn=None, *, parallel=False):
-    """``numba.njit`` with minilora's options; ``parallel=True`` enables ``prange``."""
-    if fn is None:
-        return lambda f: jit(f, parallel=parallel)
-    return numba.njit(parallel=parallel, **OPTIONS)(fn)
+def jit(fn):
+    """``numba.njit`` with minilora's options (single-threaded: see above)."""
+    return numba.njit(**OPTIONS)(fn)
 
