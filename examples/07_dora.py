@@ -23,7 +23,7 @@ m = np.linalg.norm(W + s * B @ A, axis=1) * rng.uniform(0.5, 2.0, d_out)
 def make_pair(detach_norm):
     """DoRA through the NumPy reference (complex-step capable). The detached gradient is the
     derivative of the forward whose norms are computed once, at the point, and held fixed."""
-    frozen = dora.row_norms(W, A, B, s, False) if detach_norm else None
+    frozen = dora.row_norms(W, A, B, s, False)[0] if detach_norm else None
 
     def forward(x, W, A, B, m):
         y, saved = dora.forward(lora_numpy, x, W, A, B, m, s, None, None, False, frozen)

@@ -92,8 +92,8 @@ def forward(lora, x, W, A, B, m, scaling, bias, mask, fan_in_fan_out, norms=None
     x : (N, d_in), W : (d_out, d_in) or (d_in, d_out) with ``fan_in_fan_out``,
     A : (r, d_in), B : (d_out, r), m : (d_out,), scaling : float, bias : (d_out,) or None,
     mask : broadcast to (N, d_in) or None
-    norms : the ``row_norms`` result to use instead of computing it (for example from other A
-        and B: a finite-difference check of the detached gradient holds n fixed that way)
+    norms : (d_out,) row norms n to use instead of computing them (for example n at a fixed
+        point: a finite-difference check of the detached gradient holds n fixed that way)
 
     Returns
     -------
@@ -105,8 +105,10 @@ def forward(lora, x, W, A, B, m, scaling, bias, mask, fan_in_fan_out, norms=None
     y = c ⊙ u + (x − x_d) Wᵀ + bias with u = x_d Vᵀ and c = m / ‖V_j‖.
     """
     if norms is None:
-        norms = row_norms(W, A, B, scaling, fan_in_fan_out)
-    n, WA, AA, _ = norms  # (d_out,), (d_out, r), (r, r)
+        n, WA, AA, _ = row_norms(W, A, B, scaling, fan_in_fan_out)  # (d_out,), (d_out, r), (r, r)
+    else:
+        Wr = W.T if fan_in_fan_out else W  # (d_out, d_in) view
+        n, WA, AA = norms, Wr @ A.T, A @ A.T  # (d_out,), (d_out, r), (r, r)
     inv_n = inverse_norms(n)  # (d_out,)
     c = m * inv_n  # (d_out,)
     x_d = x if mask is None else x * mask  # (N, d_in)

@@ -183,7 +183,7 @@ class DoRAGrads(NamedTuple):
 
 
 def dora_forward(x, W, A, B, m, *, scaling, bias=None, dropout_mask=None, fan_in_fan_out=False,
-                 detach_norm=True, backend=None):
+                 detach_norm=True, backend=None, norms=None):
     """DoRA (weight-decomposed LoRA) layer, forward pass; PEFT's LoRA with ``use_dora=True``.
 
     Parameters
@@ -191,6 +191,9 @@ def dora_forward(x, W, A, B, m, *, scaling, bias=None, dropout_mask=None, fan_in
     x, W, A, B, scaling, bias, dropout_mask, fan_in_fan_out, backend : as in ``lora_forward``
     m : (d_out,) trainable magnitude
     detach_norm : bool, treat n as a constant in the backward pass (PEFT; DoRA paper §4.3)
+    norms : (d_out,) or None, row norms n to use instead of ‖W + s·B A‖. With detach_norm=True
+        the backward treats n as a constant anyway; passing n computed once at a point makes the
+        forward match that: how a finite-difference check of the detached gradient holds n fixed.
 
     Returns
     -------
@@ -206,9 +209,13 @@ def dora_forward(x, W, A, B, m, *, scaling, bias=None, dropout_mask=None, fan_in
     """
     scaling, d_out, backend, x2, mask2 = _prepare(x, W, A, B, m, scaling, bias, dropout_mask,
                                                   fan_in_fan_out, backend)
+    if norms is not None:
+        check_dtypes(m=m, norms=norms)
+        if norms.shape != (d_out,):
+            raise ValueError(f"norms must be (d_out,) = ({d_out},), got norms {norms.shape}")
     fan_in_fan_out = bool(fan_in_fan_out)
     y, saved = dora.forward(_backend_module("lora", backend), x2, W, A, B, m, scaling, bias, mask2,
-                            fan_in_fan_out)
+                            fan_in_fan_out, norms)
     cache = DoRACache(x2, W, A, B, scaling, mask2, saved, fan_in_fan_out, bool(detach_norm),
                       x.shape, bias is not None, backend)
     return (y if x.ndim == 2 else y.reshape(x.shape[:-1] + (d_out,))), cache

@@ -6,7 +6,14 @@ import itertools
 
 import numpy as np
 
-from minilora.functional import lora_backward, lora_forward, lora_scaling
+from minilora.dora import row_norms
+from minilora.functional import (
+    dora_backward,
+    dora_forward,
+    lora_backward,
+    lora_forward,
+    lora_scaling,
+)
 from minilora.gradcheck import gradcheck
 
 # (leading dims, d_in, d_out, r): a vector, a batch, a sequence batch, a zero batch, and ranks
@@ -21,11 +28,14 @@ OPTIONS = [  # (bias, dropout, fan_in_fan_out, rslora)
 ]
 
 
-def lora_rows(backends=("numpy", "numba"), seed=0):
-    """Yield one result dict per (backend, shape, options) for the LoRA pair."""
+OPS = ["lora", "dora", "dora-full"]  # DoRA with the norm detached (PEFT), then not
+
+
+def rows(backends=("numpy", "numba"), seed=0):
+    """Yield one result dict per (op, backend, shape, options)."""
     rng = np.random.default_rng(seed)
-    for backend, (lead, d_in, d_out, r), (bias, dropout, fifo, rslora) in itertools.product(
-            backends, SHAPES, OPTIONS):
+    for op, backend, (lead, d_in, d_out, r), (bias, dropout, fifo, rslora) in itertools.product(
+            OPS, backends, SHAPES, OPTIONS):
         scaling = lora_scaling(8, r, use_rslora=rslora)
         mask = ((rng.random(lead + (d_in,)) >= 0.25) / 0.75) if dropout else None
         inputs = dict(x=rng.standard_normal(lead + (d_in,)),
@@ -33,17 +43,26 @@ def lora_rows(backends=("numpy", "numba"), seed=0):
                       A=rng.standard_normal((r, d_in)), B=rng.standard_normal((d_out, r)))
         if bias:
             inputs["bias"] = rng.standard_normal(d_out)
+        kw = dict(scaling=scaling, dropout_mask=mask, fan_in_fan_out=fifo, backend=backend)
+        if op == "lora":
+            def forward(x, W, A, B, bias=None, kw=kw):
+                return lora_forward(x, W, A, B, bias=bias, **kw)
 
-        def forward(x, W, A, B, bias=None, mask=mask, fifo=fifo, scaling=scaling,
-                    backend=backend):
-            return lora_forward(x, W, A, B, scaling=scaling, bias=bias, dropout_mask=mask,
-                                fan_in_fan_out=fifo, backend=backend)
+            backward = functools.partial(lora_backward, need_dW=True, need_dbias=bias)
+        else:  # m: the row norms times factors in [0.5, 2], as after some training
+            n = row_norms(inputs["W"], inputs["A"], inputs["B"], scaling, fifo)[0]
+            inputs["m"] = n * rng.uniform(0.5, 2.0, d_out)
+            if op == "dora":  # the detached gradient: the derivative with n held fixed
+                kw["norms"] = n
 
-        backward = functools.partial(lora_backward, need_dW=True, need_dbias=bias)
+            def forward(x, W, A, B, m, bias=None, kw=kw, op=op):
+                return dora_forward(x, W, A, B, m, bias=bias, detach_norm=op == "dora", **kw)
+
+            backward = functools.partial(dora_backward, need_dW=True, need_dbias=bias)
         report = gradcheck(forward, backward, inputs, raise_on_failure=False)
         flags = [name for name, on in (("bias", bias), ("dropout", dropout),
                                        ("fan_in_fan_out", fifo), ("rslora", rslora)) if on]
-        yield {"op": "lora", "backend": backend,
+        yield {"op": op, "backend": backend,
                "config": f"x{lead + (d_in,)} {d_in}->{d_out} r={r} " + " ".join(flags),
                "checked": ",".join(c.name for c in report.inputs),
                "worst_rel_err": report.worst_rel_err, "passed": report.passed,
@@ -52,11 +71,11 @@ def lora_rows(backends=("numpy", "numba"), seed=0):
 
 def run(out=print):
     """Print the sweep as a table; return True when every row passed."""
-    out(f"{'op':<5} {'backend':<7} {'config':<52} {'wrt':<16} {'worst rel err':>13}  ok")
+    out(f"{'op':<9} {'backend':<7} {'config':<52} {'wrt':<18} {'worst rel err':>13}  ok")
     ok = True
-    for row in lora_rows():
+    for row in rows():
         ok &= row["passed"]
-        out(f"{row['op']:<5} {row['backend']:<7} {row['config']:<52} {row['checked']:<16} "
+        out(f"{row['op']:<9} {row['backend']:<7} {row['config']:<52} {row['checked']:<18} "
             f"{row['worst_rel_err']:>13.2e}  {'yes' if row['passed'] else 'NO'}")
         if row["detail"]:
             out(row["detail"])

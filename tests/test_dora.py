@@ -41,19 +41,13 @@ def test_full_gradient_matches_finite_differences(backend, case):
 @given(case=dora_cases(dtypes=(np.float64,), max_dim=8))
 def test_detached_gradient_is_the_derivative_with_n_held_fixed(backend, case):
     """detach_norm=True (PEFT): the derivative of the forward whose n is computed from the
-    point's own W, A, B and then held constant."""
+    point's own W, A, B and then held constant (the ``norms`` argument)."""
     kw = case.kwargs()
-    frozen = dora.row_norms(case.W, case.A, case.B, case.scaling, case.fan_in_fan_out)
-    mask = None if case.dropout_mask is None else \
-        np.broadcast_to(case.dropout_mask, case.x.shape).reshape(-1, case.x.shape[-1])
+    kw.pop("bias")
+    frozen = dora.row_norms(case.W, case.A, case.B, case.scaling, case.fan_in_fan_out)[0]
 
-    def forward(x, W, A, B, m, bias=None):  # the reference, n held at its value at the point
-        y, _ = dora.forward(lora_numpy, x.reshape(-1, x.shape[-1]), W, A, B, m, kw["scaling"],
-                            bias, mask, kw["fan_in_fan_out"], norms=frozen)
-        _, cache = ml.dora_forward(x, W, A, B, m, bias=bias, dropout_mask=kw["dropout_mask"],
-                                   scaling=kw["scaling"], fan_in_fan_out=kw["fan_in_fan_out"],
-                                   backend=backend)
-        return y.reshape(x.shape[:-1] + (B.shape[0],)), cache
+    def forward(x, W, A, B, m, bias=None):
+        return ml.dora_forward(x, W, A, B, m, bias=bias, norms=frozen, backend=backend, **kw)
 
     backward = functools.partial(ml.dora_backward, need_dW=True,
                                  need_dbias=case.bias is not None)
@@ -164,6 +158,8 @@ def test_bad_m_is_named():
     with pytest.raises(TypeError, match="m is float32"):
         ml.dora_forward(x, W, A, B, np.ones(3, np.float32), scaling=1.0)
     _, cache = ml.lora_forward(x, W, A, B, scaling=1.0)
+    with pytest.raises(ValueError, match=r"norms must be \(d_out,\) = \(3,\)"):
+        ml.dora_forward(x, W, A, B, np.ones(3), scaling=1.0, norms=np.ones(2))
     with pytest.raises(TypeError, match="DoRACache"):
         ml.dora_backward(np.zeros((2, 3)), cache)
 

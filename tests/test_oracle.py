@@ -204,3 +204,14 @@ def test_python_api_as_in_the_contract(tmp_path):
         np.testing.assert_array_equal(again.tensors[k], v)
     assert again.scaling == case.scaling
     assert ml.oracle.compare(again, ml.oracle.reference(again), dtype="fp64").passed
+
+
+def test_dtype_aliases_and_unknown_dtype(tmp_path, capsys):
+    path = str(tmp_path / "c.npz")
+    assert main(["oracle", "case", "--d-in", "4", "--d-out", "3", "--r", "1", "--dtype",
+                 "float64", "--seed", "0", "-o", path]) == 0
+    assert oracle.load_case(path).dtype == "fp64"
+    with pytest.raises(SystemExit) as e:
+        main(["oracle", "case", "--d-in", "4", "--d-out", "3", "--r", "1", "--dtype", "int8",
+              "--seed", "0", "-o", path])
+    assert e.value.code == 2 and "unknown precision 'int8'" in capsys.readouterr().err

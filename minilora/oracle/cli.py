@@ -5,6 +5,7 @@ Exit codes of ``compare``: 0 every tensor within tolerance, 1 a mismatch, 2 unus
 naming the problem, no traceback.
 """
 
+import argparse
 import json
 import os
 import sys
@@ -20,7 +21,7 @@ from minilora.oracle.cases import (
     save_outputs,
 )
 from minilora.oracle.judge import compare
-from minilora.oracle.precision import PRECISIONS
+from minilora.oracle.precision import PRECISIONS, precision
 
 # The standard suite written by ``oracle vectors``: every option on its own and some together.
 VECTORS = {
@@ -62,7 +63,7 @@ def add_parser(sub):
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--bias", action="store_true")
     p.add_argument("--fan-in-fan-out", action="store_true")
-    p.add_argument("--dtype", default="fp32", choices=list(PRECISIONS))
+    p.add_argument("--dtype", default="fp32", type=_precision_name, metavar="|".join(PRECISIONS))
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("-o", "--output", required=True, help="CASE.npz or CASE.safetensors")
     p.set_defaults(func=_case)
@@ -75,9 +76,9 @@ def add_parser(sub):
     p = osub.add_parser("compare", help="judge a candidate's outputs against the reference")
     p.add_argument("case")
     p.add_argument("candidate")
-    p.add_argument("--dtype", default="fp32", choices=list(PRECISIONS),
+    p.add_argument("--dtype", default="fp32", type=_precision_name, metavar="|".join(PRECISIONS),
                    help="the precision the candidate computes in")
-    p.add_argument("--accum-dtype", choices=list(PRECISIONS),
+    p.add_argument("--accum-dtype", type=_precision_name, metavar="|".join(PRECISIONS),
                    help="the precision it accumulates in (default fp32; fp64 for fp64)")
     p.add_argument("--json", metavar="REPORT", help="also write the report as JSON")
     p.set_defaults(func=_compare)
@@ -86,6 +87,14 @@ def add_parser(sub):
     p.add_argument("--out", required=True, help="folder to write into (created if needed)")
     p.add_argument("--format", choices=["npz", "safetensors"], default="npz")
     p.set_defaults(func=_vectors)
+
+
+def _precision_name(text):
+    """argparse type: a precision name or alias (float32 -> fp32), else a usage error."""
+    try:
+        return precision(text).name
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def run(args):

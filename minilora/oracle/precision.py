@@ -58,9 +58,13 @@ DEFAULT_ACCUMULATION = {"bf16": "fp32", "fp16": "fp32", "tf32": "fp32", "fp32": 
                         "fp64": "fp64"}
 
 
+ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32",
+           "float": "fp32", "float64": "fp64", "double": "fp64"}
+
+
 def precision(name):
-    """The Precision called ``name``, or a ValueError listing the known ones."""
+    """The Precision called ``name`` (or an alias such as float32), else a ValueError."""
     try:
-        return PRECISIONS[name]
+        return PRECISIONS[ALIASES.get(name, name)]
     except KeyError:
         raise ValueError(f"unknown precision {name!r}; known: {', '.join(PRECISIONS)}") from None
