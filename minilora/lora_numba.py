@@ -19,6 +19,16 @@ summation order) by one of two routes, chosen by size:
 
   With dropout, x_d = x ⊙ mask is formed one block at a time too.
 
+* **Large layers without dropout whose weight is small next to their activations**
+  (d_out·d_in ≤ N·(d_in + d_out)/8): x Wᵀ + s·(x Aᵀ) Bᵀ = x (W + s·B A)ᵀ, so each pass merges the
+  weight once (a (d_out, d_in) temporary, at most an eighth of y and dx) and does one large
+  product instead of a large product plus a low-rank update:
+
+      forward:   y  = x (W + s·B A)ᵀ;   h = x Aᵀ
+      backward:  dx = dy (W + s·B A);   g, dB, dA as above
+
+  With B = 0 the merged weight is W exactly, so a fresh adapter still gives the base layer's bits.
+
 Why not Numba kernels for the large low-rank work: measured on this project's 2-core machine
 (docs/performance.md), row-parallel Numba kernels for it ran at 1.47x the two-GEMM floor against
 1.24x for this route: Numba's loops vectorise at 256 bits where BLAS uses 512, and OpenBLAS's
@@ -167,9 +177,26 @@ def _is_small(N, d_in, d_out):
     return N * d_in * d_out <= SMALL_WORK
 
 
+def _merges(N, d_in, d_out, mask):
+    """Whether the pass takes the merged-weight route (see the module docstring)."""
+    return mask is None and 8 * d_in * d_out <= N * (d_in + d_out)
+
+
+def _merged_weight(W, A, B, scaling, fan_in_fan_out):
+    """W + s·B A as a new (d_out, d_in) array (one temporary of that size)."""
+    merged = (scaling * B) @ A  # (d_out, d_in)
+    merged += W.T if fan_in_fan_out else W
+    return merged
+
+
 def forward(x, W, A, B, scaling, bias, mask, fan_in_fan_out):
     """``lora_numpy.forward``: y (N, d_out) and h (N, r)."""
     N, (r, d_in), d_out = x.shape[0], A.shape, B.shape[0]
+    if _merges(N, d_in, d_out, mask) and not _is_small(N, d_in, d_out):
+        y = x @ _merged_weight(W, A, B, scaling, fan_in_fan_out).T  # (N, d_out), BLAS
+        if bias is not None:
+            y += bias
+        return y, x @ A.T  # h (N, r)
     y = x @ W if fan_in_fan_out else x @ W.T  # (N, d_out), BLAS
     if _is_small(N, d_in, d_out):
         return y, _forward_small(x, A, B, x.dtype.type(scaling), bias, mask, y)
@@ -195,8 +222,11 @@ def backward(dy, x, W, A, B, scaling, mask, fan_in_fan_out, h, need_dx, need_dW,
         dW = x.T @ dy if fan_in_fan_out else dy.T @ x  # W's layout
     if need_dbias:
         dbias = dy.sum(axis=0)  # (d_out,)
+    merges = _merges(N, d_in, d_out, mask) and not _is_small(N, d_in, d_out)
     dx = None
-    if need_dx:
+    if need_dx and merges:
+        dx = dy @ _merged_weight(W, A, B, scaling, fan_in_fan_out)  # (N, d_in), BLAS
+    elif need_dx:
         dx = dy @ W.T if fan_in_fan_out else dy @ W  # (N, d_in), BLAS
     if _is_small(N, d_in, d_out):
         dA, dB = _backward_small(dy, x, A, B, h, x.dtype.type(scaling), mask,
@@ -212,7 +242,7 @@ def backward(dy, x, W, A, B, scaling, mask, fan_in_fan_out, h, need_dx, need_dW,
         for rows in _blocks(N):  # in block order: fixed bits
             dA += g[rows].T @ (x[rows] * mask[rows])  # gᵀ x_d
     dA *= scaling
-    if need_dx:
+    if need_dx and not merges:
         sg = scaling * g  # (N, r)
         for rows in _blocks(N):
             lora_dx = sg[rows] @ A  # (block, d_in) (s·g) A, in cache

@@ -30,15 +30,15 @@ def _assert_close_to_reference(case, got, ref):
         assert np.all(err <= 2 * bounds[name]), (name, float(np.max(err - 2 * bounds[name])))
 
 
-@pytest.fixture(params=["fused", "blocked"])
+@pytest.fixture(params=["fused", "blocked", "merged"])
 def route(request, monkeypatch):
-    """Run a test through the fused small-layer kernels, then through the blocked BLAS route
-    (with 3-row blocks, so that drawn batches span several blocks and a partial last one)."""
-    if request.param == "fused":
-        monkeypatch.setattr(lora_numba, "SMALL_WORK", 1 << 62)
-    else:
-        monkeypatch.setattr(lora_numba, "SMALL_WORK", -1)
-        monkeypatch.setattr(lora_numba, "ROW_BLOCK", 3)
+    """Run a test through each route of the numba backend: the fused small-layer kernels, the
+    blocked BLAS route (3-row blocks, so that drawn batches span several blocks and a partial
+    last one) and the merged-weight route (taken without dropout only)."""
+    monkeypatch.setattr(lora_numba, "SMALL_WORK", 1 << 62 if request.param == "fused" else -1)
+    monkeypatch.setattr(lora_numba, "ROW_BLOCK", 3)
+    merge = request.param == "merged"
+    monkeypatch.setattr(lora_numba, "_merges", lambda N, d_in, d_out, mask: merge and mask is None)
     return request.param
 
 
@@ -64,11 +64,13 @@ def test_non_contiguous_and_fortran_inputs(route, case, order):
     _assert_close_to_reference(case, _run(case, "numba", x=x, W=W), _run(case, "numpy"))
 
 
-def test_large_batch_takes_the_blocked_route_and_matches():
-    """Default settings, shapes big enough for the BLAS route and several row blocks."""
+def test_large_batch_takes_the_blocked_and_merged_routes_and_matches():
+    """Default settings, shapes big enough for the BLAS routes and several row blocks: merged
+    without dropout (the weight is small next to the activations), blocked with it."""
     rng = np.random.default_rng(3)
     N, d_in, d_out, r = 1500, 96, 80, 6
     assert N * d_in * d_out > lora_numba.SMALL_WORK and N > 2 * lora_numba.ROW_BLOCK
+    assert lora_numba._merges(N, d_in, d_out, None)
     for mask in (None, ((rng.random((N, d_in)) > 0.2) / 0.8)):
         case = _Case(rng, N, d_in, d_out, r, mask)
         _assert_close_to_reference(case, _run(case, "numba"), _run(case, "numpy"))
