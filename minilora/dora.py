@@ -11,7 +11,7 @@ Regrouped, with u = x_d Vᵀ = x_d Wᵀ + s·(x_d Aᵀ) Bᵀ, the LoRA layer's o
 
 DoRA is LoRA on the dropped-out input, rescaled per output row, plus the frozen layer applied to
 what dropout removed (nothing, without dropout). So this module computes u and its gradients with
-the LoRA backend's own pair (``lora_numpy`` or the ``lora_numba`` kernels) and adds only
+the LoRA backend's own pair (``lora_numpy`` or ``lora_numba``) and adds only
 per-row work. docs/math.md derives the backward:
 
     dc = Σ_n dy ⊙ u,   dm = dc / n,   dy_c = c ⊙ dy
