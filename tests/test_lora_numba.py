@@ -111,3 +111,22 @@ def test_small_products_match_numpy(dtype):
         out = np.ones((7, 13), dtype)
         lora_numba._outer_acc(C, U, out)
         np.testing.assert_allclose(out, 1 + C.T @ U, **tol)
+
+
+def test_kernels_run_as_plain_python_with_jit_disabled():
+    """NUMBA_DISABLE_JIT=1 (documented for stepping through a kernel) gives the same results."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import numpy as np, minilora as ml; rng = np.random.default_rng(0); "
+            "x, W, A, B = (rng.standard_normal(s) for s in ((3, 5), (4, 5), (2, 5), (4, 2))); "
+            "mask = (rng.random((3, 5)) > 0.3) / 0.7; out = []\n"
+            "for be in ('numpy', 'numba'):\n"
+            "    y, c = ml.lora_forward(x, W, A, B, scaling=0.5, dropout_mask=mask, backend=be)\n"
+            "    g = ml.lora_backward(np.ones((3, 4)), c); out.append((y, g.dx, g.dA, g.dB))\n"
+            "print(max(float(np.abs(a - b).max()) for a, b in zip(*out)))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "NUMBA_DISABLE_JIT": "1"}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout) < 1e-12
