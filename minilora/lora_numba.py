@@ -178,8 +178,15 @@ def _is_small(N, d_in, d_out):
 
 
 def _merges(N, d_in, d_out, mask):
-    """Whether the pass takes the merged-weight route (see the module docstring)."""
+    """Whether a large pass can take the merged-weight route (see the module docstring)."""
     return mask is None and 8 * d_in * d_out <= N * (d_in + d_out)
+
+
+def _route(N, d_in, d_out, mask):
+    """"small", "merged" or "blocked": the route a pass takes (see the module docstring)."""
+    if _is_small(N, d_in, d_out):
+        return "small"
+    return "merged" if _merges(N, d_in, d_out, mask) else "blocked"
 
 
 def _merged_weight(W, A, B, scaling, fan_in_fan_out):
@@ -192,13 +199,14 @@ def _merged_weight(W, A, B, scaling, fan_in_fan_out):
 def forward(x, W, A, B, scaling, bias, mask, fan_in_fan_out):
     """``lora_numpy.forward``: y (N, d_out) and h (N, r)."""
     N, (r, d_in), d_out = x.shape[0], A.shape, B.shape[0]
-    if _merges(N, d_in, d_out, mask) and not _is_small(N, d_in, d_out):
+    route = _route(N, d_in, d_out, mask)
+    if route == "merged":
         y = x @ _merged_weight(W, A, B, scaling, fan_in_fan_out).T  # (N, d_out), BLAS
         if bias is not None:
             y += bias
         return y, x @ A.T  # h (N, r)
     y = x @ W if fan_in_fan_out else x @ W.T  # (N, d_out), BLAS
-    if _is_small(N, d_in, d_out):
+    if route == "small":
         return y, _forward_small(x, A, B, x.dtype.type(scaling), bias, mask, y)
     sBt = (scaling * B).T  # (r, d_out), a transposed view: BLAS reads it as it is
     if mask is None:
@@ -222,13 +230,13 @@ def backward(dy, x, W, A, B, scaling, mask, fan_in_fan_out, h, need_dx, need_dW,
         dW = x.T @ dy if fan_in_fan_out else dy.T @ x  # W's layout
     if need_dbias:
         dbias = dy.sum(axis=0)  # (d_out,)
-    merges = _merges(N, d_in, d_out, mask) and not _is_small(N, d_in, d_out)
+    route = _route(N, d_in, d_out, mask)
     dx = None
-    if need_dx and merges:
+    if need_dx and route == "merged":
         dx = dy @ _merged_weight(W, A, B, scaling, fan_in_fan_out)  # (N, d_in), BLAS
     elif need_dx:
         dx = dy @ W.T if fan_in_fan_out else dy @ W  # (N, d_in), BLAS
-    if _is_small(N, d_in, d_out):
+    if route == "small":
         dA, dB = _backward_small(dy, x, A, B, h, x.dtype.type(scaling), mask,
                                  dx if need_dx else np.empty((0, d_in), x.dtype))
         return dx, dA, dB, dW, dbias
@@ -242,7 +250,7 @@ def backward(dy, x, W, A, B, scaling, mask, fan_in_fan_out, h, need_dx, need_dW,
         for rows in _blocks(N):  # in block order: fixed bits
             dA += g[rows].T @ (x[rows] * mask[rows])  # gᵀ x_d
     dA *= scaling
-    if need_dx and not merges:
+    if need_dx and route == "blocked":
         sg = scaling * g  # (N, r)
         for rows in _blocks(N):
             lora_dx = sg[rows] @ A  # (block, d_in) (s·g) A, in cache
