@@ -3,6 +3,11 @@
 Every public op calls one function here before any arithmetic. Errors name the offending array
 and its shape or dtype: ``TypeError`` for types and dtypes, ``ValueError`` for shapes and values.
 Nothing here copies or modifies an input.
+
+Arrays must be plain ``numpy.ndarray``: subclasses change what the operators mean (``*`` is a
+matrix product for ``np.matrix``, a masked array's mask is ignored by ``@``), so they are refused
+with ``TypeError`` rather than converted (``np.asarray`` would silently drop a mask). The one
+exception is ``np.memmap``, whose arithmetic is ndarray's: it is taken as a plain view.
 """
 
 import math
@@ -12,28 +17,58 @@ import numpy as np
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def check_scaling(scaling):
-    """Return ``scaling`` as a Python float (so it never promotes float32 arrays to float64)."""
+def plain_array(a, name):
+    """``a`` as a plain ndarray (a memmap becomes a view of it); TypeError for anything else."""
+    if type(a) is np.ndarray:
+        return a
+    if isinstance(a, np.memmap):
+        return a.view(np.ndarray)
+    if isinstance(a, np.ndarray):
+        raise TypeError(f"{name} is a {type(a).__module__}.{type(a).__name__}, an ndarray "
+                        f"subclass whose operators differ from ndarray's; pass np.asarray({name}) "
+                        f"if that is what you mean")
+    raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
+
+
+def check_positive_int(value, name, *, minimum=1):
+    """Return ``value`` as an int: TypeError unless an integer (bool is not), ValueError below
+    ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"at least {minimum}"
+        raise ValueError(f"{name} must be {kind}, got {value}")
+    return int(value)
+
+
+def check_scaling(scaling, name="scaling"):
+    """Return ``scaling`` as a Python float (so it never promotes float32 arrays to float64):
+    TypeError unless a real number (bool is not), ValueError unless finite."""
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float, np.integer, np.floating)):
-        raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
-    s = float(scaling)
+        raise TypeError(f"{name} must be a real number, got {type(scaling).__name__}")
+    try:
+        s = float(scaling)
+    except OverflowError:  # an int beyond float's range
+        s = math.inf
     if not math.isfinite(s):
-        raise ValueError(f"scaling must be finite, got {s}")
+        raise ValueError(f"{name} must be finite, got {scaling!r}")
     return s
 
 
 def check_dtypes(**arrays):
-    """Check that every given array is an ndarray of one shared float dtype; return that dtype.
+    """Check that every given array is a plain ndarray of one shared float dtype; return
+    ``(dtype, arrays)`` with the arrays as plain ndarrays (see ``plain_array``).
 
-    ``None`` values (optional inputs that were not passed) are skipped.
+    ``None`` values (optional inputs that were not passed) are skipped and returned as None.
     """
     dtype = None
     first = None
+    plain = {}
     for name, a in arrays.items():
+        plain[name] = a
         if a is None:
             continue
-        if not isinstance(a, np.ndarray):
-            raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
+        a = plain[name] = plain_array(a, name)
         if a.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} has dtype {a.dtype}; minilora computes in float32 or float64")
         if dtype is None:
@@ -42,7 +77,7 @@ def check_dtypes(**arrays):
             raise TypeError(
                 f"all float inputs must share one dtype: {first} is {dtype} but {name} is {a.dtype}"
             )
-    return dtype
+    return dtype, plain
 
 
 def check_layer_shapes(x, W, A, B, *, fan_in_fan_out, bias=None, dropout_mask=None, m=None):
@@ -90,10 +125,11 @@ def check_layer_shapes(x, W, A, B, *, fan_in_fan_out, bias=None, dropout_mask=No
 
 
 def check_dy(dy, y_shape, dtype):
-    """Check the upstream gradient against the forward output's shape and dtype."""
-    if not isinstance(dy, np.ndarray):
-        raise TypeError(f"dy must be a numpy.ndarray, got {type(dy).__name__}")
+    """Check the upstream gradient against the forward output's shape and dtype; return it as a
+    plain ndarray."""
+    dy = plain_array(dy, "dy")
     if dy.dtype != dtype:
         raise TypeError(f"dy has dtype {dy.dtype} but the forward pass ran in {dtype}")
     if dy.shape != y_shape:
         raise ValueError(f"dy must have the shape of y {y_shape}, got dy {dy.shape}")
+    return dy

@@ -31,6 +31,8 @@ appears), so such a row outputs bias_j plus the dropout correction, its merged w
 (as c·V_j is for any finite c), and no NaN arises. PEFT divides by zero and returns NaN.
 """
 
+from typing import NamedTuple
+
 import numpy as np
 
 DIRECT_BLOCK = 64  # rows per block when norms are recomputed directly (see row_norms)
@@ -83,22 +85,35 @@ def inverse_norms(n):
     return np.where(nonzero, 1 / np.where(nonzero, n, 1), 0)  # (d_out,)
 
 
-def forward(lora, x, W, A, B, m, scaling, bias, mask, fan_in_fan_out, norms=None):
-    """DoRA forward on two-dimensional inputs, the LoRA part run by the ``lora`` backend module.
+class DoRASaved(NamedTuple):
+    """What ``backward`` needs from ``forward``, beside the inputs."""
+
+    u: np.ndarray  # (N, d_out) x_d Vᵀ, the LoRA output on x_d
+    h: np.ndarray  # (N, r) x_d Aᵀ
+    c: np.ndarray  # (d_out,) m / n
+    inv_n: np.ndarray  # (d_out,) 1 / n (0 where n = 0)
+    WA: np.ndarray | None  # (d_out, r) W Aᵀ, for the gradient through n (None with fixed norms)
+    AA: np.ndarray | None  # (r, r) A Aᵀ, likewise
+    x_d: np.ndarray  # (N, d_in) x ⊙ mask
+
+
+def forward(backend, x, W, A, B, m, scaling, bias, mask, fan_in_fan_out, norms=None):
+    """DoRA forward on two-dimensional inputs, the LoRA part run by the ``backend`` module.
 
     Parameters
     ----------
-    lora : module with ``forward``/``backward`` (``lora_numpy`` or ``lora_numba``)
+    backend : module with ``forward``/``backward`` (``lora_numpy`` or ``lora_numba``)
     x : (N, d_in), W : (d_out, d_in) or (d_in, d_out) with ``fan_in_fan_out``,
     A : (r, d_in), B : (d_out, r), m : (d_out,), scaling : float, bias : (d_out,) or None,
     mask : broadcast to (N, d_in) or None
     norms : (d_out,) row norms n to use instead of computing them (for example n at a fixed
-        point: a finite-difference check of the detached gradient holds n fixed that way)
+        point: a finite-difference check of the detached gradient holds n fixed that way); the
+        gradient through n is then not available (WA and AA are not computed)
 
     Returns
     -------
     y : (N, d_out)
-    saved : dict of what ``backward`` needs (u, h, c, 1/n, W Aᵀ, A Aᵀ, x_d)
+    saved : DoRASaved
 
     Notes
     -----
@@ -107,22 +122,21 @@ def forward(lora, x, W, A, B, m, scaling, bias, mask, fan_in_fan_out, norms=None
     if norms is None:
         n, WA, AA, _ = row_norms(W, A, B, scaling, fan_in_fan_out)  # (d_out,), (d_out, r), (r, r)
     else:
-        Wr = W.T if fan_in_fan_out else W  # (d_out, d_in) view
-        n, WA, AA = norms, Wr @ A.T, A @ A.T  # (d_out,), (d_out, r), (r, r)
+        n, WA, AA = norms, None, None  # (d_out,)
     inv_n = inverse_norms(n)  # (d_out,)
     c = m * inv_n  # (d_out,)
     x_d = x if mask is None else x * mask  # (N, d_in)
-    u, h = lora.forward(x_d, W, A, B, scaling, None, None, fan_in_fan_out)  # (N, d_out), (N, r)
+    u, h = backend.forward(x_d, W, A, B, scaling, None, None, fan_in_fan_out)  # (N, d_out), (N, r)
     y = c * u  # (N, d_out)
     if mask is not None:
         dropped = x - x_d  # (N, d_in), what dropout removed from the LoRA branch's input
         y = y + (dropped @ W if fan_in_fan_out else dropped @ W.T)  # (N, d_out)
     if bias is not None:
         y = y + bias  # (N, d_out)
-    return y, dict(u=u, h=h, c=c, inv_n=inv_n, WA=WA, AA=AA, x_d=x_d)
+    return y, DoRASaved(u, h, c, inv_n, WA, AA, x_d)
 
 
-def backward(lora, dy, x, W, A, B, scaling, mask, fan_in_fan_out, saved, detach_norm, need_dx,
+def backward(backend, dy, x, W, A, B, scaling, mask, fan_in_fan_out, saved, detach_norm, need_dx,
              need_dW, need_dbias):
     """DoRA backward on two-dimensional inputs (see the module docstring for the equations).
 
@@ -131,12 +145,12 @@ def backward(lora, dy, x, W, A, B, scaling, mask, fan_in_fan_out, saved, detach_
     dx (N, d_in) or None, dA (r, d_in), dB (d_out, r), dm (d_out,), dW (W's layout) or None,
     dbias (d_out,) or None
     """
-    u, c, inv_n, x_d = saved["u"], saved["c"], saved["inv_n"], saved["x_d"]
+    u, c, inv_n, x_d = saved.u, saved.c, saved.inv_n, saved.x_d
     dc = np.einsum("nj,nj->j", dy, u)  # (d_out,) Σ_n dy ⊙ u
     dm = dc * inv_n  # (d_out,)
     dy_c = c * dy  # (N, d_out)
-    du_dx, dA, dB, dW, _ = lora.backward(dy_c, x_d, W, A, B, scaling, None, fan_in_fan_out,
-                                         saved["h"], need_dx, need_dW, False)
+    du_dx, dA, dB, dW, _ = backend.backward(dy_c, x_d, W, A, B, scaling, None, fan_in_fan_out,
+                                            saved.h, need_dx, need_dW, False)
     dx = du_dx
     if mask is not None:
         if need_dx:
@@ -149,7 +163,7 @@ def backward(lora, dy, x, W, A, B, scaling, mask, fan_in_fan_out, saved, detach_
         w = -dc * c * inv_n * inv_n  # (d_out,) ∂L/∂n_j / n_j
         wB = w[:, None] * B  # (d_out, r)
         Wr = W.T if fan_in_fan_out else W  # (d_out, d_in) view
-        dB = dB + scaling * (w[:, None] * saved["WA"] + scaling * (wB @ saved["AA"]))  # (d_out, r)
+        dB = dB + scaling * (w[:, None] * saved.WA + scaling * (wB @ saved.AA))  # (d_out, r)
         dA = dA + scaling * (wB.T @ Wr + scaling * ((wB.T @ B) @ A))  # (r, d_in)
         if need_dW:
             dV = w[:, None] * Wr + scaling * (wB @ A)  # (d_out, d_in) diag(w) V

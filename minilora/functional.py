@@ -7,64 +7,139 @@ kernels; ``dora`` builds DoRA on either). Shapes: x (..., d_in), W (d_out, d_in)
 B (d_out, r), m (d_out,).
 """
 
-import functools
-import importlib
 import math
+import zlib
 from typing import NamedTuple
 
 import numpy as np
 
-from minilora import dora
-from minilora._checks import check_dtypes, check_dy, check_layer_shapes, check_scaling
+from minilora import dora, lora_numba, lora_numpy
+from minilora._checks import (
+    FLOAT_DTYPES,
+    check_dtypes,
+    check_dy,
+    check_layer_shapes,
+    check_positive_int,
+    check_scaling,
+)
 from minilora.backends import resolve_backend
+
+# The backend contract: each module has forward(x, W, A, B, scaling, bias, mask, fan_in_fan_out)
+# -> (y, h) and backward(dy, x, W, A, B, scaling, mask, fan_in_fan_out, h, need_dx, need_dW,
+# need_dbias) -> (dx, dA, dB, dW, dbias) on two-dimensional, validated arrays.
+BACKEND_MODULES = {"numpy": lora_numpy, "numba": lora_numba}
 
 
 def lora_scaling(alpha, r, *, use_rslora=False):
     """The LoRA scaling s: ``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA (Kalajdzievski, 2023).
 
     rsLoRA keeps the update's magnitude stable as r grows: with A and B of unit-variance entries,
-    ‖s·B A x‖ grows like sqrt(r), which alpha/sqrt(r) cancels.
+    ‖s·B A x‖ grows like sqrt(r), which alpha/sqrt(r) cancels. TypeError when r is not an integer
+    or alpha not a real number, ValueError when r < 1 or alpha is not finite.
     """
-    if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 1:
-        raise ValueError(f"r must be a positive integer, got {r!r}")
-    alpha = check_scaling(alpha)
+    r = check_positive_int(r, "r")
+    alpha = check_scaling(alpha, "alpha")
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-@functools.cache
-def _backend_module(op, backend):
-    """The module implementing ``op`` for a resolved backend name (``lora_numpy``, ...)."""
-    return importlib.import_module(f"minilora.{op}_{backend}")
+def _read_only_view(a):
+    """A new ndarray object over ``a``'s data that cannot be written through: what a cache
+    holds, so that reshaping or rebinding the caller's object cannot change what backward sees."""
+    if a is None:
+        return None
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
+def _checksum(a):
+    """CRC-32 of an array's bytes (``check_unchanged``): any change to the data changes it."""
+    return zlib.crc32(np.ascontiguousarray(a).view(np.uint8))
+
+
+def _fingerprints(cache):
+    """Checksums of every array the backward pass reads from ``cache``."""
+    return {name: _checksum(getattr(cache, name)) for name in ("x", "W", "A", "B", "mask")
+            if getattr(cache, name) is not None}
 
 
 def _prepare(x, W, A, B, m, scaling, bias, dropout_mask, fan_in_fan_out, backend):
     """Validate a forward call's inputs once, resolve the backend and fold x's leading
-    dimensions: returns (scaling, d_out, backend, x (N, d_in), mask broadcast to (N, d_in))."""
+    dimensions. Returns (scaling, d_out, backend name, arrays) with arrays a dict of read-only
+    views: x (N, d_in), W, A, B, m, bias, and the mask broadcast to (N, d_in)."""
     scaling = check_scaling(scaling)
-    check_dtypes(x=x, W=W, A=A, B=B, m=m, bias=bias, dropout_mask=dropout_mask)
-    d_in, d_out, _ = check_layer_shapes(x, W, A, B, fan_in_fan_out=fan_in_fan_out, bias=bias,
-                                        dropout_mask=dropout_mask, m=m)
+    _, arrays = check_dtypes(x=x, W=W, A=A, B=B, m=m, bias=bias, dropout_mask=dropout_mask)
+    x, mask = arrays["x"], arrays.pop("dropout_mask")
+    d_in, d_out, _ = check_layer_shapes(x, arrays["W"], arrays["A"], arrays["B"],
+                                        fan_in_fan_out=fan_in_fan_out, bias=arrays["bias"],
+                                        dropout_mask=mask, m=arrays["m"])
     backend = resolve_backend(backend)
-    x2 = x if x.ndim == 2 else x.reshape(-1, d_in)  # (N, d_in)
-    mask2 = None if dropout_mask is None else \
-        np.broadcast_to(dropout_mask, x.shape).reshape(-1, d_in)  # (N, d_in), may be a view
-    return scaling, d_out, backend, x2, mask2
+    views = {k: _read_only_view(v) for k, v in arrays.items()}
+    N = math.prod(x.shape[:-1])
+    views["x"] = _read_only_view(x.reshape(N, d_in))  # (N, d_in)
+    views["mask"] = None if mask is None else \
+        np.broadcast_to(mask, x.shape).reshape(N, d_in)  # (N, d_in), a read-only view or copy
+    if views["mask"] is not None and views["mask"].flags.writeable:
+        views["mask"].flags.writeable = False
+    return scaling, d_out, backend, views
 
 
-def _prepare_backward(dy, cache, cache_type, need_dbias):
-    """Check a backward call against its cache; returns dy as (N, d_out)."""
-    if not isinstance(cache, cache_type):
+def _check_cache(cache, cache_type, saved_fields=()):
+    """Check that a cache is the intact product of its forward pass, before any kernel reads it:
+    every array a plain ndarray of the forward's dtype and of the shape the others imply."""
+    if type(cache) is not cache_type:
         raise TypeError(f"cache must be the {cache_type.__name__} from the matching forward, "
                         f"got {type(cache).__name__}")
-    d_out = cache.B.shape[0]
-    check_dy(dy, cache.x_shape[:-1] + (d_out,), cache.x.dtype)
+    if saved_fields and type(cache.saved) is not DoRASaved:
+        raise TypeError(f"cache.saved must be a DoRASaved, got {type(cache.saved).__name__}")
+    arrays = {k: getattr(cache, k) for k in ("x", "W", "A", "B", "mask", "h")}
+    arrays.update({k: getattr(cache.saved, k) for k in saved_fields})
+    dtype = getattr(cache.x, "dtype", None)
+    for name, a in arrays.items():
+        if a is None and name in ("mask", "WA", "AA"):
+            continue
+        if type(a) is not np.ndarray or a.dtype != dtype or dtype not in FLOAT_DTYPES:
+            raise ValueError(f"cache.{name} is not a float32/float64 ndarray of the forward's "
+                             f"dtype: the cache was modified after the forward pass")
+    N, d_in = cache.x.shape if cache.x.ndim == 2 else (-1, -1)
+    r, d_out = cache.A.shape[0], cache.B.shape[0]
+    expected = {"x": (N, d_in), "A": (r, d_in), "B": (d_out, r),
+                "W": (d_in, d_out) if cache.fan_in_fan_out else (d_out, d_in),
+                "mask": (N, d_in), "h": (N, r), "u": (N, d_out), "c": (d_out,),
+                "inv_n": (d_out,), "x_d": (N, d_in), "WA": (d_out, r), "AA": (r, r)}
+    x_shape = cache.x_shape
+    ok_lead = (isinstance(x_shape, tuple) and len(x_shape) >= 1
+               and all(isinstance(n, int) and n >= 0 for n in x_shape)
+               and x_shape[-1] == d_in and math.prod(x_shape[:-1]) == N)
+    if N < 0 or not ok_lead or type(cache.fan_in_fan_out) is not bool \
+            or type(cache.has_bias) is not bool or cache.backend not in BACKEND_MODULES \
+            or type(cache.scaling) is not float or not math.isfinite(cache.scaling):
+        raise ValueError("the cache's shapes or options are inconsistent: it was modified after "
+                         "the forward pass")
+    for name, a in arrays.items():
+        if a is not None and a.shape != expected[name]:
+            raise ValueError(f"cache.{name} has shape {a.shape} where the forward pass made "
+                             f"{expected[name]}: the cache was modified after the forward pass")
+    if cache.fingerprints is not None and _fingerprints(cache) != cache.fingerprints:
+        changed = sorted(k for k, v in _fingerprints(cache).items()
+                         if cache.fingerprints.get(k) != v)
+        raise RuntimeError(f"{', '.join(changed)} changed in place between the forward and the "
+                           f"backward pass: the gradients would be those of the new values")
+    return d_out
+
+
+def _prepare_backward(dy, cache, cache_type, need_dbias, saved_fields=()):
+    """Check a backward call against its cache; returns dy as (N, d_out)."""
+    d_out = _check_cache(cache, cache_type, saved_fields)
+    dy = check_dy(dy, cache.x_shape[:-1] + (d_out,), cache.x.dtype)
     if need_dbias and not cache.has_bias:
         raise ValueError("need_dbias=True but the forward pass had no bias")
-    return dy if dy.ndim == 2 else dy.reshape(-1, d_out)  # (N, d_out)
+    return dy.reshape(-1, d_out)  # (N, d_out)
 
 
 class LoRACache(NamedTuple):
-    """What ``lora_backward`` needs from the forward pass (x and the mask as (N, d_in) views)."""
+    """What ``lora_backward`` needs from the forward pass: read-only views of the inputs (x and
+    the mask as (N, d_in)), so that nothing the caller does to its own objects reaches them."""
 
     x: np.ndarray  # (N, d_in)
     W: np.ndarray  # (d_out, d_in), or (d_in, d_out) when fan_in_fan_out
@@ -77,6 +152,7 @@ class LoRACache(NamedTuple):
     x_shape: tuple  # (..., d_in), the shape x came in
     has_bias: bool
     backend: str
+    fingerprints: dict | None = None  # checksums of x, W, A, B, mask (check_unchanged=True)
 
 
 class LoRAGrads(NamedTuple):
@@ -90,7 +166,7 @@ class LoRAGrads(NamedTuple):
 
 
 def lora_forward(x, W, A, B, *, scaling, bias=None, dropout_mask=None, fan_in_fan_out=False,
-                 backend=None):
+                 backend=None, check_unchanged=False):
     """LoRA linear layer, forward pass.
 
     Parameters
@@ -105,6 +181,9 @@ def lora_forward(x, W, A, B, *, scaling, bias=None, dropout_mask=None, fan_in_fa
         already scaled (0 or 1/(1-p) for inverted dropout).
     fan_in_fan_out : bool
     backend : "numpy", "numba" or None (see ``minilora.backends``)
+    check_unchanged : bool, record checksums of x, W, A, B and the mask, so that
+        ``lora_backward`` raises RuntimeError if any of them was changed in place in between
+        (costs two passes over those arrays' bytes)
 
     Returns
     -------
@@ -114,15 +193,21 @@ def lora_forward(x, W, A, B, *, scaling, bias=None, dropout_mask=None, fan_in_fa
     Notes
     -----
     y = x Wᵀ + bias + s · (x_d Aᵀ) Bᵀ,  x_d = x ⊙ dropout_mask.
+
+    The backward pass reads x, W, A, B and the mask from the cache (views, not copies): change
+    one of them in place between the passes and the gradients are those of the new values.
+    ``check_unchanged=True`` detects that; ``LoRALinear`` turns it on.
     """
-    scaling, d_out, backend, x2, mask2 = _prepare(x, W, A, B, None, scaling, bias, dropout_mask,
-                                                  fan_in_fan_out, backend)
+    scaling, d_out, backend, v = _prepare(x, W, A, B, None, scaling, bias, dropout_mask,
+                                          fan_in_fan_out, backend)
     fan_in_fan_out = bool(fan_in_fan_out)
-    y, h = _backend_module("lora", backend).forward(x2, W, A, B, scaling, bias, mask2,
-                                                    fan_in_fan_out)
-    cache = LoRACache(x2, W, A, B, scaling, mask2, h, fan_in_fan_out, x.shape, bias is not None,
-                      backend)
-    return (y if x.ndim == 2 else y.reshape(x.shape[:-1] + (d_out,))), cache
+    y, h = BACKEND_MODULES[backend].forward(v["x"], v["W"], v["A"], v["B"], scaling, v["bias"],
+                                            v["mask"], fan_in_fan_out)
+    cache = LoRACache(v["x"], v["W"], v["A"], v["B"], scaling, v["mask"], h, fan_in_fan_out,
+                      x.shape, bias is not None, backend)
+    if check_unchanged:
+        cache = cache._replace(fingerprints=_fingerprints(cache))
+    return y.reshape(x.shape[:-1] + (d_out,)), cache
 
 
 def lora_backward(dy, cache, *, need_dx=True, need_dW=False, need_dbias=False):
@@ -146,16 +231,19 @@ def lora_backward(dy, cache, *, need_dx=True, need_dW=False, need_dbias=False):
         dW = dyᵀ x,       dbias = Σ_n dy.
     """
     dy2 = _prepare_backward(dy, cache, LoRACache, need_dbias)  # (N, d_out)
-    dx, dA, dB, dW, dbias = _backend_module("lora", cache.backend).backward(
+    dx, dA, dB, dW, dbias = BACKEND_MODULES[cache.backend].backward(
         dy2, cache.x, cache.W, cache.A, cache.B, cache.scaling, cache.mask, cache.fan_in_fan_out,
         cache.h, bool(need_dx), bool(need_dW), bool(need_dbias))
-    if dx is not None and dx.shape != cache.x_shape:
+    if dx is not None:
         dx = dx.reshape(cache.x_shape)  # (..., d_in)
     return LoRAGrads(dx, dA, dB, dW, dbias)
 
 
+DoRASaved = dora.DoRASaved
+
+
 class DoRACache(NamedTuple):
-    """What ``dora_backward`` needs from the forward pass."""
+    """What ``dora_backward`` needs from the forward pass (read-only views, as ``LoRACache``)."""
 
     x: np.ndarray  # (N, d_in)
     W: np.ndarray  # (d_out, d_in), or (d_in, d_out) when fan_in_fan_out
@@ -163,12 +251,17 @@ class DoRACache(NamedTuple):
     B: np.ndarray  # (d_out, r)
     scaling: float
     mask: np.ndarray | None  # broadcast to (N, d_in), or None
-    saved: dict  # u (N, d_out), h (N, r), c (d_out,), inv_n (d_out,), WA, AA, x_d
+    saved: DoRASaved  # u (N, d_out), h (N, r), c, inv_n (d_out,), WA, AA, x_d (N, d_in)
     fan_in_fan_out: bool
     detach_norm: bool
     x_shape: tuple
     has_bias: bool
     backend: str
+    fingerprints: dict | None = None  # checksums of x, W, A, B, mask (check_unchanged=True)
+
+    @property
+    def h(self):
+        return self.saved.h
 
 
 class DoRAGrads(NamedTuple):
@@ -183,17 +276,20 @@ class DoRAGrads(NamedTuple):
 
 
 def dora_forward(x, W, A, B, m, *, scaling, bias=None, dropout_mask=None, fan_in_fan_out=False,
-                 detach_norm=True, backend=None, norms=None):
+                 detach_norm=True, backend=None, norms=None, check_unchanged=False):
     """DoRA (weight-decomposed LoRA) layer, forward pass; PEFT's LoRA with ``use_dora=True``.
 
     Parameters
     ----------
-    x, W, A, B, scaling, bias, dropout_mask, fan_in_fan_out, backend : as in ``lora_forward``
+    x, W, A, B, scaling, bias, dropout_mask, fan_in_fan_out, backend, check_unchanged : as in
+        ``lora_forward``
     m : (d_out,) trainable magnitude
     detach_norm : bool, treat n as a constant in the backward pass (PEFT; DoRA paper §4.3)
     norms : (d_out,) or None, row norms n to use instead of ‖W + s·B A‖. With detach_norm=True
         the backward treats n as a constant anyway; passing n computed once at a point makes the
         forward match that: how a finite-difference check of the detached gradient holds n fixed.
+        With detach_norm=False it is a ValueError (the gradient through n needs n to be
+        ‖W + s·B A‖).
 
     Returns
     -------
@@ -207,18 +303,25 @@ def dora_forward(x, W, A, B, m, *, scaling, bias=None, dropout_mask=None, fan_in
       = c ⊙ (x_d (W + s·B A)ᵀ) + (x − x_d) Wᵀ + bias.
     A row with W + s·B A = 0 gets c = 0 (see ``minilora.dora``), never NaN.
     """
-    scaling, d_out, backend, x2, mask2 = _prepare(x, W, A, B, m, scaling, bias, dropout_mask,
-                                                  fan_in_fan_out, backend)
+    scaling, d_out, backend, v = _prepare(x, W, A, B, m, scaling, bias, dropout_mask,
+                                          fan_in_fan_out, backend)
+    detach_norm = bool(detach_norm)
     if norms is not None:
-        check_dtypes(m=m, norms=norms)
+        if not detach_norm:
+            raise ValueError("norms= holds n fixed, which only the detached gradient allows: "
+                             "with detach_norm=False the gradient flows through n = ‖W + s·B A‖")
+        _, checked = check_dtypes(m=v["m"], norms=norms)
+        norms = checked["norms"]
         if norms.shape != (d_out,):
             raise ValueError(f"norms must be (d_out,) = ({d_out},), got norms {norms.shape}")
     fan_in_fan_out = bool(fan_in_fan_out)
-    y, saved = dora.forward(_backend_module("lora", backend), x2, W, A, B, m, scaling, bias, mask2,
-                            fan_in_fan_out, norms)
-    cache = DoRACache(x2, W, A, B, scaling, mask2, saved, fan_in_fan_out, bool(detach_norm),
-                      x.shape, bias is not None, backend)
-    return (y if x.ndim == 2 else y.reshape(x.shape[:-1] + (d_out,))), cache
+    y, saved = dora.forward(BACKEND_MODULES[backend], v["x"], v["W"], v["A"], v["B"], v["m"],
+                            scaling, v["bias"], v["mask"], fan_in_fan_out, norms)
+    cache = DoRACache(v["x"], v["W"], v["A"], v["B"], scaling, v["mask"], saved, fan_in_fan_out,
+                      detach_norm, x.shape, bias is not None, backend)
+    if check_unchanged:
+        cache = cache._replace(fingerprints=_fingerprints(cache))
+    return y.reshape(x.shape[:-1] + (d_out,)), cache
 
 
 def dora_backward(dy, cache, *, need_dx=True, need_dW=False, need_dbias=False):
@@ -235,11 +338,13 @@ def dora_backward(dy, cache, *, need_dx=True, need_dW=False, need_dbias=False):
     upstream dy_c; dx = (dy_c W + s·(dy_c B) A) ⊙ mask + (dy W) ⊙ (1 − mask).
     With ``detach_norm=False`` the gradient through n is added (``minilora.dora``).
     """
-    dy2 = _prepare_backward(dy, cache, DoRACache, need_dbias)  # (N, d_out)
+    dy2 = _prepare_backward(dy, cache, DoRACache, need_dbias, DoRASaved._fields)  # (N, d_out)
+    if type(cache.detach_norm) is not bool or (not cache.detach_norm and cache.saved.WA is None):
+        raise ValueError("the cache's detach_norm was modified after the forward pass")
     dx, dA, dB, dm, dW, dbias = dora.backward(
-        _backend_module("lora", cache.backend), dy2, cache.x, cache.W, cache.A, cache.B,
-        cache.scaling, cache.mask, cache.fan_in_fan_out, cache.saved, cache.detach_norm,
-        bool(need_dx), bool(need_dW), bool(need_dbias))
-    if dx is not None and dx.shape != cache.x_shape:
+        BACKEND_MODULES[cache.backend], dy2, cache.x, cache.W, cache.A, cache.B, cache.scaling,
+        cache.mask, cache.fan_in_fan_out, cache.saved, cache.detach_norm, bool(need_dx),
+        bool(need_dW), bool(need_dbias))
+    if dx is not None:
         dx = dx.reshape(cache.x_shape)  # (..., d_in)
     return DoRAGrads(dx, dA, dB, dm, dW, dbias)

@@ -1,7 +1,8 @@
 """LoRA linear layer, forward and backward, fast: ``backend="numba"``.
 
 Implements ``lora_numpy.forward`` and ``lora_numpy.backward`` (same arguments, same results up to
-summation order) by one of two routes, chosen by size:
+summation order, the same NaN and infinity wherever the reference has them) by one of three
+routes, chosen by size:
 
 * **Small layers** (N·d_in·d_out ≤ ``SMALL_WORK``, the examples' sizes): after the large product
   (BLAS, so that B = 0 gives exactly the base layer's bits), one fused Numba kernel does all the
@@ -28,12 +29,20 @@ summation order) by one of two routes, chosen by size:
       backward:  dx = dy (W + s·B A);   g, dB, dA as above
 
   With B = 0 the merged weight is W exactly, so a fresh adapter still gives the base layer's bits.
+  The merge changes where a NaN arises: the reference's s·(x_d Aᵀ) Bᵀ turns an infinite x into
+  NaN even where B = 0, the merged product leaves it infinite. So a pass merges only when the
+  merged weight and h = x Aᵀ (or g = dy B) are finite, which every non-finite value of x, W, A,
+  B or dy makes them not (a sum over a row or column it enters), and otherwise takes the blocked
+  route, which follows the reference's arithmetic. Two sums of h or g, O(N·r), decide it.
 
 Why not Numba kernels for the large low-rank work: measured on this project's 2-core machine
 (docs/performance.md), row-parallel Numba kernels for it ran at 1.47x the two-GEMM floor against
 1.24x for this route: Numba's loops vectorise at 256 bits where BLAS uses 512, and OpenBLAS's
 threads keep spinning for a while after each product, so two Numba threads right after a GEMM
 got no speed-up over one.
+
+Kernels check every shape they index on entry (raising ValueError): Numba's bounds checks are
+off, so a kernel trusts nothing it did not check itself.
 
 Every route adds in an order fixed by the shapes alone (rows in fixed blocks, the batch sums of
 dA and dB in fixed block order or inside one BLAS call), so results are bit-for-bit reproducible.
@@ -46,14 +55,16 @@ from minilora._jit import jit
 SMALL_WORK = 1 << 18  # N·d_in·d_out at or below which the fused kernels run
 ROW_BLOCK = 256  # rows per block of the large route's in-place updates
 
-# The three small products every kernel below is made of. Each handles four terms per pass over
-# its long axis, so a row in L1 is loaded and stored once per four multiply-adds, not once per one.
+# The three small products every kernel below is made of. The first two handle four rows of M
+# per pass over its long axis, so a row in L1 is loaded and stored once per four multiply-adds.
 
 
 @jit
 def _matvec_acc(u, M, out):
     """out[k] += Σ_i u[i]·M[k, i]:  out (K,), u (L,), M (K, L).  (out += M u)"""
     K, L = M.shape
+    if u.shape[0] != L or out.shape[0] != K:
+        raise ValueError("_matvec_acc: u must be (L,) and out (K,) for M (K, L)")
     K4 = K - K % 4
     for k in range(0, K4, 4):
         m0, m1, m2, m3 = M[k], M[k + 1], M[k + 2], M[k + 3]
@@ -75,6 +86,8 @@ def _matvec_acc(u, M, out):
 def _vecmat_acc(c, M, out):
     """out[i] += Σ_k c[k]·M[k, i]:  out (L,), c (K,), M (K, L).  (out += c M)"""
     K, L = M.shape
+    if c.shape[0] != K or out.shape[0] != L:
+        raise ValueError("_vecmat_acc: c must be (K,) and out (L,) for M (K, L)")
     K4 = K - K % 4
     for k in range(0, K4, 4):
         c0, c1, c2, c3 = c[k], c[k + 1], c[k + 2], c[k + 3]
@@ -88,23 +101,16 @@ def _vecmat_acc(c, M, out):
 
 
 @jit
-def _outer_acc(C, U, out):
-    """out[k, i] += Σ_m C[m, k]·U[m, i]:  out (K, L), C (R, K), U (R, L), R ≤ 4.  (out += Cᵀ U)"""
-    R, K = C.shape
-    L = U.shape[1]
+def _outer_acc(c, u, out):
+    """out[k, i] += c[k]·u[i]:  out (K, L), c (K,), u (L,).  (out += c ⊗ u, a rank-1 update)"""
+    K, L = out.shape
+    if c.shape[0] != K or u.shape[0] != L:
+        raise ValueError("_outer_acc: c must be (K,) and u (L,) for out (K, L)")
     for k in range(K):
+        ck = c[k]
         ok = out[k]
-        if R == 4:
-            c0, c1, c2, c3 = C[0, k], C[1, k], C[2, k], C[3, k]
-            u0, u1, u2, u3 = U[0], U[1], U[2], U[3]
-            for i in range(L):
-                ok[i] += c0 * u0[i] + c1 * u1[i] + c2 * u2[i] + c3 * u3[i]
-        else:
-            for m in range(R):
-                cm = C[m, k]
-                um = U[m]
-                for i in range(L):
-                    ok[i] += cm * um[i]
+        for i in range(L):
+            ok[i] += ck * u[i]
 
 
 @jit
@@ -115,7 +121,13 @@ def _forward_small(x, A, B, s, bias, mask, y):
     or None; y (N, d_out) holds x Wᵀ and gets h (s·Bᵀ) + bias added. Returns h = x_d Aᵀ (N, r).
     """
     N, d_in = x.shape
-    r = A.shape[0]
+    r, d_out = A.shape[0], B.shape[0]
+    if A.shape[1] != d_in or B.shape[1] != r or y.shape[0] != N or y.shape[1] != d_out:
+        raise ValueError("_forward_small: shapes of x, A, B, y disagree")
+    if bias is not None and bias.shape[0] != d_out:
+        raise ValueError("_forward_small: bias must be (d_out,)")
+    if mask is not None and (mask.shape[0] != N or mask.shape[1] != d_in):
+        raise ValueError("_forward_small: mask must be (N, d_in)")
     sBt = (s * B).T.copy()  # (r, d_out)
     h = np.zeros((N, r), x.dtype)  # (N, r)
     xd = np.empty(d_in, x.dtype)  # (d_in,) the row x_n ⊙ mask_n
@@ -142,30 +154,37 @@ def _backward_small(dy, x, A, B, h, s, mask, dx):
     """
     N, d_in = x.shape
     r, d_out = A.shape[0], B.shape[0]
+    if A.shape[1] != d_in or B.shape[1] != r or dy.shape[0] != N or dy.shape[1] != d_out \
+            or h.shape[0] != N or h.shape[1] != r:
+        raise ValueError("_backward_small: shapes of dy, x, A, B, h disagree")
+    if mask is not None and (mask.shape[0] != N or mask.shape[1] != d_in):
+        raise ValueError("_backward_small: mask must be (N, d_in)")
+    if dx.shape[1] != d_in or (dx.shape[0] != N and dx.shape[0] != 0):
+        raise ValueError("_backward_small: dx must be (N, d_in) or (0, d_in)")
     Bt = B.T.copy()  # (r, d_out)
     dBt = np.zeros((r, d_out), x.dtype)  # (r, d_out), dBᵀ / s
     dA = np.zeros((r, d_in), x.dtype)  # (r, d_in), dA / s
-    g = np.zeros((1, r), x.dtype)  # the row g_n = dy_n B
-    xd = np.empty((1, d_in), x.dtype)  # the row x_n ⊙ mask_n
+    g = np.zeros(r, x.dtype)  # (r,) the row g_n = dy_n B
+    xd = np.empty(d_in, x.dtype)  # (d_in,) the row x_n ⊙ mask_n
     t = np.empty(d_in, x.dtype)  # (d_in,) the row (s·g_n) A
     for n in range(N):
         g[:] = 0
-        _matvec_acc(dy[n], Bt, g[0])  # g_n = dy_n B
-        _outer_acc(h[n:n + 1], dy[n:n + 1], dBt)  # dBᵀ += h_n ⊗ dy_n
+        _matvec_acc(dy[n], Bt, g)  # g_n = dy_n B
+        _outer_acc(h[n], dy[n], dBt)  # dBᵀ += h_n ⊗ dy_n
         if mask is None:
-            _outer_acc(g, x[n:n + 1], dA)  # dA += g_n ⊗ x_n
+            _outer_acc(g, x[n], dA)  # dA += g_n ⊗ x_n
         else:
             for i in range(d_in):
-                xd[0, i] = x[n, i] * mask[n, i]
+                xd[i] = x[n, i] * mask[n, i]
             _outer_acc(g, xd, dA)  # dA += g_n ⊗ x_d,n
         if dx.shape[0] == 0:
             continue
         g *= s  # s·g_n
         if mask is None:
-            _vecmat_acc(g[0], A, dx[n])  # dx_n += (s·g_n) A
+            _vecmat_acc(g, A, dx[n])  # dx_n += (s·g_n) A
         else:
             t[:] = 0
-            _vecmat_acc(g[0], A, t)
+            _vecmat_acc(g, A, t)
             for i in range(d_in):
                 dx[n, i] += t[i] * mask[n, i]  # dx_n += ((s·g_n) A) ⊙ mask_n
     dA *= s
@@ -196,15 +215,25 @@ def _merged_weight(W, A, B, scaling, fan_in_fan_out):
     return merged
 
 
+def _finite(*arrays):
+    """Whether every entry is finite, by one sum each (an overflowing sum says no: that only
+    sends a pass to the blocked route, which is right for any input)."""
+    return all(np.isfinite(np.sum(a)) for a in arrays)
+
+
 def forward(x, W, A, B, scaling, bias, mask, fan_in_fan_out):
     """``lora_numpy.forward``: y (N, d_out) and h (N, r)."""
     N, (r, d_in), d_out = x.shape[0], A.shape, B.shape[0]
     route = _route(N, d_in, d_out, mask)
     if route == "merged":
-        y = x @ _merged_weight(W, A, B, scaling, fan_in_fan_out).T  # (N, d_out), BLAS
-        if bias is not None:
-            y += bias
-        return y, x @ A.T  # h (N, r)
+        h = x @ A.T  # (N, r)
+        merged = _merged_weight(W, A, B, scaling, fan_in_fan_out)  # (d_out, d_in)
+        if _finite(h, merged):
+            y = x @ merged.T  # (N, d_out), BLAS
+            if bias is not None:
+                y += bias
+            return y, h
+        del merged
     y = x @ W if fan_in_fan_out else x @ W.T  # (N, d_out), BLAS
     if route == "small":
         return y, _forward_small(x, A, B, x.dtype.type(scaling), bias, mask, y)
@@ -231,16 +260,22 @@ def backward(dy, x, W, A, B, scaling, mask, fan_in_fan_out, h, need_dx, need_dW,
     if need_dbias:
         dbias = dy.sum(axis=0)  # (d_out,)
     route = _route(N, d_in, d_out, mask)
-    dx = None
-    if need_dx and route == "merged":
-        dx = dy @ _merged_weight(W, A, B, scaling, fan_in_fan_out)  # (N, d_in), BLAS
-    elif need_dx:
-        dx = dy @ W.T if fan_in_fan_out else dy @ W  # (N, d_in), BLAS
     if route == "small":
+        dx = (dy @ W.T if fan_in_fan_out else dy @ W) if need_dx else None  # (N, d_in), BLAS
         dA, dB = _backward_small(dy, x, A, B, h, x.dtype.type(scaling), mask,
                                  dx if need_dx else np.empty((0, d_in), x.dtype))
         return dx, dA, dB, dW, dbias
     g = dy @ B  # (N, r)
+    dx = None
+    if need_dx and route == "merged":
+        merged = _merged_weight(W, A, B, scaling, fan_in_fan_out)  # (d_out, d_in)
+        if _finite(g, merged):
+            dx = dy @ merged  # (N, d_in), BLAS
+        else:
+            route = "blocked"  # the reference's NaN and infinities (see the module docstring)
+        del merged
+    if need_dx and dx is None:
+        dx = dy @ W.T if fan_in_fan_out else dy @ W  # (N, d_in), BLAS
     dB = dy.T @ h  # (d_out, r)
     dB *= scaling
     if mask is None:

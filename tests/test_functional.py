@@ -119,6 +119,13 @@ def test_scaling_alpha_over_r_and_rslora():
     assert ml.lora_scaling(16, 4, use_rslora=True) == 8.0
     with pytest.raises(ValueError, match="r must be a positive integer"):
         ml.lora_scaling(16, 0)
+    for r in (2.0, True, "4"):  # types are TypeErrors, values ValueErrors
+        with pytest.raises(TypeError, match="r must be an integer"):
+            ml.lora_scaling(16, r)
+    with pytest.raises(TypeError, match="alpha must be a real number"):
+        ml.lora_scaling("16", 4)
+    with pytest.raises(ValueError, match="alpha must be finite"):
+        ml.lora_scaling(float("nan"), 4)
 
 
 def _ok_inputs(dtype=np.float64):

@@ -1,5 +1,7 @@
 """The Numba kernels against the NumPy reference they implement."""
 
+import functools
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -106,11 +108,34 @@ def test_small_products_match_numpy(dtype):
     out = np.ones(13, dtype)
     lora_numba._vecmat_acc(c, M, out)
     np.testing.assert_allclose(out, 1 + c @ M, **tol)
-    for R in (1, 3, 4):
-        C, U = rng.standard_normal((R, 7)).astype(dtype), rng.standard_normal((R, 13)).astype(dtype)
-        out = np.ones((7, 13), dtype)
-        lora_numba._outer_acc(C, U, out)
-        np.testing.assert_allclose(out, 1 + C.T @ U, **tol)
+    out = np.ones((7, 13), dtype)
+    lora_numba._outer_acc(c, u, out)
+    np.testing.assert_allclose(out, 1 + np.outer(c, u), **tol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_every_kernel_refuses_shapes_it_would_index_out_of_bounds(dtype):
+    """Bounds checks are off in the kernels, so each checks the shapes it indexes on entry."""
+    z = functools.partial(np.zeros, dtype=dtype)
+    M = z((7, 13))
+    bad_calls = [
+        (lora_numba._matvec_acc, (z(12), M, z(7))), (lora_numba._matvec_acc, (z(13), M, z(6))),
+        (lora_numba._vecmat_acc, (z(6), M, z(13))), (lora_numba._vecmat_acc, (z(7), M, z(14))),
+        (lora_numba._outer_acc, (z(6), z(13), M)), (lora_numba._outer_acc, (z(7), z(12), M)),
+    ]
+    x, A, B, y, h = z((5, 4)), z((2, 4)), z((3, 2)), z((5, 3)), z((5, 2))
+    s = dtype(1.0)
+    for wrong in ({"x": z((5, 5))}, {"B": z((3, 3))}, {"y": z((6, 3))}, {"y": z((5, 2))},
+                  {"bias": z(2)}, {"mask": z((4, 4))}):
+        args = dict(x=x, A=A, B=B, s=s, bias=None, mask=None, y=y) | wrong
+        bad_calls.append((lora_numba._forward_small, tuple(args.values())))
+    for wrong in ({"dy": z((5, 4))}, {"h": z((4, 2))}, {"h": z((5, 1))}, {"dx": z((4, 4))},
+                  {"dx": z((5, 3))}, {"mask": z((5, 3))}, {"A": z((2, 3))}):
+        args = dict(dy=y, x=x, A=A, B=B, h=h, s=s, mask=None, dx=z((5, 4))) | wrong
+        bad_calls.append((lora_numba._backward_small, tuple(args.values())))
+    for kernel, args in bad_calls:
+        with pytest.raises(ValueError, match=kernel.__name__):
+            kernel(*args)
 
 
 def test_kernels_run_as_plain_python_with_jit_disabled():
