@@ -8,7 +8,7 @@ pass for ``backward``, and accumulates gradients in ``layer.grads``. There is no
 
 import numpy as np
 
-from minilora._checks import FLOAT_DTYPES
+from minilora._checks import FLOAT_DTYPES, check_positive_int, check_scaling
 from minilora.dora import inverse_norms, row_norms
 from minilora.functional import (
     dora_backward,
@@ -43,6 +43,10 @@ class LoRALinear(Module):
     dtype : numpy.float32 or numpy.float64
     seed : int or None, seeds the generator used for init and dropout masks
     backend : "numpy", "numba" or None (see ``minilora.backends``)
+    check_unchanged : bool, checksum x and the layer's arrays in ``forward`` and raise
+        RuntimeError in ``backward`` if any was changed in place in between (as PyTorch's
+        version counters do). Costs two passes over the bytes of x and W per step; turn it off
+        for speed once a training loop is known to be right.
 
     Attributes
     ----------
@@ -54,21 +58,22 @@ class LoRALinear(Module):
 
     def __init__(self, in_features, out_features, *, r=8, alpha=8, dropout=0.0, use_rslora=False,
                  use_dora=False, fan_in_fan_out=False, bias=True, init="default", weight=None,
-                 bias_value=None, dtype=np.float32, seed=None, backend=None):
+                 bias_value=None, dtype=np.float32, seed=None, backend=None,
+                 check_unchanged=True):
         dtype = np.dtype(dtype)
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-        for name, n in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-                raise ValueError(f"{name} must be a positive integer, got {n!r}")
-        if not 0.0 <= dropout <= 1.0:
+        self.in_features = check_positive_int(in_features, "in_features")
+        self.out_features = check_positive_int(out_features, "out_features")
+        self.dropout = check_scaling(dropout, "dropout")
+        if not 0.0 <= self.dropout <= 1.0:
             raise ValueError(f"dropout must be a probability in [0, 1], got {dropout}")
-        self.in_features, self.out_features = int(in_features), int(out_features)
-        self.r, self.alpha, self.dropout = r, alpha, float(dropout)
+        self.r, self.alpha = r, alpha
         self.use_rslora, self.use_dora = bool(use_rslora), bool(use_dora)
         self.fan_in_fan_out = bool(fan_in_fan_out)
         self.scaling = lora_scaling(alpha, r, use_rslora=use_rslora)
         self.dtype, self.backend = dtype, backend
+        self.check_unchanged = bool(check_unchanged)
         self.rng = np.random.default_rng(seed)
         self.training = True
         self._cache = None
@@ -141,7 +146,8 @@ class LoRALinear(Module):
         if self.training and self.dropout > 0.0 and isinstance(x, np.ndarray):
             mask = self.dropout_mask(x.shape)  # (..., d_in)
         common = dict(scaling=self.scaling, bias=self.bias, dropout_mask=mask,
-                      fan_in_fan_out=self.fan_in_fan_out, backend=self.backend)
+                      fan_in_fan_out=self.fan_in_fan_out, backend=self.backend,
+                      check_unchanged=self.check_unchanged)
         if self.use_dora:
             y, self._cache = dora_forward(x, self.W, self.A, self.B, self.m, **common)
         else:
@@ -152,6 +158,8 @@ class LoRALinear(Module):
         """Backpropagate dy (..., d_out) through the last forward pass; returns dx (..., d_in).
 
         Adds dA, dB (and dm) into ``self.grads``. Each forward pass can be backpropagated once.
+        RuntimeError if x, W, A or B was changed in place since the forward pass (with
+        ``check_unchanged``): the gradients would be those of the new values.
         """
         if self._cache is None:
             raise RuntimeError("backward() needs a forward() first (each forward is used once)")
