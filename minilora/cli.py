@@ -1,8 +1,72 @@
-"""The ``minilora`` command line: gradcheck, bench, oracle (and demo)."""
+"""The ``minilora`` command line: demo, gradcheck, bench, oracle.
+
+Every argument is checked before any work starts; a bad one, an unusable file or a failure to
+write ends the command with exit code 2 and one line on stderr, never a traceback.
+"""
 
 import argparse
+import math
+import os
 import sys
 
+
+class CommandError(Exception):
+    """A problem the user can fix, reported as one line and exit code 2."""
+
+
+# -- argument types: argparse turns their ArgumentTypeError into a usage error (exit 2) ---------
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def nonnegative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def finite_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def probability(text):
+    value = finite_float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def output_path(text):
+    """A file path whose folder exists and is writable, checked before the command runs (so a
+    long run is not lost at its end)."""
+    folder = os.path.dirname(os.path.abspath(text))
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a folder, not a file")
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"cannot write {text}: no folder {folder}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {folder} is not writable")
+    return text
+
+
+# -- the commands -----------------------------------------------------------------------------
 
 def _gradcheck(args):
     from minilora import selfcheck
@@ -20,19 +84,26 @@ def _bench(args):
 def _demo(args):
     from minilora import demo
 
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise CommandError("--plot needs matplotlib: pip install 'minilora[examples]'") \
+                from None
     return demo.main(args)
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="minilora", description=__doc__)
+    parser = argparse.ArgumentParser(prog="minilora", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="pretrain an MLP, then adapt it to a shifted task by full "
                        "fine-tuning and by LoRA, and compare")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--r", type=int, default=8, help="LoRA rank (alpha = 2r)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--plot", metavar="PATH", help="write loss and accuracy curves (matplotlib)")
-    p.add_argument("--json", metavar="PATH", help="write the summary as JSON")
+    p.add_argument("--epochs", type=positive_int, default=20)
+    p.add_argument("--r", type=positive_int, default=8, help="LoRA rank (alpha = 2r)")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--plot", metavar="PATH", type=output_path,
+                   help="write loss and accuracy curves (matplotlib)")
+    p.add_argument("--json", metavar="PATH", type=output_path, help="write the summary as JSON")
     p.set_defaults(func=_demo)
     p = sub.add_parser("gradcheck", help="check every gradient of minilora's ops against finite "
                        "differences and print a table")
@@ -41,7 +112,8 @@ def build_parser():
                        "numpy backend and (when installed) PyTorch + PEFT")
     p.add_argument("--quick", action="store_true", help="two small cases, few repeats")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch + PEFT")
-    p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    p.add_argument("--json", metavar="PATH", type=output_path,
+                   help="also write the figures as JSON")
     p.set_defaults(func=_bench)
     from minilora.oracle import cli as oracle_cli
 
@@ -51,11 +123,22 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.command == "oracle":
-        from minilora.oracle import cli as oracle_cli
-
-        return oracle_cli.run(args)
-    return args.func(args)
+    user_errors = (CommandError, OSError, MemoryError)
+    if args.command == "oracle":  # its inputs are files: what is wrong in them is a ValueError
+        user_errors += (ValueError, TypeError)
+    try:
+        return args.func(args)
+    except user_errors as e:
+        what = f"{args.command} {args.oracle_command}" if args.command == "oracle" \
+            else args.command
+        message = str(e) or type(e).__name__
+        if isinstance(e, MemoryError):
+            message = "out of memory (make the problem smaller)"
+        print(f"minilora {what}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("minilora: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

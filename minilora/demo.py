@@ -77,14 +77,15 @@ def lora_mlp(pretrained, r, alpha, seed):
         if isinstance(m, Linear):
             out_features, in_features = m.W.shape
             modules.append(LoRALinear(in_features, out_features, r=r, alpha=alpha, weight=m.W,
-                                      bias_value=m.b, seed=seed + i))
+                                      bias=m.b is not None, bias_value=m.b, seed=seed + i))
         else:
             modules.append(type(m)())
     return Sequential(*modules)
 
 
 def full_copy(pretrained):
-    return Sequential(*[Linear(m.W.shape[1], m.W.shape[0], weight=m.W, bias_value=m.b)
+    return Sequential(*[Linear(m.W.shape[1], m.W.shape[0], weight=m.W, bias=m.b is not None,
+                               bias_value=m.b)
                         if isinstance(m, Linear) else type(m)() for m in pretrained.modules])
 
 

@@ -48,18 +48,23 @@ class LoRACase:
         return Case(tensors, self.scaling, self.fan_in_fan_out, self.detach_norm, dtype)
 
 
-def assert_matches_reference(candidate_outputs, case, *, dtype="fp32", accum_dtype=None):
+def assert_matches_reference(candidate_outputs, case, *, dtype=None, accum_dtype=None,
+                             outputs=None):
     """Fail with the oracle's report unless ``candidate_outputs`` match the float64 reference.
 
-    candidate_outputs : dict with any of "y", "dx", "dA", "dB", "dm", "dbias", "dW"
+    candidate_outputs : dict of "y", "dx", "dA", "dB" (and "dm" for DoRA), optionally "dbias",
+        "dW": every output the case defines, unless ``outputs`` names the subset to judge
     case : a LoRACase (from ``lora_cases``/``dora_cases``) or a ``minilora.oracle.Case``
-    dtype, accum_dtype : the precision the candidate computes and accumulates in
-    Returns the report when it passes.
+    dtype, accum_dtype : the precision the candidate computes and accumulates in (default: the
+        case's precision, fp32 for a float32 case, fp64 for a float64 one)
+    Returns the report when it passes. Unknown names, wrong shapes and missing outputs raise
+    ``minilora.oracle.OracleInputError`` (a ValueError), never a pass.
     """
     from minilora.oracle import Case, compare
 
     oracle_case = case if isinstance(case, Case) else case.to_oracle()
-    report = compare(oracle_case, candidate_outputs, dtype=dtype, accum_dtype=accum_dtype)
+    report = compare(oracle_case, candidate_outputs, dtype=dtype, accum_dtype=accum_dtype,
+                     outputs=outputs)
     if not report.passed:
         raise AssertionError("candidate does not match the float64 reference:\n" + str(report))
     return report

@@ -143,7 +143,7 @@ def test_hostile_files_exit_2_with_one_line(tmp_path, capsys, hostile):
     capsys.readouterr()
     assert main(["oracle", "compare", case_path, target]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("minilora oracle: error:") and err.count("\n") == 1, err
+    assert err.startswith("minilora oracle compare: error:") and err.count("\n") == 1, err
     assert "Traceback" not in err
 
 

@@ -7,20 +7,23 @@ implementation with tolerances derived from its precision, the reduction lengths
     assert report.passed, report
 """
 
-from minilora.oracle.cases import (
-    INPUTS,
-    OUTPUTS,
-    Case,
-    OracleInputError,
-    load_case,
-    load_outputs,
-    make_case,
-    reference,
-    save_case,
-    save_outputs,
-)
-from minilora.oracle.judge import Report, TensorVerdict, compare
+from minilora.oracle.cases import INPUTS, OUTPUTS, Case, OracleInputError, make_case, reference
+from minilora.oracle.files import load_case, load_outputs, save_case, save_outputs
+from minilora.oracle.judge import Report, TensorVerdict, compare, required_outputs
 
-__all__ = ["INPUTS", "OUTPUTS", "Case", "OracleInputError", "Report", "TensorVerdict",
-           "compare", "load_case", "load_outputs", "make_case", "reference", "save_case",
-           "save_outputs"]
+__all__ = [
+           "INPUTS",
+           "OUTPUTS",
+           "Case",
+           "OracleInputError",
+           "Report",
+           "TensorVerdict",
+           "compare",
+           "load_case",
+           "load_outputs",
+           "make_case",
+           "reference",
+           "required_outputs",
+           "save_case",
+           "save_outputs",
+]

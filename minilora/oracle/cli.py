@@ -1,25 +1,19 @@
 """``minilora oracle ...``: make cases, compute references, judge candidates.
 
-Exit codes of ``compare``: 0 every tensor within tolerance, 1 a mismatch, 2 unusable input
-(unreadable or truncated files, missing tensors, wrong shapes); the last with one line on stderr
-naming the problem, no traceback.
+Exit codes of ``compare``: 0 every output judged and within tolerance, 1 a mismatch, 2 unusable
+input (unreadable or truncated files, unknown or missing tensors, wrong shapes, a case whose
+reference or honest result is not finite); the last with one line on stderr naming the problem,
+no traceback (``minilora.cli.main`` reports it).
 """
 
 import argparse
 import json
 import os
-import sys
 
-from minilora._io import write_atomic
-from minilora.oracle.cases import (
-    OracleInputError,
-    load_case,
-    load_outputs,
-    make_case,
-    reference,
-    save_case,
-    save_outputs,
-)
+from minilora._io import refuse_overwrite, write_atomic
+from minilora.cli import finite_float, nonnegative_int, output_path, positive_int, probability
+from minilora.oracle.cases import make_case, reference
+from minilora.oracle.files import load_case, load_outputs, save_case, save_outputs
 from minilora.oracle.judge import compare
 from minilora.oracle.precision import PRECISIONS, precision
 
@@ -52,35 +46,41 @@ def add_parser(sub):
 
     p = osub.add_parser("case", help="write a test case (inputs and a cotangent)")
     for name in ("--d-in", "--d-out", "--r"):
-        p.add_argument(name, type=int, required=True)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int)
-    p.add_argument("--alpha", type=float)
+        p.add_argument(name, type=positive_int, required=True)
+    p.add_argument("--batch", type=nonnegative_int, default=4)
+    p.add_argument("--seq", type=nonnegative_int)
+    p.add_argument("--alpha", type=finite_float)
     p.add_argument("--rslora", action="store_true")
     p.add_argument("--dora", action="store_true")
     p.add_argument("--full-norm-gradient", action="store_true",
                    help="DoRA: gradient through the norm (detach_norm=False)")
-    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--dropout", type=probability, default=0.0)
     p.add_argument("--bias", action="store_true")
     p.add_argument("--fan-in-fan-out", action="store_true")
     p.add_argument("--dtype", default="fp32", type=_precision_name, metavar="|".join(PRECISIONS))
-    p.add_argument("--seed", type=int, required=True)
-    p.add_argument("-o", "--output", required=True, help="CASE.npz or CASE.safetensors")
+    p.add_argument("--seed", type=nonnegative_int, required=True)
+    p.add_argument("-o", "--output", required=True, type=_output_file,
+                   help="CASE.npz or CASE.safetensors")
     p.set_defaults(func=_case)
 
     p = osub.add_parser("reference", help="write the float64 outputs and gradients of a case")
     p.add_argument("case")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", required=True, type=_output_file,
+                   help="REF.npz or REF.safetensors")
     p.set_defaults(func=_reference)
 
     p = osub.add_parser("compare", help="judge a candidate's outputs against the reference")
     p.add_argument("case")
     p.add_argument("candidate")
-    p.add_argument("--dtype", default="fp32", type=_precision_name, metavar="|".join(PRECISIONS),
-                   help="the precision the candidate computes in")
+    p.add_argument("--dtype", type=_precision_name, metavar="|".join(PRECISIONS),
+                   help="the precision the candidate computes in (default: the case's)")
     p.add_argument("--accum-dtype", type=_precision_name, metavar="|".join(PRECISIONS),
                    help="the precision it accumulates in (default fp32; fp64 for fp64)")
-    p.add_argument("--json", metavar="REPORT", help="also write the report as JSON")
+    p.add_argument("--only", metavar="NAMES",
+                   help="judge only these outputs, comma-separated (y,dx): by default every "
+                   "output the case defines must be in the candidate")
+    p.add_argument("--json", metavar="REPORT", type=output_path,
+                   help="also write the report as JSON")
     p.set_defaults(func=_compare)
 
     p = osub.add_parser("vectors", help="write the standard suite of cases with references")
@@ -97,13 +97,12 @@ def _precision_name(text):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def run(args):
-    """Run an oracle subcommand; unusable input is exit code 2 with one line on stderr."""
-    try:
-        return args.func(args)
-    except (OracleInputError, ValueError, TypeError, OSError) as e:
-        print(f"minilora oracle: error: {e}", file=sys.stderr)
-        return 2
+def _output_file(text):
+    """argparse type: a writable .npz or .safetensors path."""
+    if not text.endswith((".npz", ".safetensors")):
+        raise argparse.ArgumentTypeError(f"{text}: the file name must end in .npz or "
+                                         f".safetensors")
+    return output_path(text)
 
 
 def _case(args):
@@ -117,16 +116,19 @@ def _case(args):
 
 
 def _reference(args):
+    refuse_overwrite(args.output, [args.case])
     ref = reference(load_case(args.case))
-    save_outputs(args.output, ref, {"dtype": "fp64"})
+    save_outputs(args.output, ref, {"dtype": "fp64"}, inputs=[args.case])
     print(f"wrote {args.output}: {', '.join(f'{k}{v.shape}' for k, v in ref.items())}")
     return 0
 
 
 def _compare(args):
+    if args.json:
+        refuse_overwrite(args.json, [args.case, args.candidate])
     case = load_case(args.case)
     report = compare(case, load_outputs(args.candidate, case), dtype=args.dtype,
-                     accum_dtype=args.accum_dtype)
+                     accum_dtype=args.accum_dtype, outputs=args.only)
     print(report)
     if args.json:
         write_atomic(args.json, report.to_json().encode())

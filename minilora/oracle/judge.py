@@ -29,8 +29,15 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from minilora.oracle.cases import Case, evaluate, reference
-from minilora.oracle.precision import DEFAULT_ACCUMULATION, precision
+from minilora.oracle.cases import (
+    OUTPUTS,
+    Case,
+    OracleInputError,
+    evaluate,
+    reference,
+    reference_shapes,
+)
+from minilora.oracle.precision import DEFAULT_ACCUMULATION, PRECISIONS, precision
 from minilora.tolerance import dora_magnitudes, gamma, lora_magnitudes, lora_reduction_lengths
 
 ROUNDINGS = 6
@@ -65,27 +72,35 @@ class Report:
     dtype: str
     accum_dtype: str
     tensors: list = field(default_factory=list)
+    not_judged: list = field(default_factory=list)  # outputs the case has that were not judged
+    warnings: list = field(default_factory=list)
 
     @property
     def passed(self):
-        return all(t.passed for t in self.tensors)
+        """Every judged tensor passed; and at least one was judged (``compare`` ensures it)."""
+        return bool(self.tensors) and all(t.passed for t in self.tensors)
 
     def to_json(self):
         return json.dumps({"passed": self.passed, "dtype": self.dtype,
                            "accum_dtype": self.accum_dtype,
-                           "tensors": [asdict(t) for t in self.tensors]}, indent=2,
+                           "tensors": [asdict(t) for t in self.tensors],
+                           "not_judged": self.not_judged, "warnings": self.warnings}, indent=2,
                           default=float)
 
     def __str__(self):
         head = (f"{'tensor':<7}{'shape':<16}{'max abs err':>12}{'at index':>16}{'reference':>13}"
                 f"{'candidate':>13}{'norm rel':>10}{'scale':>9}{'tol used':>10}  verdict")
-        lines = [f"candidate computed in {self.dtype}, accumulating in {self.accum_dtype}", head]
+        lines = [f"candidate computed in {self.dtype}, accumulating in {self.accum_dtype}"]
+        lines += [f"warning: {w}" for w in self.warnings]
+        lines.append(head)
         for t in self.tensors:
             lines.append(
                 f"{t.name:<7}{t.shape!s:<16}{t.max_abs_err:>12.3e}{t.worst_index!s:>16}"
                 f"{t.reference_value:>13.5g}{t.candidate_value:>13.5g}"
                 f"{t.normwise_rel_err:>10.2e}{t.scale_ratio:>9.4f}{t.tolerance_used:>10.3f}  "
                 + ("pass" if t.passed else "FAIL: " + "; ".join(t.reasons)))
+        if self.not_judged:
+            lines.append(f"not judged: {', '.join(self.not_judged)}")
         lines.append("PASSED" if self.passed else "FAILED")
         return "\n".join(lines)
 
@@ -102,7 +117,8 @@ def magnitudes(case):
         return lora_magnitudes(t["x"], t["W"], t["A"], t["B"], **kw), K
     mags, extra = dora_magnitudes(t["x"], t["W"], t["A"], t["B"], t["m"],
                                   detach_norm=case.detach_norm, **kw)
-    K = {k: v + (0 if k in ("dW", "dbias") else extra) for k, v in K.items()}
+    K = {k: v + (0 if k == "dbias" else extra) for k, v in K.items()}  # c = m/n scales all but
+    # dbias = Σ dy (dW = (c ⊙ dy)ᵀ x_d + ...)
     K["dm"] = K["y"] + N
     if not case.detach_norm:  # the gradient through n adds W Aᵀ-sized sums to dA, dB, dW
         for k in ("dA", "dB", "dW"):
@@ -119,27 +135,127 @@ def baseline(case, prec, accum):
     return {k: prec.round(v).astype(np.float64) for k, v in evaluate(emulated).items()}
 
 
-def compare(case, candidate, dtype="fp32", accum_dtype=None):
-    """Judge ``candidate`` (name -> array, any subset of the outputs) against ``case``.
+REQUIRED = ("y", "dx", "dA", "dB")  # every case defines these, DoRA cases dm too
 
-    ``dtype`` is the precision the candidate computes in (bf16, fp16, tf32, fp32, fp64) and
-    ``accum_dtype`` the one it accumulates in (default: fp32, or fp64 for fp64).
+
+def required_outputs(case):
+    """The outputs a candidate must give unless the caller names a subset: y, dx, dA, dB, and
+    dm for DoRA (dW and dbias are judged when given)."""
+    return REQUIRED + (("dm",) if case.dora else ())
+
+
+def check_candidate(case, candidate, outputs=None):
+    """The candidate's arrays as float64, checked against the case: known names of the right
+    shapes and a float dtype, every required output present. Returns ``(arrays, judged names,
+    not-judged names)``; OracleInputError names what is wrong."""
+    shapes = reference_shapes(case)
+    if not hasattr(candidate, "keys") or not hasattr(candidate, "__getitem__"):
+        raise OracleInputError(f"the candidate must map output names to arrays, got "
+                               f"{type(candidate).__name__}")
+    names = list(candidate.keys())
+    unknown = sorted(str(k) for k in names if k not in shapes)
+    if unknown:
+        known = [k for k in OUTPUTS if k in shapes]
+        raise OracleInputError(f"the candidate has outputs {unknown} that this case does not "
+                               f"define; its outputs are {known}")
+    if outputs is None:
+        wanted = [k for k in OUTPUTS if k in names or k in required_outputs(case)]
+    else:
+        if isinstance(outputs, str):
+            outputs = [o for o in outputs.split(",") if o]
+        wanted = list(dict.fromkeys(outputs))
+        bad = sorted(str(k) for k in wanted if k not in shapes)
+        if bad or not wanted:
+            raise OracleInputError(f"outputs= names {bad or 'nothing'}; this case's outputs are "
+                                   f"{[k for k in OUTPUTS if k in shapes]}")
+    missing = [k for k in wanted if k not in names]
+    if missing:
+        hint = "" if outputs is not None else \
+            " (name the subset you computed with outputs= or --only to judge only those)"
+        raise OracleInputError(f"the candidate lacks {missing}{hint}")
+    arrays = {}
+    for name in wanted:
+        value = candidate[name]
+        if isinstance(value, np.ma.MaskedArray):
+            raise OracleInputError(f"candidate {name} is a masked array: pass plain values")
+        try:
+            a = np.asarray(value)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise OracleInputError(f"candidate {name} cannot be read as an array ({e}); convert "
+                                   f"it to float32 or float64 first") from None
+        if a.dtype.kind != "f":
+            raise OracleInputError(f"candidate {name} has dtype {a.dtype}, not a float")
+        if a.shape != shapes[name]:
+            raise OracleInputError(f"candidate {name} has shape {a.shape}, the case's {name} "
+                                   f"is {shapes[name]}")
+        arrays[name] = a
+    not_judged = [k for k in OUTPUTS if k in shapes and k not in wanted]
+    return arrays, not_judged
+
+
+def _precision_warnings(arrays, prec):
+    """Lines for the report when the candidate's values do not look like ``prec``'s: finer
+    (values ``prec`` cannot represent) or coarser (every value fits a coarser format)."""
+    values = np.concatenate([a.astype(np.float64).ravel() for a in arrays.values()])
+    values = values[np.isfinite(values) & (values != 0)]
+    if values.size == 0:
+        return []
+    if prec.name != "fp64" and not np.array_equal(prec.round(values).astype(np.float64), values):
+        return [f"the candidate holds values that {prec.name} cannot represent: it was stored "
+                f"in a finer precision than {prec.name}, the precision it is judged as"]
+    if values.size < 16:
+        return []
+    coarser = [q for q in PRECISIONS.values() if q.u > prec.u
+               and np.array_equal(q.round(values).astype(np.float64), values)]
+    if coarser:
+        q = max(coarser, key=lambda q: q.u)
+        return [f"every value the candidate holds is a {q.name} value: if it computed in "
+                f"{q.name}, judge it as {q.name} (judged as {prec.name}, honest {q.name} "
+                f"rounding fails)"]
+    return []
+
+
+def _finite_or_unusable(arrays, what):
+    for name, a in arrays.items():
+        if not np.all(np.isfinite(a)):
+            raise OracleInputError(f"case unusable: {what} has non-finite values in {name}")
+
+
+def compare(case, candidate, dtype=None, accum_dtype=None, outputs=None):
+    """Judge ``candidate`` (output name -> array) against ``case``.
+
+    ``dtype`` is the precision the candidate computes in (bf16, fp16, tf32, fp32, fp64 or an
+    alias such as "bfloat16"; default: the case's own precision) and ``accum_dtype`` the one it
+    accumulates in (default: fp32, or fp64 for fp64). Every output the case defines (y, dx, dA,
+    dB, and dm for DoRA) must be given unless ``outputs`` (names, or "y,dx") names the subset to
+    judge; dW and dbias are judged when given. Unknown names, wrong shapes or dtypes, a missing
+    output, and a case whose reference or honest result at ``dtype`` is not finite raise
+    OracleInputError: a verdict is only given on what was judged.
     """
-    prec = precision(dtype)
-    accum = precision(accum_dtype or DEFAULT_ACCUMULATION[dtype])
-    ref = reference(case)
-    mags, K = magnitudes(case)
-    base = baseline(case, prec, accum)
-    report = Report(prec.name, accum.name)
-    for name in ref:
-        if name in candidate:
-            tol = (ROUNDINGS * prec.u + gamma(K[name], accum.u)) * mags[name] \
-                + prec.u * np.abs(ref[name])
-            floor = BASELINE_FLOOR_SQRT_K * np.sqrt(K[name]) * accum.u \
-                * float(np.max(mags[name], initial=0.0)) \
-                + BASELINE_FLOOR_ULPS * prec.u * float(np.max(np.abs(ref[name]), initial=0.0))
-            report.tensors.append(_judge(name, np.asarray(candidate[name], np.float64),
-                                         ref[name], tol, base[name], floor, prec))
+    prec = precision(case.dtype if dtype is None else dtype)
+    accum = precision(DEFAULT_ACCUMULATION[prec.name] if accum_dtype is None else accum_dtype)
+    arrays, not_judged = check_candidate(case, candidate, outputs)
+    with np.errstate(all="ignore"):
+        ref = reference(case)
+        _finite_or_unusable(ref, "its float64 reference")
+        mags, K = magnitudes(case)
+        _finite_or_unusable(mags, "the magnitudes of its sums (float64 overflow)")
+        base = baseline(case, prec, accum)
+    for name in arrays:
+        if not np.all(np.isfinite(base[name])):
+            raise OracleInputError(f"case unusable at {prec.name}: an honest {prec.name} "
+                                   f"computation of {name} overflows (values beyond "
+                                   f"{prec.name}'s range); make a case with smaller values")
+    report = Report(prec.name, accum.name, not_judged=not_judged,
+                    warnings=_precision_warnings(arrays, prec))
+    for name, cand in arrays.items():
+        tol = (ROUNDINGS * prec.u + gamma(K[name], accum.u)) * mags[name] \
+            + prec.u * np.abs(ref[name])
+        floor = BASELINE_FLOOR_SQRT_K * np.sqrt(K[name]) * accum.u \
+            * float(np.max(mags[name], initial=0.0)) \
+            + BASELINE_FLOOR_ULPS * prec.u * float(np.max(np.abs(ref[name]), initial=0.0))
+        report.tensors.append(_judge(name, cand.astype(np.float64), ref[name], tol, base[name],
+                                     floor, prec))
     return report
 
 

@@ -63,8 +63,17 @@ ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp
 
 
 def precision(name):
-    """The Precision called ``name`` (or an alias such as float32), else a ValueError."""
-    try:
-        return PRECISIONS[ALIASES.get(name, name)]
-    except KeyError:
-        raise ValueError(f"unknown precision {name!r}; known: {', '.join(PRECISIONS)}") from None
+    """The Precision called ``name``: a name, an alias such as "float32" or "bfloat16", or a
+    NumPy float dtype (np.float32); else a ValueError. Every entry point normalizes through this."""
+    if isinstance(name, Precision):
+        return name
+    if not isinstance(name, str):
+        try:
+            name = np.dtype(name).name
+        except TypeError:
+            name = None
+    key = ALIASES.get(name, name) if isinstance(name, str) else None
+    if key not in PRECISIONS:
+        raise ValueError(f"unknown precision {name!r}; known: {', '.join(PRECISIONS)} "
+                         f"(or {', '.join(ALIASES)})")
+    return PRECISIONS[key]
