@@ -9,6 +9,7 @@ import io
 
 import numpy as np
 
+from minilora import npz
 from minilora._io import write_atomic
 from minilora.layer import LoRALinear
 
@@ -23,20 +24,27 @@ def save_trainable(path, model):
 def load_trainable(path, model):
     """Copy the arrays of an .npz file into ``model.parameters()`` in place.
 
-    Every name must exist in the model with the same shape, and every trainable array of the
-    model must be in the file: a mismatch raises ValueError before anything is changed.
+    Every name must exist in the model with the same shape and dtype, every trainable array of
+    the model must be in the file, and every value must be finite: anything else raises
+    ValueError (``minilora.npz.NpzError`` for an unreadable file) before anything is changed.
     """
-    with np.load(path, allow_pickle=False) as z:
-        saved = {k: z[k] for k in z.files}
     params = model.parameters()
-    if set(saved) != set(params):
-        missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
-        raise ValueError(f"{path}: the file's arrays do not match the model's trainable ones "
-                         f"(missing {missing}, unexpected {extra})")
+
+    def check(declared):
+        if set(declared) != set(params):
+            missing = sorted(set(params) - set(declared))
+            extra = sorted(set(declared) - set(params))
+            raise ValueError(f"{path}: the file's arrays do not match the model's trainable "
+                             f"ones (missing {missing}, unexpected {extra})")
+        for name, (shape, dtype) in declared.items():
+            if tuple(shape) != params[name].shape or dtype != params[name].dtype:
+                raise ValueError(f"{path}: {name} is {dtype}{tuple(shape)}, the model's is "
+                                 f"{params[name].dtype}{params[name].shape}")
+
+    saved = npz.load(path, check=check)
     for name, value in saved.items():
-        if value.shape != params[name].shape:
-            raise ValueError(f"{path}: {name} has shape {value.shape}, the model's is "
-                             f"{params[name].shape}")
+        if not np.all(np.isfinite(value)):
+            raise ValueError(f"{path}: {name} holds NaN or infinity")
     for name, value in saved.items():
         params[name][...] = value
 

@@ -13,6 +13,7 @@ from minilora import oracle
 from minilora.cli import main
 from minilora.oracle.cases import Case, evaluate
 from minilora.oracle.precision import PRECISIONS, precision
+from minilora.testing import assert_matches_reference
 
 
 def honest(case, dtype, backend="numba"):
@@ -215,3 +216,105 @@ def test_dtype_aliases_and_unknown_dtype(tmp_path, capsys):
         main(["oracle", "case", "--d-in", "4", "--d-out", "3", "--r", "1", "--dtype", "int8",
               "--seed", "0", "-o", path])
     assert e.value.code == 2 and "unknown precision 'int8'" in capsys.readouterr().err
+
+
+# -- nothing passes that was not judged ------------------------------------------------------
+
+@pytest.mark.parametrize(("candidate", "pattern"), [
+    ({"dX": 0, "DA": 0}, "does not define"),
+    ({}, "lacks"),
+    ({"y": 0}, "lacks"),
+    ("y", "must map"),
+])
+def test_unknown_empty_or_partial_candidates_raise(candidate, pattern):
+    case = oracle.make_case(d_in=8, d_out=6, r=2, seed=0)
+    with pytest.raises(oracle.OracleInputError, match=pattern):
+        oracle.compare(case, candidate)
+    with pytest.raises(oracle.OracleInputError):
+        assert_matches_reference(candidate, case)
+
+
+def test_every_output_the_case_defines_is_required_unless_named():
+    case = oracle.make_case(d_in=8, d_out=6, r=2, dora=True, bias=True, seed=0)
+    ref = oracle.reference(case)
+    assert oracle.required_outputs(case) == ("y", "dx", "dA", "dB", "dm")
+    with pytest.raises(oracle.OracleInputError, match=r"lacks \['dm'\]"):
+        oracle.compare(case, {k: ref[k] for k in ("y", "dx", "dA", "dB")})
+    report = oracle.compare(case, {"y": ref["y"], "dx": ref["dx"]}, outputs="y,dx")
+    assert report.passed and [t.name for t in report.tensors] == ["y", "dx"]
+    assert report.not_judged == ["dA", "dB", "dm", "dbias", "dW"]
+    assert "not judged: dA, dB, dm, dbias, dW" in str(report)
+    full = oracle.compare(case, ref)  # dW and dbias judged when given
+    assert {t.name for t in full.tensors} == set(ref) and full.not_judged == []
+    with pytest.raises(oracle.OracleInputError, match="shape"):
+        oracle.compare(case, {**ref, "dA": ref["dA"].T})
+    with pytest.raises(oracle.OracleInputError, match="dtype"):
+        oracle.compare(case, {**ref, "dA": ref["dA"].astype(np.int64)})
+    with pytest.raises(oracle.OracleInputError, match="outputs="):
+        oracle.compare(case, ref, outputs=["dz"])
+
+
+def test_the_cli_requires_every_output_unless_only_names_them(tmp_path, capsys):
+    case_path, cand = str(tmp_path / "case.npz"), str(tmp_path / "cand.npz")
+    assert main(["oracle", "case", "--d-in", "6", "--d-out", "4", "--r", "2", "--seed", "0",
+                 "-o", case_path]) == 0
+    ref = oracle.reference(oracle.load_case(case_path))
+    oracle.save_outputs(cand, {"y": ref["y"]})
+    capsys.readouterr()
+    assert main(["oracle", "compare", case_path, cand]) == 2
+    assert "lacks ['dx', 'dA', 'dB']" in capsys.readouterr().err
+    assert main(["oracle", "compare", case_path, cand, "--only", "y"]) == 0
+    assert "not judged: dx, dA, dB, dW" in capsys.readouterr().out
+
+
+def test_a_case_whose_reference_is_not_finite_is_unusable(tmp_path, capsys):
+    case = oracle.make_case(d_in=4, d_out=3, r=2, dtype="fp64", seed=0)
+    case.tensors["x"][...] = 1e308  # x Wᵀ overflows float64
+    with pytest.raises(oracle.OracleInputError, match=r"case unusable.*reference"):
+        oracle.compare(case, _zeros(case))
+    path = str(tmp_path / "case.npz")
+    oracle.save_case(path, case)
+    oracle.save_outputs(str(tmp_path / "c.npz"), _zeros(case))
+    assert main(["oracle", "compare", path, str(tmp_path / "c.npz")]) == 2
+    assert "case unusable" in capsys.readouterr().err
+
+
+def _zeros(case):
+    from minilora.oracle.cases import reference_shapes
+
+    return {k: np.zeros(s) for k, s in reference_shapes(case).items()}
+
+
+def test_a_case_that_overflows_the_candidates_precision_is_unusable_at_it():
+    case = oracle.make_case(d_in=16, d_out=8, r=2, seed=0)
+    case.tensors["x"] *= 3e4  # fine in fp32; y beyond fp16's 65504
+    ref = oracle.reference(case)
+    assert oracle.compare(case, ref, dtype="fp32").passed
+    with pytest.raises(oracle.OracleInputError, match="unusable at fp16"):
+        oracle.compare(case, ref, dtype="fp16")
+
+
+def test_the_default_precision_is_the_cases_and_aliases_work_everywhere():
+    case = oracle.make_case(d_in=64, d_out=48, r=8, dtype="bfloat16", seed=1)
+    assert case.dtype == "bf16"
+    good = honest(case, "bf16")
+    assert oracle.compare(case, good).passed and oracle.compare(case, good).dtype == "bf16"
+    for alias in ("bfloat16", "bf16", precision("bf16")):
+        assert oracle.compare(case, good, dtype=alias).passed
+        assert_matches_reference(good, case, dtype=alias)
+    case32 = oracle.make_case(d_in=8, d_out=6, r=2, seed=0)
+    for alias in ("float32", "float", np.float32, "double", "float64", np.float64):
+        oracle.compare(case32, oracle.reference(case32), dtype=alias)
+    with pytest.raises(ValueError, match="unknown precision"):
+        oracle.compare(case32, oracle.reference(case32), dtype=["fp32"])
+
+
+def test_a_candidate_stored_finer_or_coarser_than_claimed_gets_a_warning():
+    case = oracle.make_case(d_in=64, d_out=48, r=8, dtype="bf16", seed=1)
+    fp32 = honest(case, "fp32")
+    assert any("finer" in w for w in oracle.compare(case, fp32, dtype="bf16").warnings)
+    bf16 = honest(case, "bf16")
+    report = oracle.compare(case, bf16, dtype="fp32")
+    assert any("bf16 value" in w for w in report.warnings)
+    assert "warning:" in str(report)
+    assert oracle.compare(case, bf16, dtype="bf16").warnings == []

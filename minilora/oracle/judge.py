@@ -249,17 +249,29 @@ def compare(case, candidate, dtype=None, accum_dtype=None, outputs=None):
     report = Report(prec.name, accum.name, not_judged=not_judged,
                     warnings=_precision_warnings(arrays, prec))
     for name, cand in arrays.items():
-        tol = (ROUNDINGS * prec.u + gamma(K[name], accum.u)) * mags[name] \
-            + prec.u * np.abs(ref[name])
-        floor = BASELINE_FLOOR_SQRT_K * np.sqrt(K[name]) * accum.u \
-            * float(np.max(mags[name], initial=0.0)) \
-            + BASELINE_FLOOR_ULPS * prec.u * float(np.max(np.abs(ref[name]), initial=0.0))
+        g = gamma(K[name], accum.u)  # inf when K·u ≥ 1: then only the baseline rule decides
+        with np.errstate(over="ignore", invalid="ignore"):
+            tol = (ROUNDINGS * prec.u + g) * mags[name] + prec.u * np.abs(ref[name])
+            floor = BASELINE_FLOOR_SQRT_K * np.sqrt(K[name]) * accum.u \
+                * float(np.max(mags[name], initial=0.0)) \
+                + BASELINE_FLOOR_ULPS * prec.u * float(np.max(np.abs(ref[name]), initial=0.0))
+            limit = floor + BASELINE_FACTOR * float(np.max(np.abs(base[name] - ref[name]),
+                                                           initial=0.0))
+        if not np.isfinite(limit) or (np.isfinite(g) and not np.all(np.isfinite(tol))):
+            raise OracleInputError(f"case unusable: the tolerance of {name} overflows float64 "
+                                   f"(values too close to float64's range)")
         report.tensors.append(_judge(name, cand.astype(np.float64), ref[name], tol, base[name],
                                      floor, prec))
     return report
 
 
 def _judge(name, cand, ref, tol, base, floor, prec):
+    with np.errstate(over="ignore", invalid="ignore"):  # a candidate's inf or 1e308: judged
+        return _judge_finite_case(name, cand, ref, tol, base, floor, prec)
+
+
+def _judge_finite_case(name, cand, ref, tol, base, floor, prec):
+    """The verdict on one tensor (ref, tol, base and floor are finite: ``compare`` checks)."""
     reasons = []
     finite = np.isfinite(cand)
     nonfinite = int(cand.size - np.count_nonzero(finite))
@@ -275,18 +287,21 @@ def _judge(name, cand, ref, tol, base, floor, prec):
         used = np.where(tol > 0, err / tol, np.where(err > 0, np.inf, 0.0))
     at = np.unravel_index(int(np.argmax(used)), used.shape)
     tolerance_used = float(used[at])
-    if tolerance_used > 1:
+    if not tolerance_used <= 1:  # (a NaN fails too)
         reasons.append(f"error {float(err[at]):.3g} at {tuple(int(i) for i in at)} exceeds the "
                        f"derived tolerance {float(tol[at]):.3g}")
     base_err = float(np.max(np.abs(base - ref)))
     limit = BASELINE_FACTOR * base_err + floor
-    if max_err > limit:
+    if not max_err <= limit:
         reasons.append(f"max error {max_err:.3g} exceeds {BASELINE_FACTOR:g}x the "
                        f"{prec.name} baseline's {base_err:.3g} (limit {limit:.3g})")
     c = np.where(finite, cand, 0.0)
-    ref_norm2 = float(np.sum(ref * ref))
+    unit = max(float(np.max(np.abs(ref))), float(np.max(np.abs(c))))  # norms of scaled copies:
+    unit = unit if 0 < unit < np.inf else 1.0  # no overflow in the squares near float64's top
+    r, c, e = ref / unit, c / unit, np.where(finite, err, 0.0) / unit
+    ref_norm2 = float(np.sum(r * r))
     cand_norm2 = float(np.sum(c * c))
-    dot = float(np.sum(c * ref))
+    dot = float(np.sum(c * r))
     big = np.abs(ref) > 1e-3 * float(np.max(np.abs(ref)))
     max_rel = float(np.max(err[big] / np.abs(ref[big]))) if big.any() else 0.0
     return TensorVerdict(
@@ -294,7 +309,7 @@ def _judge(name, cand, ref, tol, base, floor, prec):
         max_abs_err=max_err, worst_index=tuple(int(i) for i in worst),
         reference_value=float(ref[worst]), candidate_value=float(cand[worst]),
         max_rel_err=max_rel,
-        normwise_rel_err=float(np.sqrt(np.sum(np.where(finite, err, 0.0) ** 2) / ref_norm2))
+        normwise_rel_err=float(np.sqrt(np.sum(e * e) / ref_norm2))
         if ref_norm2 > 0 else float(max_err > 0),
         scale_ratio=dot / ref_norm2 if ref_norm2 > 0 else 1.0,
         cosine=dot / np.sqrt(ref_norm2 * cand_norm2) if ref_norm2 * cand_norm2 > 0 else 1.0,
