@@ -12,7 +12,7 @@ float64 reference run on |x|, |W|, |A|, |B|, |s|, |bias|, |mask| and |dy|. Cance
 make that tolerance too small, because mag(z) never cancels.
 
     output   reduction length K
-    y        d_in + r + 3          x·W_j (d_in), then h·B_j (r); the mask, s and two additions
+    y        d_in + r + 4          x·W_j (d_in), then h·B_j (r); the mask, s and two additions
     dx       d_out + r + 3         dy·W (d_out), dy·B (d_out) then g·A (r); s, mask, addition
     dA       d_out + N + 2         g = dy B (d_out), then gᵀ x_d (N); the mask and s
     dB       d_in + N + 2          h = x_d Aᵀ (d_in), then dyᵀ h (N); the mask and s
@@ -20,7 +20,8 @@ make that tolerance too small, because mag(z) never cancels.
     dbias    N                     Σ_n dy
 
 DoRA adds, for every output that c = m/n multiplies, the norms' own reduction length
-(``dora_magnitudes``); dm has the K of y plus N (it sums dy ⊙ u over the batch).
+(``dora_magnitudes``): every output but dbias, dW included (dW = (c ⊙ dy)ᵀ x_d + ...); dm has
+the K of y plus N (it sums dy ⊙ u over the batch).
 """
 
 import numpy as np
@@ -37,7 +38,7 @@ def gamma(K, u):
 
 def lora_reduction_lengths(N, d_in, d_out, r):
     """The K of each LoRA output (see the module docstring)."""
-    return {"y": d_in + r + 3, "dx": d_out + r + 3, "dA": d_out + N + 2, "dB": d_in + N + 2,
+    return {"y": d_in + r + 4, "dx": d_out + r + 3, "dA": d_out + N + 2, "dB": d_in + N + 2,
             "dW": N, "dbias": N}
 
 
@@ -84,7 +85,7 @@ def dora_magnitudes(x, W, A, B, m, *, scaling, dy, bias=None, dropout_mask=None,
     the magnitudes are LoRA's for u, with the upstream |c|·|dy|, plus those of the dropout
     correction; with ``detach_norm=False`` also those of the gradient through n. c = m/n itself
     carries the norms' rounding error, a reduction of d_in + 2r + 4 terms: the returned
-    ``extra_K`` is added to every output's K but dW's and dbias's own.
+    ``extra_K`` is added to every output's K but dbias's.
 
     Returns ``(mags, extra_K)`` with mags a dict ``{"y", "dx", "dA", "dB", "dm", "dW"}``
     (and ``"dbias"``).

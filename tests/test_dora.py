@@ -171,3 +171,15 @@ def test_no_fallback_for_a_typical_adapter():
     W = rng.standard_normal((d, d)) / np.sqrt(d)
     A, B = rng.standard_normal((r, d)) / np.sqrt(d), 0.1 * rng.standard_normal((d, r))
     assert dora.row_norms(W, A, B, 2.0, False)[3] == 0
+
+
+def test_fixed_norms_with_the_full_gradient_is_an_error():
+    """norms= holds n fixed, which contradicts detach_norm=False (the gradient through n)."""
+    rng = np.random.default_rng(0)
+    x, W, A, B = (rng.standard_normal(s) for s in ((3, 5), (4, 5), (2, 5), (4, 2)))
+    m = np.ones(4)
+    n = dora.row_norms(W, A, B, 0.5, False)[0]
+    with pytest.raises(ValueError, match="detach_norm=False"):
+        ml.dora_forward(x, W, A, B, m, scaling=0.5, norms=n, detach_norm=False)
+    y, cache = ml.dora_forward(x, W, A, B, m, scaling=0.5, norms=n)
+    assert cache.saved.WA is None  # nothing computed for a gradient that cannot be asked for
