@@ -34,16 +34,15 @@ def _wrapped(base):
     return Wrapper()
 
 
-def _peft_layer(d_in, d_out, r, *, use_dora, fifo, bias, rslora, seed):
+def _peft_layer(d_in, d_out, r, *, use_dora, fifo, rslora, seed):
+    """PEFT's LoRA layer on a base layer with a bias (Conv1D always has one)."""
     torch.manual_seed(seed)
     if fifo:
         from transformers.pytorch_utils import Conv1D
 
         base = Conv1D(d_out, d_in)  # weight (d_in, d_out)
-        if not bias:
-            pytest.skip("Conv1D always has a bias")
     else:
-        base = torch.nn.Linear(d_in, d_out, bias=bias)
+        base = torch.nn.Linear(d_in, d_out, bias=True)
 
     config = peft.LoraConfig(r=r, lora_alpha=5, target_modules=["lin"], use_dora=use_dora,
                              lora_dropout=0.1, fan_in_fan_out=fifo, use_rslora=rslora,
@@ -65,7 +64,7 @@ def _peft_layer(d_in, d_out, r, *, use_dora, fifo, bias, rslora, seed):
 @pytest.mark.parametrize("backend", ["numpy", "numba"])
 def test_matches_peft_forward_and_gradients(use_dora, fifo, dropout, rslora, backend):
     d_in, d_out, r = 9, 6, 3
-    model, layer = _peft_layer(d_in, d_out, r, use_dora=use_dora, fifo=fifo, bias=True,
+    model, layer = _peft_layer(d_in, d_out, r, use_dora=use_dora, fifo=fifo,
                                rslora=rslora, seed=1)
     rng = np.random.default_rng(2)
     x = rng.standard_normal((2, 4, d_in))
