@@ -5,8 +5,10 @@ kernels as plain Python (slow, but a debugger can step through them). Compiled c
 disk (``cache=True``), so only the first run on a machine pays for compilation.
 
 fastmath: ``reassoc`` lets LLVM vectorise the dot products inside the kernels (a different
-summation order from NumPy's, equally accurate), ``contract`` allows fused multiply-adds. NaN and
-infinity semantics are kept (no ``nnan``/``ninf``), so a NaN in the input still reaches the output.
+summation order from NumPy's, equally accurate), ``contract`` allows fused multiply-adds, and
+``nsz`` lets it ignore the sign of zero (x + 0.0 may be folded to x, so a −0.0 can come out as
++0.0; the two compare equal and no gradient depends on it). NaN and infinity semantics are kept
+(no ``nnan``/``ninf``), so a NaN or infinity reaches the same outputs as in the NumPy reference.
 The kernels are single-threaded on purpose: the threads belong to BLAS, which does the large
 products between kernel calls (``lora_numba``'s docstring says why). So Numba's and BLAS's
 thread pools never compete for the cores, and a kernel's summation order depends on the shapes

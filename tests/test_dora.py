@@ -181,5 +181,5 @@ def test_fixed_norms_with_the_full_gradient_is_an_error():
     n = dora.row_norms(W, A, B, 0.5, False)[0]
     with pytest.raises(ValueError, match="detach_norm=False"):
         ml.dora_forward(x, W, A, B, m, scaling=0.5, norms=n, detach_norm=False)
-    y, cache = ml.dora_forward(x, W, A, B, m, scaling=0.5, norms=n)
+    _, cache = ml.dora_forward(x, W, A, B, m, scaling=0.5, norms=n)
     assert cache.saved.WA is None  # nothing computed for a gradient that cannot be asked for

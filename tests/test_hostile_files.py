@@ -91,7 +91,12 @@ def _expected_array(dtype, shape, raw):
     return a.astype(np.float32) if dtype == "F16" else a
 
 
-@settings(suppress_health_check=[HealthCheck.too_slow], max_examples=600)
+# MINILORA_HOSTILE_EXAMPLES raises the number of generated files for a longer hunt.
+HOSTILE = settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+                   max_examples=int(os.environ.get("MINILORA_HOSTILE_EXAMPLES", 600)))
+
+
+@HOSTILE
 @given(data=safetensors_files())
 def test_the_safetensors_reader_agrees_with_the_package(data):
     pkg = _package()
@@ -117,6 +122,78 @@ def test_the_safetensors_reader_agrees_with_the_package(data):
 
 def _file(header, body=b""):
     return struct.pack("<Q", len(header)) + header + body
+
+
+def _mutated(draw, data):
+    data = bytearray(data)
+    for _ in range(draw(st.integers(1, 3))):
+        if not data:
+            break
+        at = draw(st.integers(0, len(data) - 1))
+        kind = draw(st.sampled_from(["flip", "insert", "delete", "cut"]))
+        if kind == "flip":
+            data[at] = draw(st.integers(0, 255))
+        elif kind == "insert":
+            data[at:at] = draw(st.binary(min_size=1, max_size=3))
+        elif kind == "delete":
+            del data[at]
+        else:
+            data = data[:at]
+    return bytes(data)
+
+
+CASE_OPTIONS = st.fixed_dictionaries({
+    "d_in": st.integers(1, 4), "d_out": st.integers(1, 4), "r": st.integers(1, 3),
+    "batch": st.integers(0, 2), "dora": st.booleans(), "bias": st.booleans(),
+    "dropout": st.sampled_from([0.0, 0.5]), "fan_in_fan_out": st.booleans()})
+
+
+@HOSTILE
+@given(options=CASE_OPTIONS, ext=st.sampled_from(["npz", "safetensors"]), data=st.data())
+def test_mutated_case_and_output_files_give_one_named_error_or_a_valid_case(tmp_path_factory,
+                                                                             options, ext,
+                                                                             data):
+    """Any byte of a case or output file changed, inserted, deleted or cut: reading it either
+    gives a case that passes every check (a byte in a value still makes a valid case) or raises
+    OracleInputError naming the file, never another exception."""
+    folder = tmp_path_factory.mktemp("mutated")
+    case = ml.oracle.make_case(seed=0, **options)
+    good, bad = folder / f"good.{ext}", folder / f"bad.{ext}"
+    ml.oracle.save_case(good, case)
+    bad.write_bytes(_mutated(data.draw, good.read_bytes()))
+    try:
+        loaded = ml.oracle.load_case(bad)
+    except OracleInputError as e:
+        assert str(bad) in str(e)
+    else:
+        with np.errstate(all="ignore"):  # a mutated value may be huge: it must still compute
+            ml.oracle.reference(loaded)
+    ml.oracle.save_outputs(good, ml.oracle.reference(case))
+    bad.write_bytes(_mutated(data.draw, good.read_bytes()))
+    try:
+        outputs = ml.oracle.load_outputs(bad, case)
+    except OracleInputError as e:
+        assert str(bad) in str(e)
+    else:
+        try:
+            ml.oracle.compare(case, outputs, outputs=list(outputs))
+        except OracleInputError:
+            pass
+
+
+@HOSTILE
+@given(data=st.data())
+def test_mutated_adapter_folders_give_an_adapter_error_or_a_valid_adapter(tmp_path_factory,
+                                                                         data):
+    folder = _adapter_folder(tmp_path_factory.mktemp("adapter") / "a")
+    name = data.draw(st.sampled_from(["adapter_config.json", "adapter_model.safetensors"]))
+    (folder / name).write_bytes(_mutated(data.draw, (folder / name).read_bytes()))
+    try:
+        adapters = ml.peft.load_adapter(folder)
+    except ml.peft.AdapterError:
+        return
+    for a in adapters.values():
+        assert a.A.ndim == 2 and a.B.shape[1] == a.A.shape[0] and np.isfinite(a.scaling)
 
 
 GOOD = b'{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,12]}}'

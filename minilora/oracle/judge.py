@@ -7,7 +7,8 @@ stored intermediates in p) accumulating in precision a (u_a), the tolerance of e
 
 * mag is the reference evaluated on absolute values (``minilora.tolerance``): it bounds every
   partial sum, so cancellation cannot make the tolerance too small;
-* γ_K(u) = K·u/(1 − K·u) with K the tensor's reduction length (d_in + r for y, N for dA, ...):
+* γ_K(u) = K·u/(1 − K·u) with K the tensor's reduction length (d_in + r + 4 for y,
+  d_out + N + 2 for dA, ...: ``minilora.tolerance`` lists them):
   the worst-case error of summing K products in precision a, in any order;
 * ρ = 6 roundings to p on the way (inputs, the rank-r intermediates h or g, the scaling);
 * u_p·|z| is the final rounding of the output to p.
@@ -57,7 +58,7 @@ class TensorVerdict:
     worst_index: tuple  # where |candidate − reference| is largest
     reference_value: float
     candidate_value: float
-    max_rel_err: float  # max |cand − ref| / |ref| over entries with |ref| > tiny
+    max_rel_err: float  # max |cand − ref| / |ref| over entries with |ref| > 1e-3·max |ref|
     normwise_rel_err: float  # ‖cand − ref‖ / ‖ref‖
     scale_ratio: float  # ⟨cand, ref⟩ / ‖ref‖²: 1 when right, 0.5 for a halving bug
     cosine: float  # reported, never decides
