@@ -15,6 +15,7 @@ import math
 import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_F32, _F64 = FLOAT_DTYPES
 
 
 def plain_array(a, name):
@@ -69,11 +70,11 @@ def check_dtypes(**arrays):
         if a is None:
             continue
         a = plain[name] = plain_array(a, name)
-        if a.dtype not in FLOAT_DTYPES:
+        if a.dtype is not _F32 and a.dtype is not _F64 and a.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} has dtype {a.dtype}; minilora computes in float32 or float64")
         if dtype is None:
             dtype, first = a.dtype, name
-        elif a.dtype != dtype:
+        elif a.dtype is not dtype and a.dtype != dtype:
             raise TypeError(
                 f"all float inputs must share one dtype: {first} is {dtype} but {name} is {a.dtype}"
             )

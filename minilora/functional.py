@@ -42,16 +42,6 @@ def lora_scaling(alpha, r, *, use_rslora=False):
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-def _read_only_view(a):
-    """A new ndarray object over ``a``'s data that cannot be written through: what a cache
-    holds, so that reshaping or rebinding the caller's object cannot change what backward sees."""
-    if a is None:
-        return None
-    v = a.view()
-    v.flags.writeable = False
-    return v
-
-
 def _checksum(a):
     """CRC-32 of an array's bytes (``check_unchanged``): any change to the data changes it."""
     return zlib.crc32(np.ascontiguousarray(a).view(np.uint8))
@@ -65,8 +55,9 @@ def _fingerprints(cache):
 
 def _prepare(x, W, A, B, m, scaling, bias, dropout_mask, fan_in_fan_out, backend):
     """Validate a forward call's inputs once, resolve the backend and fold x's leading
-    dimensions. Returns (scaling, d_out, backend name, arrays) with arrays a dict of read-only
-    views: x (N, d_in), W, A, B, m, bias, and the mask broadcast to (N, d_in)."""
+    dimensions. Returns (scaling, d_out, backend name, arrays) with arrays a dict of new views
+    (so that reshaping or rebinding the caller's objects cannot change what backward sees):
+    x (N, d_in), W, A, B, m, bias, and the mask broadcast to (N, d_in)."""
     scaling = check_scaling(scaling)
     _, arrays = check_dtypes(x=x, W=W, A=A, B=B, m=m, bias=bias, dropout_mask=dropout_mask)
     x, mask = arrays["x"], arrays.pop("dropout_mask")
@@ -74,52 +65,54 @@ def _prepare(x, W, A, B, m, scaling, bias, dropout_mask, fan_in_fan_out, backend
                                         fan_in_fan_out=fan_in_fan_out, bias=arrays["bias"],
                                         dropout_mask=mask, m=arrays["m"])
     backend = resolve_backend(backend)
-    views = {k: _read_only_view(v) for k, v in arrays.items()}
+    views = {k: None if v is None else v.view() for k, v in arrays.items()}
     N = math.prod(x.shape[:-1])
-    views["x"] = _read_only_view(x.reshape(N, d_in))  # (N, d_in)
+    views["x"] = x.reshape(N, d_in)  # (N, d_in), a new view (a copy if x's strides need one)
     views["mask"] = None if mask is None else \
-        np.broadcast_to(mask, x.shape).reshape(N, d_in)  # (N, d_in), a read-only view or copy
-    if views["mask"] is not None and views["mask"].flags.writeable:
-        views["mask"].flags.writeable = False
+        np.broadcast_to(mask, x.shape).reshape(N, d_in)  # (N, d_in), a view or a copy
     return scaling, d_out, backend, views
 
 
 def _check_cache(cache, cache_type, saved_fields=()):
     """Check that a cache is the intact product of its forward pass, before any kernel reads it:
-    every array a plain ndarray of the forward's dtype and of the shape the others imply."""
+    every array a plain ndarray of the forward's dtype and of the shape the others imply (O(1),
+    a few microseconds)."""
     if type(cache) is not cache_type:
         raise TypeError(f"cache must be the {cache_type.__name__} from the matching forward, "
                         f"got {type(cache).__name__}")
     if saved_fields and type(cache.saved) is not DoRASaved:
         raise TypeError(f"cache.saved must be a DoRASaved, got {type(cache.saved).__name__}")
-    arrays = {k: getattr(cache, k) for k in ("x", "W", "A", "B", "mask", "h")}
-    arrays.update({k: getattr(cache.saved, k) for k in saved_fields})
-    dtype = getattr(cache.x, "dtype", None)
-    for name, a in arrays.items():
-        if a is None and name in ("mask", "WA", "AA"):
-            continue
-        if type(a) is not np.ndarray or a.dtype != dtype or dtype not in FLOAT_DTYPES:
-            raise ValueError(f"cache.{name} is not a float32/float64 ndarray of the forward's "
-                             f"dtype: the cache was modified after the forward pass")
-    N, d_in = cache.x.shape if cache.x.ndim == 2 else (-1, -1)
-    r, d_out = cache.A.shape[0], cache.B.shape[0]
-    expected = {"x": (N, d_in), "A": (r, d_in), "B": (d_out, r),
-                "W": (d_in, d_out) if cache.fan_in_fan_out else (d_out, d_in),
-                "mask": (N, d_in), "h": (N, r), "u": (N, d_out), "c": (d_out,),
-                "inv_n": (d_out,), "x_d": (N, d_in), "WA": (d_out, r), "AA": (r, r)}
+    x, A, B = cache.x, cache.A, cache.B
+    for name, a in (("x", x), ("A", A), ("B", B)):
+        if type(a) is not np.ndarray or a.ndim != 2:
+            raise ValueError(f"cache.{name} is not a 2-D ndarray: the cache was modified after "
+                             f"the forward pass")
+    dtype = x.dtype
+    (N, d_in), r, d_out = x.shape, A.shape[0], B.shape[0]
     x_shape = cache.x_shape
-    ok_lead = (isinstance(x_shape, tuple) and len(x_shape) >= 1
-               and all(isinstance(n, int) and n >= 0 for n in x_shape)
-               and x_shape[-1] == d_in and math.prod(x_shape[:-1]) == N)
-    if N < 0 or not ok_lead or type(cache.fan_in_fan_out) is not bool \
-            or type(cache.has_bias) is not bool or cache.backend not in BACKEND_MODULES \
-            or type(cache.scaling) is not float or not math.isfinite(cache.scaling):
-        raise ValueError("the cache's shapes or options are inconsistent: it was modified after "
-                         "the forward pass")
-    for name, a in arrays.items():
-        if a is not None and a.shape != expected[name]:
-            raise ValueError(f"cache.{name} has shape {a.shape} where the forward pass made "
-                             f"{expected[name]}: the cache was modified after the forward pass")
+    if dtype not in FLOAT_DTYPES or type(x_shape) is not tuple or not x_shape \
+            or x_shape[-1] != d_in or math.prod(x_shape[:-1]) != N \
+            or type(cache.fan_in_fan_out) is not bool or type(cache.has_bias) is not bool \
+            or cache.backend not in BACKEND_MODULES or type(cache.scaling) is not float \
+            or not math.isfinite(cache.scaling):
+        raise ValueError("the cache's dtype, shapes or options are inconsistent: it was "
+                         "modified after the forward pass")
+    expected = [("A", A, (r, d_in)), ("B", B, (d_out, r)), ("h", cache.h, (N, r)),
+                ("W", cache.W, (d_in, d_out) if cache.fan_in_fan_out else (d_out, d_in))]
+    if cache.mask is not None:
+        expected.append(("mask", cache.mask, (N, d_in)))
+    if saved_fields:
+        saved = cache.saved
+        expected += [("saved.u", saved.u, (N, d_out)), ("saved.c", saved.c, (d_out,)),
+                     ("saved.inv_n", saved.inv_n, (d_out,)), ("saved.x_d", saved.x_d, (N, d_in))]
+        if saved.WA is not None or saved.AA is not None:
+            expected += [("saved.WA", saved.WA, (d_out, r)), ("saved.AA", saved.AA, (r, r))]
+    for name, a, shape in expected:
+        if type(a) is not np.ndarray or a.shape != shape or (a.dtype is not dtype
+                                                             and a.dtype != dtype):
+            got = f"{a.dtype}{a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+            raise ValueError(f"cache.{name} is {got} where the forward pass made {dtype}{shape}: "
+                             f"the cache was modified after the forward pass")
     if cache.fingerprints is not None and _fingerprints(cache) != cache.fingerprints:
         changed = sorted(k for k, v in _fingerprints(cache).items()
                          if cache.fingerprints.get(k) != v)
