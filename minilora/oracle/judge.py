@@ -247,8 +247,9 @@ def compare(case, candidate, dtype=None, accum_dtype=None, outputs=None):
             raise OracleInputError(f"case unusable at {prec.name}: an honest {prec.name} "
                                    f"computation of {name} overflows (values beyond "
                                    f"{prec.name}'s range); make a case with smaller values")
-    report = Report(prec.name, accum.name, not_judged=not_judged,
-                    warnings=_precision_warnings(arrays, prec))
+    with np.errstate(over="ignore", invalid="ignore"):  # values beyond prec's range: a warning
+        warnings = _precision_warnings(arrays, prec)
+    report = Report(prec.name, accum.name, not_judged=not_judged, warnings=warnings)
     for name, cand in arrays.items():
         g = gamma(K[name], accum.u)  # inf when K·u ≥ 1: then only the baseline rule decides
         with np.errstate(over="ignore", invalid="ignore"):
