@@ -10,7 +10,7 @@ import tracemalloc
 import numpy as np
 
 import minilora as ml
-from minilora import dora, lora_numpy
+from minilora import dora
 
 rng = np.random.default_rng(0)
 N, d_in, d_out, r, s = 4, 6, 5, 2, 1.5
@@ -21,19 +21,17 @@ m = np.linalg.norm(W + s * B @ A, axis=1) * rng.uniform(0.5, 2.0, d_out)
 
 
 def make_pair(detach_norm):
-    """DoRA through the NumPy reference (complex-step capable). The detached gradient is the
-    derivative of the forward whose norms are computed once, at the point, and held fixed."""
+    """DoRA through the public pair on the NumPy reference, which takes the complex inputs of
+    complex steps. The detached gradient is the derivative of the forward whose norms are
+    computed once, at the point, and held fixed."""
     frozen = dora.row_norms(W, A, B, s, False)[0] if detach_norm else None
 
     def forward(x, W, A, B, m):
-        y, saved = dora.forward(lora_numpy, x, W, A, B, m, s, None, None, False, frozen)
-        return y, (x, W, A, B, saved)
+        return ml.dora_forward(x, W, A, B, m, scaling=s, detach_norm=detach_norm, norms=frozen,
+                               backend="numpy")
 
     def backward(dy, cache):
-        x, W, A, B, saved = cache
-        dx, dA, dB, dm, dW, _ = dora.backward(lora_numpy, dy, x, W, A, B, s, None, False, saved,
-                                              detach_norm, True, True, False)
-        return {"x": dx, "W": dW, "A": dA, "B": dB, "m": dm}
+        return ml.dora_backward(dy, cache, need_dW=True)
 
     return forward, backward
 

@@ -56,10 +56,15 @@ def check_scaling(scaling, name="scaling"):
     return s
 
 
-def check_dtypes(**arrays):
+COMPLEX = np.dtype(np.complex128)  # the NumPy reference's complex-step checks
+
+
+def check_dtypes(allow_complex=False, **arrays):
     """Check that every given array is a plain ndarray of one shared float dtype; return
     ``(dtype, arrays)`` with the arrays as plain ndarrays (see ``plain_array``).
 
+    With ``allow_complex`` (the NumPy reference, for complex-step checks), complex128 arrays may
+    be mixed with float64 ones, which are then returned as complex128 copies.
     ``None`` values (optional inputs that were not passed) are skipped and returned as None.
     """
     dtype = None
@@ -70,14 +75,23 @@ def check_dtypes(**arrays):
         if a is None:
             continue
         a = plain[name] = plain_array(a, name)
-        if a.dtype is not _F32 and a.dtype is not _F64 and a.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} has dtype {a.dtype}; minilora computes in float32 or float64")
+        if a.dtype is not _F32 and a.dtype is not _F64 and a.dtype not in FLOAT_DTYPES \
+                and not (allow_complex and a.dtype == COMPLEX):
+            also = (" (complex128 runs on the numpy backend, for complex-step checks)"
+                    if a.dtype == COMPLEX else "")
+            raise TypeError(f"{name} has dtype {a.dtype}; minilora computes in float32 or "
+                            f"float64{also}")
         if dtype is None:
             dtype, first = a.dtype, name
         elif a.dtype is not dtype and a.dtype != dtype:
+            if allow_complex and {a.dtype, dtype} == {COMPLEX, _F64}:
+                dtype, first = COMPLEX, name if a.dtype == COMPLEX else first
+                continue
             raise TypeError(
                 f"all float inputs must share one dtype: {first} is {dtype} but {name} is {a.dtype}"
             )
+    if dtype == COMPLEX:
+        plain = {k: None if a is None else a.astype(COMPLEX, copy=False) for k, a in plain.items()}
     return dtype, plain
 
 

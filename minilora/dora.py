@@ -97,7 +97,8 @@ class DoRASaved(NamedTuple):
     x_d: np.ndarray  # (N, d_in) x ⊙ mask
 
 
-def forward(backend, x, W, A, B, m, scaling, bias, mask, fan_in_fan_out, norms=None):
+def forward(backend, x, W, A, B, m, *, scaling, bias=None, mask=None, fan_in_fan_out=False,
+            norms=None):
     """DoRA forward on two-dimensional inputs, the LoRA part run by the ``backend`` module.
 
     Parameters
@@ -126,7 +127,8 @@ def forward(backend, x, W, A, B, m, scaling, bias, mask, fan_in_fan_out, norms=N
     inv_n = inverse_norms(n)  # (d_out,)
     c = m * inv_n  # (d_out,)
     x_d = x if mask is None else x * mask  # (N, d_in)
-    u, h = backend.forward(x_d, W, A, B, scaling, None, None, fan_in_fan_out)  # (N, d_out), (N, r)
+    u, h = backend.forward(x_d, W, A, B, scaling=scaling,
+                           fan_in_fan_out=fan_in_fan_out)  # (N, d_out), (N, r)
     y = c * u  # (N, d_out)
     if mask is not None:
         dropped = x - x_d  # (N, d_in), what dropout removed from the LoRA branch's input
@@ -136,8 +138,8 @@ def forward(backend, x, W, A, B, m, scaling, bias, mask, fan_in_fan_out, norms=N
     return y, DoRASaved(u, h, c, inv_n, WA, AA, x_d)
 
 
-def backward(backend, dy, x, W, A, B, scaling, mask, fan_in_fan_out, saved, detach_norm, need_dx,
-             need_dW, need_dbias):
+def backward(backend, dy, x, W, A, B, saved, *, scaling, mask=None, fan_in_fan_out=False,
+             detach_norm=True, need_dx=True, need_dW=False, need_dbias=False):
     """DoRA backward on two-dimensional inputs (see the module docstring for the equations).
 
     Returns
@@ -149,8 +151,9 @@ def backward(backend, dy, x, W, A, B, scaling, mask, fan_in_fan_out, saved, deta
     dc = np.einsum("nj,nj->j", dy, u)  # (d_out,) Σ_n dy ⊙ u
     dm = dc * inv_n  # (d_out,)
     dy_c = c * dy  # (N, d_out)
-    du_dx, dA, dB, dW, _ = backend.backward(dy_c, x_d, W, A, B, scaling, None, fan_in_fan_out,
-                                            saved.h, need_dx, need_dW, False)
+    du_dx, dA, dB, dW, _ = backend.backward(dy_c, x_d, W, A, B, saved.h, scaling=scaling,
+                                            fan_in_fan_out=fan_in_fan_out, need_dx=need_dx,
+                                            need_dW=need_dW)
     dx = du_dx
     if mask is not None:
         if need_dx:

@@ -15,6 +15,7 @@ import numpy as np
 
 from minilora import dora, lora_numba, lora_numpy
 from minilora._checks import (
+    COMPLEX,
     FLOAT_DTYPES,
     check_dtypes,
     check_dy,
@@ -24,9 +25,11 @@ from minilora._checks import (
 )
 from minilora.backends import resolve_backend
 
-# The backend contract: each module has forward(x, W, A, B, scaling, bias, mask, fan_in_fan_out)
-# -> (y, h) and backward(dy, x, W, A, B, scaling, mask, fan_in_fan_out, h, need_dx, need_dW,
-# need_dbias) -> (dx, dA, dB, dW, dbias) on two-dimensional, validated arrays.
+# The backend contract: each module has
+#   forward(x, W, A, B, *, scaling, bias, mask, fan_in_fan_out) -> (y, h)
+#   backward(dy, x, W, A, B, h, *, scaling, mask, fan_in_fan_out, need_dx, need_dW, need_dbias)
+#       -> (dx, dA, dB, dW, dbias)
+# on two-dimensional arrays that this module has validated.
 BACKEND_MODULES = {"numpy": lora_numpy, "numba": lora_numba}
 
 
@@ -59,12 +62,13 @@ def _prepare(x, W, A, B, m, scaling, bias, dropout_mask, fan_in_fan_out, backend
     (so that reshaping or rebinding the caller's objects cannot change what backward sees):
     x (N, d_in), W, A, B, m, bias, and the mask broadcast to (N, d_in)."""
     scaling = check_scaling(scaling)
-    _, arrays = check_dtypes(x=x, W=W, A=A, B=B, m=m, bias=bias, dropout_mask=dropout_mask)
+    backend = resolve_backend(backend)
+    _, arrays = check_dtypes(allow_complex=backend == "numpy", x=x, W=W, A=A, B=B, m=m,
+                             bias=bias, dropout_mask=dropout_mask)
     x, mask = arrays["x"], arrays.pop("dropout_mask")
     d_in, d_out, _ = check_layer_shapes(x, arrays["W"], arrays["A"], arrays["B"],
                                         fan_in_fan_out=fan_in_fan_out, bias=arrays["bias"],
                                         dropout_mask=mask, m=arrays["m"])
-    backend = resolve_backend(backend)
     views = {k: None if v is None else v.view() for k, v in arrays.items()}
     N = math.prod(x.shape[:-1])
     views["x"] = x.reshape(N, d_in)  # (N, d_in), a new view (a copy if x's strides need one)
@@ -90,7 +94,8 @@ def _check_cache(cache, cache_type, saved_fields=()):
     dtype = x.dtype
     (N, d_in), r, d_out = x.shape, A.shape[0], B.shape[0]
     x_shape = cache.x_shape
-    if dtype not in FLOAT_DTYPES or type(x_shape) is not tuple or not x_shape \
+    if (dtype not in FLOAT_DTYPES and not (dtype == COMPLEX and cache.backend == "numpy")) \
+            or type(x_shape) is not tuple or not x_shape \
             or x_shape[-1] != d_in or math.prod(x_shape[:-1]) != N \
             or type(cache.fan_in_fan_out) is not bool or type(cache.has_bias) is not bool \
             or cache.backend not in BACKEND_MODULES or type(cache.scaling) is not float \
@@ -194,8 +199,9 @@ def lora_forward(x, W, A, B, *, scaling, bias=None, dropout_mask=None, fan_in_fa
     scaling, d_out, backend, v = _prepare(x, W, A, B, None, scaling, bias, dropout_mask,
                                           fan_in_fan_out, backend)
     fan_in_fan_out = bool(fan_in_fan_out)
-    y, h = BACKEND_MODULES[backend].forward(v["x"], v["W"], v["A"], v["B"], scaling, v["bias"],
-                                            v["mask"], fan_in_fan_out)
+    y, h = BACKEND_MODULES[backend].forward(v["x"], v["W"], v["A"], v["B"], scaling=scaling,
+                                            bias=v["bias"], mask=v["mask"],
+                                            fan_in_fan_out=fan_in_fan_out)
     cache = LoRACache(v["x"], v["W"], v["A"], v["B"], scaling, v["mask"], h, fan_in_fan_out,
                       x.shape, bias is not None, backend)
     if check_unchanged:
@@ -225,8 +231,9 @@ def lora_backward(dy, cache, *, need_dx=True, need_dW=False, need_dbias=False):
     """
     dy2 = _prepare_backward(dy, cache, LoRACache, need_dbias)  # (N, d_out)
     dx, dA, dB, dW, dbias = BACKEND_MODULES[cache.backend].backward(
-        dy2, cache.x, cache.W, cache.A, cache.B, cache.scaling, cache.mask, cache.fan_in_fan_out,
-        cache.h, bool(need_dx), bool(need_dW), bool(need_dbias))
+        dy2, cache.x, cache.W, cache.A, cache.B, cache.h, scaling=cache.scaling, mask=cache.mask,
+        fan_in_fan_out=cache.fan_in_fan_out, need_dx=bool(need_dx), need_dW=bool(need_dW),
+        need_dbias=bool(need_dbias))
     if dx is not None:
         dx = dx.reshape(cache.x_shape)  # (..., d_in)
     return LoRAGrads(dx, dA, dB, dW, dbias)
@@ -303,13 +310,14 @@ def dora_forward(x, W, A, B, m, *, scaling, bias=None, dropout_mask=None, fan_in
         if not detach_norm:
             raise ValueError("norms= holds n fixed, which only the detached gradient allows: "
                              "with detach_norm=False the gradient flows through n = ‖W + s·B A‖")
-        _, checked = check_dtypes(m=v["m"], norms=norms)
+        _, checked = check_dtypes(allow_complex=backend == "numpy", m=v["m"], norms=norms)
         norms = checked["norms"]
         if norms.shape != (d_out,):
             raise ValueError(f"norms must be (d_out,) = ({d_out},), got norms {norms.shape}")
     fan_in_fan_out = bool(fan_in_fan_out)
     y, saved = dora.forward(BACKEND_MODULES[backend], v["x"], v["W"], v["A"], v["B"], v["m"],
-                            scaling, v["bias"], v["mask"], fan_in_fan_out, norms)
+                            scaling=scaling, bias=v["bias"], mask=v["mask"],
+                            fan_in_fan_out=fan_in_fan_out, norms=norms)
     cache = DoRACache(v["x"], v["W"], v["A"], v["B"], scaling, v["mask"], saved, fan_in_fan_out,
                       detach_norm, x.shape, bias is not None, backend)
     if check_unchanged:
@@ -335,9 +343,10 @@ def dora_backward(dy, cache, *, need_dx=True, need_dW=False, need_dbias=False):
     if type(cache.detach_norm) is not bool or (not cache.detach_norm and cache.saved.WA is None):
         raise ValueError("the cache's detach_norm was modified after the forward pass")
     dx, dA, dB, dm, dW, dbias = dora.backward(
-        BACKEND_MODULES[cache.backend], dy2, cache.x, cache.W, cache.A, cache.B, cache.scaling,
-        cache.mask, cache.fan_in_fan_out, cache.saved, cache.detach_norm, bool(need_dx),
-        bool(need_dW), bool(need_dbias))
+        BACKEND_MODULES[cache.backend], dy2, cache.x, cache.W, cache.A, cache.B, cache.saved,
+        scaling=cache.scaling, mask=cache.mask, fan_in_fan_out=cache.fan_in_fan_out,
+        detach_norm=cache.detach_norm, need_dx=bool(need_dx), need_dW=bool(need_dW),
+        need_dbias=bool(need_dbias))
     if dx is not None:
         dx = dx.reshape(cache.x_shape)  # (..., d_in)
     return DoRAGrads(dx, dA, dB, dm, dW, dbias)

@@ -51,6 +51,7 @@ dA and dB in fixed block order or inside one BLAS call), so results are bit-for-
 import numpy as np
 
 from minilora._jit import jit
+from minilora.lora_numpy import frozen_grads
 
 SMALL_WORK = 1 << 18  # N·d_in·d_out at or below which the fused kernels run
 ROW_BLOCK = 256  # rows per block of the large route's in-place updates
@@ -221,7 +222,7 @@ def _finite(*arrays):
     return all(np.isfinite(np.sum(a)) for a in arrays)
 
 
-def forward(x, W, A, B, scaling, bias, mask, fan_in_fan_out):
+def forward(x, W, A, B, *, scaling, bias=None, mask=None, fan_in_fan_out=False):
     """``lora_numpy.forward``: y (N, d_out) and h (N, r)."""
     N, (r, d_in), d_out = x.shape[0], A.shape, B.shape[0]
     route = _route(N, d_in, d_out, mask)
@@ -251,14 +252,11 @@ def forward(x, W, A, B, scaling, bias, mask, fan_in_fan_out):
     return y, h
 
 
-def backward(dy, x, W, A, B, scaling, mask, fan_in_fan_out, h, need_dx, need_dW, need_dbias):
+def backward(dy, x, W, A, B, h, *, scaling, mask=None, fan_in_fan_out=False, need_dx=True,
+             need_dW=False, need_dbias=False):
     """``lora_numpy.backward``: dx, dA, dB, dW, dbias (None where not asked for)."""
     N, (r, d_in), d_out = x.shape[0], A.shape, B.shape[0]
-    dW = dbias = None
-    if need_dW:
-        dW = x.T @ dy if fan_in_fan_out else dy.T @ x  # W's layout
-    if need_dbias:
-        dbias = dy.sum(axis=0)  # (d_out,)
+    dW, dbias = frozen_grads(dy, x, fan_in_fan_out, need_dW, need_dbias)
     route = _route(N, d_in, d_out, mask)
     if route == "small":
         dx = (dy @ W.T if fan_in_fan_out else dy @ W) if need_dx else None  # (N, d_in), BLAS

@@ -19,7 +19,7 @@ docs/math.md derives each line.
 """
 
 
-def forward(x, W, A, B, scaling, bias, mask, fan_in_fan_out):
+def forward(x, W, A, B, *, scaling, bias=None, mask=None, fan_in_fan_out=False):
     """LoRA forward on two-dimensional inputs (any float or complex dtype: complex-step checks
     run through this function, so it uses only analytic operations).
 
@@ -52,14 +52,16 @@ def forward(x, W, A, B, scaling, bias, mask, fan_in_fan_out):
     return y, h
 
 
-def backward(dy, x, W, A, B, scaling, mask, fan_in_fan_out, h, need_dx, need_dW, need_dbias):
+def backward(dy, x, W, A, B, h, *, scaling, mask=None, fan_in_fan_out=False, need_dx=True,
+             need_dW=False, need_dbias=False):
     """LoRA backward on two-dimensional inputs.
 
     Parameters
     ----------
     dy : (N, d_out), upstream gradient ∂L/∂y
-    x, W, A, B, scaling, mask, fan_in_fan_out : as passed to ``forward``
+    x, W, A, B : as passed to ``forward``
     h : (N, r), x_d Aᵀ from ``forward``
+    scaling, mask, fan_in_fan_out : as passed to ``forward``
     need_dx, need_dW, need_dbias : bool
 
     Returns
@@ -80,13 +82,18 @@ def backward(dy, x, W, A, B, scaling, mask, fan_in_fan_out, h, need_dx, need_dW,
     g = dy @ B  # (N, r)
     dB = scaling * (dy.T @ h)  # (d_out, r)
     dA = scaling * (g.T @ x_d)  # (r, d_in)
-    dx = dW = dbias = None
+    dx = None
     if need_dx:
         base_dx = dy @ W.T if fan_in_fan_out else dy @ W  # (N, d_in)
         lora_dx = scaling * (g @ A)  # (N, d_in)
         dx = base_dx + (lora_dx if mask is None else lora_dx * mask)  # (N, d_in)
-    if need_dW:
-        dW = x.T @ dy if fan_in_fan_out else dy.T @ x  # W's layout
-    if need_dbias:
-        dbias = dy.sum(axis=0)  # (d_out,)
+    dW, dbias = frozen_grads(dy, x, fan_in_fan_out, need_dW, need_dbias)
     return dx, dA, dB, dW, dbias
+
+
+def frozen_grads(dy, x, fan_in_fan_out, need_dW, need_dbias):
+    """The gradients of the frozen weight and bias, the same for every backend:
+    dW = dyᵀ x (W's layout: xᵀ dy for Conv1D) and dbias = Σ_n dy, each None unless asked for."""
+    dW = (x.T @ dy if fan_in_fan_out else dy.T @ x) if need_dW else None  # W's layout
+    dbias = dy.sum(axis=0) if need_dbias else None  # (d_out,)
+    return dW, dbias

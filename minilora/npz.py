@@ -10,7 +10,9 @@ declared shapes to the caller's ``check`` before a single data byte is decompres
 
 import math
 import os
+import struct
 import zipfile
+import zlib
 
 import numpy as np
 import numpy.lib.format as npy
@@ -41,7 +43,8 @@ def load(path, check=None):
     except FileNotFoundError:
         raise NpzError(f"{path}: no such file") from None
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, RuntimeError,
-            NotImplementedError) as e:  # not a zip, truncated, encrypted, unknown compression
+            NotImplementedError, UnicodeDecodeError, zlib.error, struct.error) as e:
+        # not a zip, truncated, encrypted, unknown compression, undecodable names, bad data
         raise NpzError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
 
 

@@ -9,7 +9,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import minilora as ml
-from minilora import dora, lora_numpy
+from minilora import dora
 from minilora.testing import dora_cases
 
 BACKENDS = ["numpy", "numba"]
@@ -55,18 +55,15 @@ def test_detached_gradient_is_the_derivative_with_n_held_fixed(backend, case):
 
 
 def _reference_pair(scaling, mask, fan_in_fan_out, detach_norm):
-    """DoRA through the NumPy reference only, so that it accepts complex128 inputs."""
+    """DoRA through the public pair on the NumPy reference, which accepts complex128 inputs."""
 
     def forward(x, W, A, B, m):
-        y, saved = dora.forward(lora_numpy, x, W, A, B, m, scaling, None, mask, fan_in_fan_out)
-        return y, (x, W, A, B, saved)
+        return ml.dora_forward(x, W, A, B, m, scaling=scaling, dropout_mask=mask,
+                               fan_in_fan_out=fan_in_fan_out, detach_norm=detach_norm,
+                               backend="numpy")
 
     def backward(dy, cache):
-        x, W, A, B, saved = cache
-        dx, dA, dB, dm, dW, _ = dora.backward(lora_numpy, dy, x, W, A, B, scaling, mask,
-                                              fan_in_fan_out, saved, detach_norm, True, True,
-                                              False)
-        return {"x": dx, "W": dW, "A": dA, "B": dB, "m": dm}
+        return ml.dora_backward(dy, cache, need_dW=True)
 
     return forward, backward
 
