@@ -13,20 +13,15 @@ import json
 import numpy as np
 
 from minilora import oracle
-from minilora.oracle.cases import Case, evaluate
-from minilora.oracle.precision import DEFAULT_ACCUMULATION, precision
+from minilora.oracle.cases import emulate
 
 DTYPES = ["bf16", "fp16", "fp32", "fp64"]
 EPSILONS = [m * 10.0**-k for k in range(1, 16) for m in (5, 2, 1)]  # planted sizes, large first
 
 
 def numpy_candidate(case, dtype):
-    prec, accum = precision(dtype), precision(DEFAULT_ACCUMULATION[dtype])
-    numpy_dtype = np.float64 if accum.name == "fp64" else np.float32
-    rounded = {k: prec.round(v).astype(numpy_dtype) for k, v in case.tensors.items()}
-    out = evaluate(Case(rounded, case.scaling, case.fan_in_fan_out, case.detach_norm, dtype),
-                   backend="numba")
-    return {k: prec.round(v).astype(np.float64) for k, v in out.items()}
+    """minilora's numba backend at ``dtype`` (a summation order other than the baseline's)."""
+    return emulate(case, dtype, backend="numba")
 
 
 def torch_candidate(case, dtype):

@@ -26,7 +26,9 @@ the K of y plus N (it sums dy ⊙ u over the batch).
 
 import numpy as np
 
-UNIT_ROUNDOFF = {np.dtype(np.float32): 2.0**-24, np.dtype(np.float64): 2.0**-53}
+from minilora.precision import PRECISIONS
+
+UNIT_ROUNDOFF = {PRECISIONS[name].numpy_dtype: PRECISIONS[name].u for name in ("fp32", "fp64")}
 
 
 def gamma(K, u):

@@ -11,20 +11,15 @@ import pytest
 import minilora as ml
 from minilora import oracle
 from minilora.cli import main
-from minilora.oracle.cases import Case, evaluate
-from minilora.oracle.precision import PRECISIONS, precision
+from minilora.oracle.cases import emulate
+from minilora.precision import PRECISIONS, precision
 from minilora.testing import assert_matches_reference
 
 
 def honest(case, dtype, backend="numba"):
     """A correct candidate at ``dtype``: inputs rounded, fp32 (fp64) arithmetic, outputs rounded.
     It runs minilora's numba backend, a different summation order from the oracle's baseline."""
-    prec = precision(dtype)
-    work = np.float64 if dtype == "fp64" else np.float32
-    rounded = {k: prec.round(v).astype(work) for k, v in case.tensors.items()}
-    out = evaluate(Case(rounded, case.scaling, case.fan_in_fan_out, case.detach_norm, dtype),
-                   backend=backend)
-    return {k: prec.round(v).astype(np.float64) for k, v in out.items()}
+    return emulate(case, dtype, backend=backend)
 
 
 OPTIONS = [dict(), dict(bias=True, dropout=0.2), dict(fan_in_fan_out=True, rslora=True, seq=3),
@@ -296,7 +291,7 @@ def test_a_case_that_overflows_the_candidates_precision_is_unusable_at_it():
 
 def test_the_default_precision_is_the_cases_and_aliases_work_everywhere():
     case = oracle.make_case(d_in=64, d_out=48, r=8, dtype="bfloat16", seed=1)
-    assert case.dtype == "bf16"
+    assert case.input_precision == "bf16"
     good = honest(case, "bf16")
     assert oracle.compare(case, good).passed and oracle.compare(case, good).dtype == "bf16"
     for alias in ("bfloat16", "bf16", precision("bf16")):

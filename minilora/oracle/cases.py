@@ -15,7 +15,7 @@ import numpy as np
 from minilora._checks import check_dy, check_layer_shapes, check_positive_int, check_scaling
 from minilora.dora import row_norms
 from minilora.functional import dora_backward, dora_forward, lora_backward, lora_forward
-from minilora.oracle.precision import precision
+from minilora.precision import DEFAULT_ACCUMULATION, precision
 
 INPUTS = ("x", "W", "A", "B", "bias", "m", "dropout_mask", "dy")
 OUTPUTS = ("y", "dx", "dA", "dB", "dm", "dbias", "dW")
@@ -33,19 +33,29 @@ class Case:
     scaling: float
     fan_in_fan_out: bool = False
     detach_norm: bool = True
-    dtype: str = "fp32"  # the precision the inputs are exactly representable in
+    input_precision: str = "fp32"  # the precision every input is exactly representable in
 
     def __post_init__(self):
-        self.dtype = precision(self.dtype).name  # one spelling: "bfloat16" becomes "bf16"
+        self.input_precision = precision(self.input_precision).name  # "bfloat16" -> "bf16"
+
+    @property
+    def dtype(self):
+        """The old name of ``input_precision`` (the file format's metadata key)."""
+        return self.input_precision
 
     @property
     def dora(self):
         return "m" in self.tensors
 
+    def with_tensors(self, tensors):
+        """The same problem over other tensors (rounded or widened copies of these)."""
+        return Case(tensors, self.scaling, self.fan_in_fan_out, self.detach_norm,
+                    self.input_precision)
+
     def metadata(self):
         return {"format": "minilora-oracle-case/1", "op": "dora" if self.dora else "lora",
                 "scaling": repr(self.scaling), "fan_in_fan_out": self.fan_in_fan_out,
-                "detach_norm": self.detach_norm, "dtype": self.dtype}
+                "detach_norm": self.detach_norm, "dtype": self.input_precision}
 
 
 def make_case(*, d_in, d_out, r, batch=4, seq=None, alpha=None, rslora=False, dora=False,
@@ -109,9 +119,8 @@ def check_fits_memory(elements, what):
 
 def reference(case):
     """The float64 outputs and gradients of a case: y, dx, dA, dB, dW (and dm, dbias)."""
-    widened = {k: v.astype(np.float64) for k, v in case.tensors.items()}
-    return evaluate(Case(widened, case.scaling, case.fan_in_fan_out, case.detach_norm,
-                         case.dtype))
+    return evaluate(case.with_tensors({k: v.astype(np.float64) for k, v in
+                                       case.tensors.items()}))
 
 
 def evaluate(case, backend="numpy"):
@@ -129,6 +138,19 @@ def evaluate(case, backend="numpy"):
         y, cache = lora_forward(t["x"], t["W"], t["A"], t["B"], **kw)
         grads = lora_backward(t["dy"], cache, **need)
     return {"y": y, **{k: v for k, v in grads._asdict().items() if v is not None}}
+
+
+def emulate(case, prec, accum=None, backend="numpy"):
+    """The case computed the way an honest candidate at precision ``prec`` computes it: inputs
+    rounded to ``prec``, arithmetic in ``accum`` (default: fp32, fp64 for fp64), outputs
+    rounded to ``prec``; returned as float64 arrays. The oracle's baseline runs it on the NumPy
+    reference; the tests' and benchmarks' honest candidates on the numba backend (another
+    summation order)."""
+    prec = precision(prec)
+    accum = precision(DEFAULT_ACCUMULATION[prec.name] if accum is None else accum)
+    rounded = {k: prec.round(v).astype(accum.numpy_dtype) for k, v in case.tensors.items()}
+    return {k: prec.round(v).astype(np.float64)
+            for k, v in evaluate(case.with_tensors(rounded), backend=backend).items()}
 
 
 def reference_shapes(case):

@@ -15,7 +15,7 @@ from minilora.cli import finite_float, nonnegative_int, output_path, positive_in
 from minilora.oracle.cases import make_case, reference
 from minilora.oracle.files import load_case, load_outputs, save_case, save_outputs
 from minilora.oracle.judge import compare
-from minilora.oracle.precision import PRECISIONS, precision
+from minilora.precision import PRECISIONS, precision
 
 # The standard suite written by ``oracle vectors``: every option on its own and some together.
 VECTORS = {
@@ -143,7 +143,7 @@ def _vectors(args):
         case_file, ref_file = f"{name}.case.{args.format}", f"{name}.reference.{args.format}"
         save_case(os.path.join(args.out, case_file), case)
         save_outputs(os.path.join(args.out, ref_file), reference(case), {"dtype": "fp64"})
-        index[name] = {"case": case_file, "reference": ref_file, "dtype": case.dtype,
+        index[name] = {"case": case_file, "reference": ref_file, "dtype": case.input_precision,
                        "options": {k: v for k, v in kwargs.items() if k != "dtype"}}
     write_atomic(os.path.join(args.out, "index.json"), json.dumps(index, indent=2).encode())
     print(f"wrote {len(index)} cases with references and index.json to {args.out}")

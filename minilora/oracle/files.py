@@ -24,7 +24,7 @@ from minilora.oracle.cases import (
     check_fits_memory,
     reference_shapes,
 )
-from minilora.oracle.precision import precision
+from minilora.precision import precision
 
 REQUIRED_INPUTS = ("x", "W", "A", "B", "dy")
 
@@ -140,12 +140,13 @@ def load_case(path):
         if not np.all(np.isfinite(a)):
             raise OracleInputError(f"{path}: tensor {name} holds non-finite values")
     try:
-        dtype = precision(str(meta.get("dtype", "fp32"))).name
+        input_precision = precision(str(meta.get("dtype", "fp32"))).name
     except ValueError as e:
         raise OracleInputError(f"{path}: {e}") from None
     common = np.float64 if any(a.dtype == np.float64 for a in tensors.values()) else np.float32
     tensors = {k: v.astype(common) for k, v in tensors.items()}
-    case = Case(tensors, scaling, flags["fan_in_fan_out"], flags["detach_norm"], dtype)
+    case = Case(tensors, scaling, flags["fan_in_fan_out"], flags["detach_norm"],
+                input_precision)
     try:
         reference_shapes(case)
     except ValueError as e:

@@ -30,15 +30,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from minilora.oracle.cases import (
-    OUTPUTS,
-    Case,
-    OracleInputError,
-    evaluate,
-    reference,
-    reference_shapes,
-)
-from minilora.oracle.precision import DEFAULT_ACCUMULATION, PRECISIONS, precision
+from minilora.oracle.cases import OUTPUTS, OracleInputError, emulate, reference, reference_shapes
+from minilora.precision import DEFAULT_ACCUMULATION, PRECISIONS, precision
 from minilora.tolerance import dora_magnitudes, gamma, lora_magnitudes, lora_reduction_lengths
 
 ROUNDINGS = 6
@@ -125,15 +118,6 @@ def magnitudes(case):
         for k in ("dA", "dB", "dW"):
             K[k] += d_in + d_out + r
     return mags, K
-
-
-def baseline(case, prec, accum):
-    """The case computed the way an honest candidate at ``prec`` would: inputs rounded to prec,
-    arithmetic in ``accum``, outputs rounded to prec."""
-    dtype = np.float64 if accum.name == "fp64" else np.float32
-    rounded = {k: prec.round(v).astype(dtype) for k, v in case.tensors.items()}
-    emulated = Case(rounded, case.scaling, case.fan_in_fan_out, case.detach_norm, case.dtype)
-    return {k: prec.round(v).astype(np.float64) for k, v in evaluate(emulated).items()}
 
 
 REQUIRED = ("y", "dx", "dA", "dB")  # every case defines these, DoRA cases dm too
@@ -233,7 +217,7 @@ def compare(case, candidate, dtype=None, accum_dtype=None, outputs=None):
     output, and a case whose reference or honest result at ``dtype`` is not finite raise
     OracleInputError: a verdict is only given on what was judged.
     """
-    prec = precision(case.dtype if dtype is None else dtype)
+    prec = precision(case.input_precision if dtype is None else dtype)
     accum = precision(DEFAULT_ACCUMULATION[prec.name] if accum_dtype is None else accum_dtype)
     arrays, not_judged = check_candidate(case, candidate, outputs)
     with np.errstate(all="ignore"):
@@ -241,7 +225,7 @@ def compare(case, candidate, dtype=None, accum_dtype=None, outputs=None):
         _finite_or_unusable(ref, "its float64 reference")
         mags, K = magnitudes(case)
         _finite_or_unusable(mags, "the magnitudes of its sums (float64 overflow)")
-        base = baseline(case, prec, accum)
+        base = emulate(case, prec, accum)  # the baseline
     for name in arrays:
         if not np.all(np.isfinite(base[name])):
             raise OracleInputError(f"case unusable at {prec.name}: an honest {prec.name} "
