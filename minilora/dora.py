@@ -68,8 +68,11 @@ def row_norms(W, A, B, scaling, fan_in_fan_out):
     w2 = np.einsum("ji,ji->j", Wr, Wr)  # (d_out,) ‖W_j‖²
     n2 = w2 + 2 * scaling * np.einsum("jk,jk->j", B, WA) \
         + scaling**2 * np.einsum("jk,kl,jl->j", B, AA, B)  # (d_out,)
-    a_norms = np.sqrt(np.einsum("ki,ki->k", A, A).real)  # (r,) ‖A_k‖
-    t = np.sqrt(w2.real) + abs(scaling) * (np.abs(B.real) @ a_norms)  # (d_out,)
+    # t_j decides which rows to recompute; from real parts, so that a complex step (a tiny
+    # imaginary part, whose square is negative) never makes it NaN.
+    Wre, Are = Wr.real, A.real  # views
+    a_norms = np.sqrt(np.einsum("ki,ki->k", Are, Are))  # (r,) ‖A_k‖
+    t = np.sqrt(np.einsum("ji,ji->j", Wre, Wre)) + abs(scaling) * (np.abs(B.real) @ a_norms)
     rows = np.flatnonzero(~(16 * n2.real >= t * t))  # cancellation (or NaN): recompute directly
     for start in range(0, rows.size, DIRECT_BLOCK):
         block = rows[start:start + DIRECT_BLOCK]

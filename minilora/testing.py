@@ -81,14 +81,30 @@ def lora_shapes(draw, max_dim=12, max_lead_dims=3, max_lead=3):
     return lead, d_in, d_out, r
 
 
+VALUES = ("normal", "zeros", "wide")
+
+
+def _values(rng, kind, shape, dtype):
+    """Arrays of one of three kinds: standard normal; normal with about half the entries exactly
+    zero (sparse inputs, ReLU outputs, exact cancellations); or a wide dynamic range, magnitudes
+    log-uniform over 1e-3..1e3 with random signs."""
+    a = rng.standard_normal(shape)
+    if kind == "zeros":
+        a = np.where(rng.random(shape) < 0.5, 0.0, a)
+    elif kind == "wide":
+        a = np.sign(a) * 10.0 ** rng.uniform(-3, 3, shape)
+    return a.astype(dtype)
+
+
 @st.composite
 def lora_cases(draw, dtypes=(np.float64, np.float32), max_dim=12, dropout=None, bias=None,
-               fan_in_fan_out=None):
+               fan_in_fan_out=None, values=VALUES):
     """A LoRACase: shapes from ``lora_shapes``, options drawn unless fixed by the arguments.
 
     The dropout mask is drawn at one of three shapes: x's own, a per-feature (d_in,) row, or one
-    value per token (..., 1); its values are 0 or 1/(1−p). Values are standard normal from a
-    drawn seed, so a failing example reproduces from its printed seed.
+    value per token (..., 1); its values are 0 or 1/(1−p). Array values are of a kind drawn from
+    ``values`` ("normal", "zeros": about half exactly zero, "wide": magnitudes from 1e-3 to 1e3)
+    from a drawn seed, so a failing example reproduces from its printed seed.
     """
     lead, d_in, d_out, r = draw(lora_shapes(max_dim=max_dim))
     dtype = np.dtype(draw(st.sampled_from(dtypes)))
@@ -99,9 +115,10 @@ def lora_cases(draw, dtypes=(np.float64, np.float32), max_dim=12, dropout=None, 
     alpha = draw(st.sampled_from([1.0, 8.0, 16.0, -2.0]))
     scaling = alpha / (np.sqrt(r) if draw(st.booleans()) else r)  # rsLoRA or alpha/r
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    kind = draw(st.sampled_from(values))
 
     def normal(*shape):
-        return rng.standard_normal(shape).astype(dtype)
+        return _values(rng, kind, shape, dtype)
 
     B = normal(d_out, r)
     B.flat[0] = 1.0 + abs(B.flat[0])  # never all zero
@@ -124,12 +141,15 @@ def lora_cases(draw, dtypes=(np.float64, np.float32), max_dim=12, dropout=None, 
 
 
 @st.composite
-def dora_cases(draw, **kwargs):
+def dora_cases(draw, detach_norm=None, values=("normal", "wide"), **kwargs):
     """A LoRACase with a DoRA magnitude m: the row norms of W + s·B A times factors in [0.5, 2]
-    (as after some training), so c = m/n is not 1. Takes ``lora_cases``' arguments."""
+    (as after some training), so c = m/n is not 1, and ``detach_norm`` drawn unless given.
+    Takes ``lora_cases``' arguments; by default not its "zeros" values, which can zero a whole
+    row of W + s·B A, where the norm has no derivative (minilora defines c = 0 there)."""
     from minilora.dora import row_norms
 
-    case = draw(lora_cases(**kwargs))
+    case = draw(lora_cases(values=values, **kwargs))
+    case.detach_norm = draw(st.booleans()) if detach_norm is None else bool(detach_norm)
     n = row_norms(case.W, case.A, case.B, case.scaling, case.fan_in_fan_out)[0]
     factors = np.random.default_rng(draw(st.integers(0, 2**32 - 1))).uniform(0.5, 2.0, n.shape)
     case.m = (n * factors).astype(case.x.dtype)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import minilora as ml
 from minilora import dora
-from minilora.testing import dora_cases
+from minilora.testing import assert_matches_reference, dora_cases
 
 BACKENDS = ["numpy", "numba"]
 
@@ -117,7 +117,7 @@ def test_norm_expansion_falls_back_where_it_cancels():
     np.testing.assert_allclose(n, exact, rtol=1e-6)  # the expansion alone is off by ~1e-1
     expansion = np.sqrt(np.abs(np.einsum("ji,ji->j", W, W) + 2 * s * np.einsum(
         "jk,jk->j", B, W @ A.T) + s**2 * np.einsum("jk,kl,jl->j", B, A @ A.T, B)))
-    assert np.max(np.abs(expansion[:3] - exact[:3]) / exact[:3]) > 1e-3
+    assert np.max(np.abs(expansion[:3] - exact[:3]) / exact[:3]) > 1  # wrong in the first digit
 
 
 def test_norms_in_float32_are_accurate_relative_to_float64():
@@ -134,17 +134,13 @@ def test_norms_in_float32_are_accurate_relative_to_float64():
 def test_float32_matches_float64(backend, case):
     kw = case.kwargs()
     y32, c32 = ml.dora_forward(case.x, case.W, case.A, case.B, case.m, backend=backend, **kw)
-    g32 = ml.dora_backward(case.dy, c32)
-    kw64 = {k: (v.astype(np.float64) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
-    up = [a.astype(np.float64) for a in (case.x, case.W, case.A, case.B, case.m)]
-    y64, c64 = ml.dora_forward(*up, backend="numpy", **kw64)
-    g64 = ml.dora_backward(case.dy.astype(np.float64), c64)
-    for name, a, b in [("y", y32, y64), ("dx", g32.dx, g64.dx), ("dA", g32.dA, g64.dA),
-                       ("dB", g32.dB, g64.dB), ("dm", g32.dm, g64.dm)]:
-        assert a.dtype == np.float32, name
-        # Not a derived bound (the norm makes DoRA nonlinear): 1e-4 of the largest entry.
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * max(1.0, np.abs(b).max(initial=0)),
-                                   err_msg=name)
+    g32 = ml.dora_backward(case.dy, c32, need_dW=True, need_dbias=case.bias is not None)
+    outputs = {"y": y32, **{k: v for k, v in g32._asdict().items() if v is not None}}
+    assert all(v.dtype == np.float32 for v in outputs.values())
+    # Within the oracle's derived bounds (DoRA's include the norms' reduction) of the float64
+    # reference on the same float32 inputs.
+    case.detach_norm = True
+    assert_matches_reference(outputs, case, dtype="fp32")
 
 
 def test_bad_m_is_named():

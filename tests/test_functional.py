@@ -186,3 +186,24 @@ def test_zero_B_makes_dA_exactly_zero(backend, case):
                                **case.kwargs())
     g = ml.lora_backward(case.dy, cache)
     assert not g.dA.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["lora", "dora"])
+@given(case=lora_cases(dtypes=(np.float64,), max_dim=8))
+def test_need_dx_false_skips_dx_and_changes_nothing_else(backend, op, case):
+    """need_dx=False returns dx None and the same bits for every other gradient."""
+    kw = dict(backend=backend, **case.kwargs())
+    if op == "lora":
+        _, cache = ml.lora_forward(case.x, case.W, case.A, case.B, **kw)
+        backward = ml.lora_backward
+    else:
+        m = np.abs(case.B[:, 0]) + 1.0
+        _, cache = ml.dora_forward(case.x, case.W, case.A, case.B, m, **kw)
+        backward = ml.dora_backward
+    full = backward(case.dy, cache, need_dW=True)
+    skip = backward(case.dy, cache, need_dx=False, need_dW=True)
+    assert skip.dx is None and full.dx is not None
+    for name, value in skip._asdict().items():
+        if value is not None:
+            assert np.array_equal(value, getattr(full, name)), name

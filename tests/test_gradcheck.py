@@ -52,7 +52,8 @@ def test_a_single_wrong_entry_is_found_at_its_index():
 
     report = ml.gradcheck(forward, wrong, inputs, max_jacobian=0, raise_on_failure=False)
     (check,) = [c for c in report.inputs if c.name == "W"]
-    assert not check.passed
+    assert not check.passed and check.worst_index == (7, 11)
+    assert [c.name for c in report.inputs if not c.passed] == ["W"]
 
 
 def test_structural_problems_are_reported():

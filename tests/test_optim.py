@@ -42,6 +42,21 @@ def test_lora_plus_scales_only_B():
     assert opt.lr_for("3.A") == pytest.approx(1e-3) and opt.lr_for("W") == pytest.approx(1e-3)
 
 
+def test_lora_plus_step_moves_B_ratio_times_as_far_as_A():
+    """The first Adam step is lr·sign(g) (m̂ = g, v̂ = g²): B's is 16 times A's."""
+    from minilora.layer import LoRALinear
+    from minilora.modules import Sequential
+
+    model = Sequential(LoRALinear(3, 2, r=2, seed=0, dtype=np.float64))
+    layer = model.modules[0]
+    layer.grads["A"][...] = 1.0
+    layer.grads["B"][...] = -1.0
+    A0, B0 = layer.A.copy(), layer.B.copy()
+    AdamW(model, lr=1e-3, eps=1e-12, weight_decay=0.0, lora_plus_ratio=16).step()
+    np.testing.assert_allclose(layer.A - A0, -1e-3, rtol=1e-9)
+    np.testing.assert_allclose(layer.B - B0, 16e-3, rtol=1e-9)
+
+
 def test_clip_grad_norm():
     layer = _layer()
     total = clip_grad_norm(layer, 1.0)

@@ -313,3 +313,23 @@ def test_a_candidate_stored_finer_or_coarser_than_claimed_gets_a_warning():
     assert any("bf16 value" in w for w in report.warnings)
     assert "warning:" in str(report)
     assert oracle.compare(case, bf16, dtype="bf16").warnings == []
+
+
+def test_bf16_and_fp16_rounding_are_bit_for_bit_torchs():
+    """The emulation every bf16 and fp16 verdict rests on: round to nearest even, on every
+    float32 bit pattern class (normals, subnormals, ties, the largest values, inf, NaN)."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    bits = np.concatenate([rng.integers(0, 2**32, 200_000, dtype=np.uint64),
+                           np.arange(0, 2**16, dtype=np.uint64) << np.uint64(16 - 15),
+                           (np.arange(0, 2**16, dtype=np.uint64) << np.uint64(16)) | 0x8000,
+                           np.array([0x7F7FFFFF, 0x7F800000, 0xFF800000, 0x00000001],
+                                    dtype=np.uint64)]).astype(np.uint32)
+    x = bits.view(np.float32)
+    x = x[~np.isnan(x)]  # NaN payloads may differ; that a NaN stays NaN is checked below
+    for name, tdt in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        with np.errstate(over="ignore"):
+            ours = precision(name).round(x)
+        theirs = torch.from_numpy(x).to(tdt).float().numpy()
+        assert np.array_equal(ours.view(np.uint32), theirs.view(np.uint32)), name
+        assert np.isnan(precision(name).round(np.array([np.nan], np.float32))).all()
