@@ -1,9 +1,9 @@
 """Chapter 8: checking your own LoRA implementation with minilora's oracle.
 
-With PyTorch installed, the candidate is a LoRA layer written with torch autograd, run in bfloat16
-and in float32; without it, a numpy implementation with a deliberate bug. The oracle computes the
-float64 reference from the case's inputs and judges with tolerances derived from the candidate's
-precision (docs/oracle.md).
+Two candidates: a LoRA layer written with torch autograd, run in bfloat16 and in float32 (when
+PyTorch is installed), and, always, a numpy implementation with a deliberate bug. The oracle
+computes the float64 reference from the case's inputs and judges every output with tolerances
+derived from the candidate's precision (docs/oracle.md).
 """
 
 import minilora as ml

@@ -114,7 +114,7 @@ def test_norm_expansion_falls_back_where_it_cancels():
     n, _, _, n_direct = dora.row_norms(W, A, B, s, False)
     exact = np.linalg.norm(W + s * B @ A, axis=1)
     assert n_direct == 3
-    np.testing.assert_allclose(n, exact, rtol=1e-6)  # the expansion alone is off by ~1e-1
+    np.testing.assert_allclose(n, exact, rtol=1e-6)  # the expansion alone: wrong in digit one
     expansion = np.sqrt(np.abs(np.einsum("ji,ji->j", W, W) + 2 * s * np.einsum(
         "jk,jk->j", B, W @ A.T) + s**2 * np.einsum("jk,kl,jl->j", B, A @ A.T, B)))
     assert np.max(np.abs(expansion[:3] - exact[:3]) / exact[:3]) > 1  # wrong in the first digit
