@@ -16,6 +16,7 @@ import tracemalloc
 import numpy as np
 
 import minilora as ml
+from minilora._io import write_atomic
 
 # (name, N, d_in, d_out, r, dtype, dropout, op)
 CASES = [
@@ -210,8 +211,6 @@ def run(quick=False, with_torch=True, json_path=None, out=print):
         out(f"fresh process, import + first small fwd+bwd (JIT cache warm): "
             f"{results['startup_s']:.2f} s")
     if json_path:
-        from minilora._io import write_atomic
-
         write_atomic(json_path, json.dumps(results, indent=2).encode())
     return results
 

@@ -12,6 +12,7 @@ import numpy as np
 from minilora import npz
 from minilora._io import write_atomic
 from minilora.layer import LoRALinear
+from minilora.peft import save_adapter
 
 
 def save_trainable(path, model):
@@ -61,6 +62,4 @@ def lora_layers(model, prefix=""):
 
 def save_peft(path, model):
     """Write the model's LoRA layers as a PEFT adapter folder (see ``minilora.peft``)."""
-    from minilora.peft import save_adapter
-
     save_adapter(path, lora_layers(model))

@@ -9,6 +9,8 @@ import math
 import os
 import sys
 
+from minilora import bench, demo, selfcheck
+
 
 class CommandError(Exception):
     """A problem the user can fix, reported as one line and exit code 2."""
@@ -16,24 +18,20 @@ class CommandError(Exception):
 
 # -- argument types: argparse turns their ArgumentTypeError into a usage error (exit 2) ---------
 
-def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def _int_at_least(minimum, kind):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {kind}, got {value}")
+        return value
+    return parse
 
 
-def nonnegative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
+positive_int = _int_at_least(1, "a positive integer")
+nonnegative_int = _int_at_least(0, "at least 0")
 
 
 def finite_float(text):
@@ -69,21 +67,15 @@ def output_path(text):
 # -- the commands -----------------------------------------------------------------------------
 
 def _gradcheck(args):
-    from minilora import selfcheck
-
     return 0 if selfcheck.run() else 1
 
 
 def _bench(args):
-    from minilora import bench
-
     bench.run(quick=args.quick, with_torch=not args.no_torch, json_path=args.json)
     return 0
 
 
 def _demo(args):
-    from minilora import demo
-
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -115,7 +107,7 @@ def build_parser():
     p.add_argument("--json", metavar="PATH", type=output_path,
                    help="also write the figures as JSON")
     p.set_defaults(func=_bench)
-    from minilora.oracle import cli as oracle_cli
+    from minilora.oracle import cli as oracle_cli  # here: it imports this module's types
 
     oracle_cli.add_parser(sub)
     return parser

@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 
+from minilora._io import write_atomic
 from minilora.layer import LoRALinear
 from minilora.losses import accuracy, softmax_cross_entropy, softmax_cross_entropy_backward
 from minilora.modules import Linear, ReLU, Sequential, summary
@@ -204,8 +205,6 @@ def main(args):
         plot(results, args.plot)
         print(f"wrote {args.plot}")
     if args.json:
-        from minilora._io import write_atomic
-
         write_atomic(args.json, json.dumps(results, indent=2).encode())
         print(f"wrote {args.json}")
     return 0

@@ -82,6 +82,13 @@ def row_norms(W, A, B, scaling, fan_in_fan_out):
     return n, WA, AA, rows.size
 
 
+def trained_magnitude(n, rng):
+    """A magnitude m as after some training: the row norms n (d_out,) times factors drawn from
+    U(0.5, 2), so that c = m/n is not 1 (at initialisation m = n and c = 1 exactly, which would
+    hide a wrong c in a test)."""
+    return n * rng.uniform(0.5, 2.0, n.shape)  # (d_out,)
+
+
 def inverse_norms(n):
     """1/n, with 0 where n = 0 (the zero-row convention of the module docstring)."""
     nonzero = n.real > 0

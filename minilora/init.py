@@ -22,6 +22,12 @@ def kaiming_uniform(rng, shape, dtype):
     return rng.uniform(-bound, bound, size=shape).astype(dtype)
 
 
+def linear_bias(rng, in_features, out_features, dtype):
+    """torch's ``nn.Linear`` bias init: U(±1/√in_features), the bound of its weight."""
+    bound = 1.0 / np.sqrt(in_features) if in_features > 0 else 0.0
+    return rng.uniform(-bound, bound, out_features).astype(dtype)
+
+
 def init_lora(scheme, W, r, scaling, rng):
     """Initialise a LoRA adapter for the frozen weight W (d_out, d_in).
 

@@ -17,7 +17,7 @@ from minilora.functional import (
     lora_forward,
     lora_scaling,
 )
-from minilora.init import init_lora, kaiming_uniform
+from minilora.init import init_lora, kaiming_uniform, linear_bias
 from minilora.modules import Module
 
 
@@ -108,8 +108,7 @@ class LoRALinear(Module):
                 raise ValueError("bias_value was given but bias=False")
             return None
         if bias_value is None:
-            bound = 1.0 / np.sqrt(self.in_features)
-            return self.rng.uniform(-bound, bound, self.out_features).astype(self.dtype)
+            return linear_bias(self.rng, self.in_features, self.out_features, self.dtype)
         bias_value = np.asarray(bias_value)
         if bias_value.shape != (self.out_features,):
             raise ValueError(f"bias_value must have shape ({self.out_features},), "

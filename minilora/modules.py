@@ -8,7 +8,7 @@ trainable arrays by name (updated in place by the optimizers), ``num_parameters(
 
 import numpy as np
 
-from minilora.init import kaiming_uniform
+from minilora.init import kaiming_uniform, linear_bias
 
 # -- the pairs -----------------------------------------------------------------------------------
 
@@ -96,8 +96,7 @@ class Linear(Module):
             raise ValueError(f"weight must be ({out_features}, {in_features}), got {W.shape}")
         arrays = {"W": W}
         if bias:
-            bound = 1 / np.sqrt(in_features)
-            arrays["b"] = rng.uniform(-bound, bound, out_features).astype(dtype) \
+            arrays["b"] = linear_bias(rng, in_features, out_features, dtype) \
                 if bias_value is None else np.array(bias_value, dtype=dtype)
         self.trainable = bool(trainable)
         self.params = arrays if trainable else {}

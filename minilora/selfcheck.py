@@ -6,7 +6,7 @@ import itertools
 
 import numpy as np
 
-from minilora.dora import row_norms
+from minilora.dora import row_norms, trained_magnitude
 from minilora.functional import (
     dora_backward,
     dora_forward,
@@ -34,24 +34,25 @@ OPS = ["lora", "dora", "dora-full"]  # DoRA with the norm detached (PEFT), then 
 def rows(backends=("numpy", "numba"), seed=0):
     """Yield one result dict per (op, backend, shape, options)."""
     rng = np.random.default_rng(seed)
-    for op, backend, (lead, d_in, d_out, r), (bias, dropout, fifo, rslora) in itertools.product(
-            OPS, backends, SHAPES, OPTIONS):
+    for op, backend, shape, options in itertools.product(OPS, backends, SHAPES, OPTIONS):
+        (lead, d_in, d_out, r), (bias, dropout, fan_in_fan_out, rslora) = shape, options
         scaling = lora_scaling(8, r, use_rslora=rslora)
         mask = ((rng.random(lead + (d_in,)) >= 0.25) / 0.75) if dropout else None
         inputs = dict(x=rng.standard_normal(lead + (d_in,)),
-                      W=rng.standard_normal((d_in, d_out) if fifo else (d_out, d_in)),
+                      W=rng.standard_normal((d_in, d_out) if fan_in_fan_out else (d_out, d_in)),
                       A=rng.standard_normal((r, d_in)), B=rng.standard_normal((d_out, r)))
         if bias:
             inputs["bias"] = rng.standard_normal(d_out)
-        kw = dict(scaling=scaling, dropout_mask=mask, fan_in_fan_out=fifo, backend=backend)
+        kw = dict(scaling=scaling, dropout_mask=mask, fan_in_fan_out=fan_in_fan_out,
+                  backend=backend)
         if op == "lora":
             def forward(x, W, A, B, bias=None, kw=kw):
                 return lora_forward(x, W, A, B, bias=bias, **kw)
 
             backward = functools.partial(lora_backward, need_dW=True, need_dbias=bias)
-        else:  # m: the row norms times factors in [0.5, 2], as after some training
-            n = row_norms(inputs["W"], inputs["A"], inputs["B"], scaling, fifo)[0]
-            inputs["m"] = n * rng.uniform(0.5, 2.0, d_out)
+        else:
+            n = row_norms(inputs["W"], inputs["A"], inputs["B"], scaling, fan_in_fan_out)[0]
+            inputs["m"] = trained_magnitude(n, rng)
             if op == "dora":  # the detached gradient: the derivative with n held fixed
                 kw["norms"] = n
 
@@ -60,8 +61,8 @@ def rows(backends=("numpy", "numba"), seed=0):
 
             backward = functools.partial(dora_backward, need_dW=True, need_dbias=bias)
         report = gradcheck(forward, backward, inputs, raise_on_failure=False)
-        flags = [name for name, on in (("bias", bias), ("dropout", dropout),
-                                       ("fan_in_fan_out", fifo), ("rslora", rslora)) if on]
+        flags = [name for name, on in zip(("bias", "dropout", "fan_in_fan_out", "rslora"),
+                                          options, strict=True) if on]
         yield {"op": op, "backend": backend,
                "config": f"x{lead + (d_in,)} {d_in}->{d_out} r={r} " + " ".join(flags),
                "checked": ",".join(c.name for c in report.inputs),

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 from hypothesis import strategies as st
 
+from minilora.dora import row_norms, trained_magnitude
+from minilora.oracle import Case, compare
+
 
 @dataclass
 class LoRACase:
@@ -40,8 +43,6 @@ class LoRACase:
 
     def to_oracle(self):
         """This case as a ``minilora.oracle.Case``."""
-        from minilora.oracle import Case
-
         names = ("x", "W", "A", "B", "dy", "bias", "dropout_mask", "m")
         tensors = {k: getattr(self, k) for k in names if getattr(self, k) is not None}
         dtype = "fp64" if self.x.dtype == np.float64 else "fp32"
@@ -60,8 +61,6 @@ def assert_matches_reference(candidate_outputs, case, *, dtype=None, accum_dtype
     Returns the report when it passes. Unknown names, wrong shapes and missing outputs raise
     ``minilora.oracle.OracleInputError`` (a ValueError), never a pass.
     """
-    from minilora.oracle import Case, compare
-
     oracle_case = case if isinstance(case, Case) else case.to_oracle()
     report = compare(oracle_case, candidate_outputs, dtype=dtype, accum_dtype=accum_dtype,
                      outputs=outputs)
@@ -109,7 +108,7 @@ def lora_cases(draw, dtypes=(np.float64, np.float32), max_dim=12, dropout=None, 
     lead, d_in, d_out, r = draw(lora_shapes(max_dim=max_dim))
     dtype = np.dtype(draw(st.sampled_from(dtypes)))
     use_bias = draw(st.booleans()) if bias is None else bias
-    fifo = draw(st.booleans()) if fan_in_fan_out is None else fan_in_fan_out
+    fan_in_fan_out = draw(st.booleans()) if fan_in_fan_out is None else fan_in_fan_out
     mask_kind = draw(st.sampled_from(["none", "full", "feature", "token"])) if dropout is None \
         else ("full" if dropout else "none")
     alpha = draw(st.sampled_from([1.0, 8.0, 16.0, -2.0]))
@@ -129,13 +128,13 @@ def lora_cases(draw, dtypes=(np.float64, np.float32), max_dim=12, dropout=None, 
         mask = ((rng.random(shape) >= p) / (1 - p)).astype(dtype)
     return LoRACase(
         x=normal(*lead, d_in),
-        W=normal(d_in, d_out) if fifo else normal(d_out, d_in),
+        W=normal(d_in, d_out) if fan_in_fan_out else normal(d_out, d_in),
         A=normal(r, d_in),
         B=B,
         scaling=float(scaling),
         bias=normal(d_out) if use_bias else None,
         dropout_mask=mask,
-        fan_in_fan_out=fifo,
+        fan_in_fan_out=fan_in_fan_out,
         dy=normal(*lead, d_out),
     )
 
@@ -146,11 +145,9 @@ def dora_cases(draw, detach_norm=None, values=("normal", "wide"), **kwargs):
     (as after some training), so c = m/n is not 1, and ``detach_norm`` drawn unless given.
     Takes ``lora_cases``' arguments; by default not its "zeros" values, which can zero a whole
     row of W + s·B A, where the norm has no derivative (minilora defines c = 0 there)."""
-    from minilora.dora import row_norms
-
     case = draw(lora_cases(values=values, **kwargs))
     case.detach_norm = draw(st.booleans()) if detach_norm is None else bool(detach_norm)
     n = row_norms(case.W, case.A, case.B, case.scaling, case.fan_in_fan_out)[0]
-    factors = np.random.default_rng(draw(st.integers(0, 2**32 - 1))).uniform(0.5, 2.0, n.shape)
-    case.m = (n * factors).astype(case.x.dtype)
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    case.m = trained_magnitude(n, rng).astype(case.x.dtype)
     return case

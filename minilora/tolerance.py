@@ -26,6 +26,8 @@ the K of y plus N (it sums dy ⊙ u over the batch).
 
 import numpy as np
 
+from minilora.dora import inverse_norms, row_norms
+from minilora.functional import lora_backward, lora_forward
 from minilora.precision import PRECISIONS
 
 UNIT_ROUNDOFF = {PRECISIONS[name].numpy_dtype: PRECISIONS[name].u for name in ("fp32", "fp64")}
@@ -55,8 +57,6 @@ def lora_magnitudes(x, W, A, B, *, scaling, dy, bias=None, dropout_mask=None,
     Returns a dict ``{"y", "dx", "dA", "dB", "dW"}`` (and ``"dbias"`` with a bias) of float64
     arrays shaped like the outputs.
     """
-    from minilora.functional import lora_backward, lora_forward
-
     y_mag, cache = lora_forward(_abs(x), _abs(W), _abs(A), _abs(B), scaling=abs(scaling),
                                 bias=_abs(bias), dropout_mask=_abs(dropout_mask),
                                 fan_in_fan_out=fan_in_fan_out, backend="numpy")
@@ -92,8 +92,6 @@ def dora_magnitudes(x, W, A, B, m, *, scaling, dy, bias=None, dropout_mask=None,
     Returns ``(mags, extra_K)`` with mags a dict ``{"y", "dx", "dA", "dB", "dm", "dW"}``
     (and ``"dbias"``).
     """
-    from minilora.dora import inverse_norms, row_norms
-
     x2 = x.reshape(-1, x.shape[-1]).astype(np.float64)
     dy2 = np.abs(dy.reshape(-1, dy.shape[-1])).astype(np.float64)
     W64, A64, B64 = (a.astype(np.float64) for a in (W, A, B))

@@ -34,10 +34,10 @@ def _wrapped(base):
     return Wrapper()
 
 
-def _peft_layer(d_in, d_out, r, *, use_dora, fifo, rslora, seed):
+def _peft_layer(d_in, d_out, r, *, use_dora, fan_in_fan_out, rslora, seed):
     """PEFT's LoRA layer on a base layer with a bias (Conv1D always has one)."""
     torch.manual_seed(seed)
-    if fifo:
+    if fan_in_fan_out:
         from transformers.pytorch_utils import Conv1D
 
         base = Conv1D(d_out, d_in)  # weight (d_in, d_out)
@@ -45,7 +45,7 @@ def _peft_layer(d_in, d_out, r, *, use_dora, fifo, rslora, seed):
         base = torch.nn.Linear(d_in, d_out, bias=True)
 
     config = peft.LoraConfig(r=r, lora_alpha=5, target_modules=["lin"], use_dora=use_dora,
-                             lora_dropout=0.1, fan_in_fan_out=fifo, use_rslora=rslora,
+                             lora_dropout=0.1, fan_in_fan_out=fan_in_fan_out, use_rslora=rslora,
                              init_lora_weights=False)
     model = peft.get_peft_model(_wrapped(base).double(), config).double()
     layer = model.base_model.model.lin
@@ -58,13 +58,13 @@ def _peft_layer(d_in, d_out, r, *, use_dora, fifo, rslora, seed):
 
 
 @pytest.mark.parametrize("use_dora", [False, True])
-@pytest.mark.parametrize("fifo", [False, True])
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
 @pytest.mark.parametrize("dropout", [False, True])
 @pytest.mark.parametrize("rslora", [False, True])
 @pytest.mark.parametrize("backend", ["numpy", "numba"])
-def test_matches_peft_forward_and_gradients(use_dora, fifo, dropout, rslora, backend):
+def test_matches_peft_forward_and_gradients(use_dora, fan_in_fan_out, dropout, rslora, backend):
     d_in, d_out, r = 9, 6, 3
-    model, layer = _peft_layer(d_in, d_out, r, use_dora=use_dora, fifo=fifo,
+    model, layer = _peft_layer(d_in, d_out, r, use_dora=use_dora, fan_in_fan_out=fan_in_fan_out,
                                rslora=rslora, seed=1)
     rng = np.random.default_rng(2)
     x = rng.standard_normal((2, 4, d_in))
@@ -84,8 +84,8 @@ def test_matches_peft_forward_and_gradients(use_dora, fifo, dropout, rslora, bac
     A, B = t(layer.lora_A["default"].weight), t(layer.lora_B["default"].weight)
     W, bias = t(layer.base_layer.weight), t(layer.base_layer.bias)
     assert layer.scaling["default"] == ml.lora_scaling(5, r, use_rslora=rslora)
-    kw = dict(scaling=layer.scaling["default"], bias=bias, dropout_mask=mask, fan_in_fan_out=fifo,
-              backend=backend)
+    kw = dict(scaling=layer.scaling["default"], bias=bias, dropout_mask=mask,
+              fan_in_fan_out=fan_in_fan_out, backend=backend)
     if use_dora:
         m = t(layer.lora_magnitude_vector["default"].weight)
         y, cache = ml.dora_forward(x, W, A, B, m, **kw)

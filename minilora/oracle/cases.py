@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from minilora._checks import check_dy, check_layer_shapes, check_positive_int, check_scaling
-from minilora.dora import row_norms
+from minilora.dora import row_norms, trained_magnitude
 from minilora.functional import dora_backward, dora_forward, lora_backward, lora_forward
 from minilora.precision import DEFAULT_ACCUMULATION, precision
 
@@ -101,7 +101,7 @@ def make_case(*, d_in, d_out, r, batch=4, seq=None, alpha=None, rslora=False, do
     if dora:
         n = row_norms(t["W"].astype(np.float64), t["A"].astype(np.float64),
                       t["B"].astype(np.float64), scaling, fan_in_fan_out)[0]
-        t["m"] = draw(n * rng.uniform(0.5, 2.0, d_out))
+        t["m"] = draw(trained_magnitude(n, rng))
     return Case(t, float(scaling), bool(fan_in_fan_out), bool(detach_norm), prec.name)
 
 
