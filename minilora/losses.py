@@ -1,6 +1,8 @@
 """Losses as forward/backward pairs: softmax cross-entropy and mean squared error.
 
-Both average over the batch, so their gradients carry a 1/N.
+The library's pattern, ``loss(...) -> (value, cache)`` and ``loss_backward(cache)``: a loss is
+the last op, so its upstream gradient is 1 and the backward takes the cache alone. Both average
+over the batch, so their gradients carry a 1/N.
 """
 
 import numpy as np

@@ -3,7 +3,8 @@
 Each module follows ``LoRALinear``'s protocol: ``y = module(x)`` keeps what the backward pass
 needs, ``dx = module.backward(dy)`` adds into ``module.grads``; ``parameters()`` are the
 trainable arrays by name (updated in place by the optimizers), ``num_parameters()`` returns
-``(trainable, frozen)``. The math of each is a forward/backward pair of free functions.
+``(trainable, frozen)``. The math of each is a forward/backward pair of free functions with the
+pattern of the whole library: ``op_forward(...) -> (y, cache)``, ``op_backward(dy, cache)``.
 """
 
 import numpy as np
@@ -14,37 +15,41 @@ from minilora.init import kaiming_uniform, linear_bias
 
 
 def linear_forward(x, W, b):
-    """y = x Wᵀ + b.  x (N, d_in), W (d_out, d_in), b (d_out,) or None -> y (N, d_out)."""
+    """y = x Wᵀ + b.  x (N, d_in), W (d_out, d_in), b (d_out,) or None -> y (N, d_out), and the
+    cache (x, W)."""
     y = x @ W.T  # (N, d_out)
-    return y if b is None else y + b
+    return (y if b is None else y + b), (x, W)
 
 
-def linear_backward(dy, x, W):
+def linear_backward(dy, cache):
     """dx = dy W (N, d_in), dW = dyᵀ x (d_out, d_in), db = Σ_n dy (d_out,)."""
+    x, W = cache
     return dy @ W, dy.T @ x, dy.sum(axis=0)
 
 
 def relu_forward(x):
-    """y = max(x, 0)."""
-    return np.maximum(x, 0)
+    """y = max(x, 0); the cache is x."""
+    return np.maximum(x, 0), x
 
 
-def relu_backward(dy, x):
+def relu_backward(dy, cache):
     """dx = dy ⊙ [x > 0] (the subgradient 0 at x = 0)."""
-    return dy * (x > 0)
+    return dy * (cache > 0)
 
 
 GELU_C = np.sqrt(2 / np.pi)
 
 
 def gelu_forward(x):
-    """GELU, tanh approximation (GPT-2's): y = ½x(1 + tanh(u)), u = √(2/π)(x + 0.044715x³)."""
+    """GELU, tanh approximation (GPT-2's): y = ½x(1 + tanh(u)), u = √(2/π)(x + 0.044715x³); the
+    cache is x."""
     u = GELU_C * (x + 0.044715 * x**3)
-    return 0.5 * x * (1 + np.tanh(u))
+    return 0.5 * x * (1 + np.tanh(u)), x
 
 
-def gelu_backward(dy, x):
+def gelu_backward(dy, cache):
     """dy/dx = ½(1 + tanh u) + ½x(1 − tanh² u)·√(2/π)(1 + 3·0.044715x²)."""
+    x = cache
     t = np.tanh(GELU_C * (x + 0.044715 * x**3))
     return dy * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * GELU_C * (1 + 3 * 0.044715 * x * x))
 
@@ -103,21 +108,21 @@ class Linear(Module):
         self.frozen = {} if trainable else arrays
         self.W, self.b = W, arrays.get("b")
         self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
-        self._x = None
+        self._cache = None
 
     def forward(self, x):
-        self._x = x
-        return linear_forward(x, self.W, self.b)
+        y, self._cache = linear_forward(x, self.W, self.b)
+        return y
 
     def backward(self, dy):
-        if self._x is None:
+        if self._cache is None:
             raise RuntimeError("backward() needs a forward() first")
-        dx, dW, db = linear_backward(dy, self._x, self.W)
+        dx, dW, db = linear_backward(dy, self._cache)
         if self.trainable:
             self.grads["W"] += dW
             if self.b is not None:
                 self.grads["b"] += db
-        self._x = None
+        self._cache = None
         return dx
 
 
@@ -125,16 +130,16 @@ class _Activation(Module):
     params = frozen = grads = {}  # noqa: RUF012 (never mutated: an activation has no arrays)
 
     def __init__(self):
-        self._x = None
+        self._cache = None
 
     def forward(self, x):
-        self._x = x
-        return self._forward(x)
+        y, self._cache = self._forward(x)
+        return y
 
     def backward(self, dy):
-        if self._x is None:
+        if self._cache is None:
             raise RuntimeError("backward() needs a forward() first")
-        dx, self._x = self._backward(dy, self._x), None
+        dx, self._cache = self._backward(dy, self._cache), None
         return dx
 
 
