@@ -58,9 +58,9 @@ def _fingerprints(cache):
 
 def _prepare(x, W, A, B, m, scaling, bias, dropout_mask, fan_in_fan_out, backend):
     """Validate a forward call's inputs once, resolve the backend and fold x's leading
-    dimensions. Returns (scaling, d_out, backend name, arrays) with arrays a dict of new views
-    (so that reshaping or rebinding the caller's objects cannot change what backward sees):
-    x (N, d_in), W, A, B, m, bias, and the mask broadcast to (N, d_in)."""
+    dimensions. Returns (scaling, d_out, backend name, arrays) with arrays a dict: new views of
+    what the cache keeps (so that reshaping or rebinding the caller's objects cannot change what
+    backward sees), x (N, d_in), W, A, B and the mask broadcast to (N, d_in); and m and bias."""
     scaling = check_scaling(scaling)
     backend = resolve_backend(backend)
     _, arrays = check_dtypes(allow_complex=backend == "numpy", x=x, W=W, A=A, B=B, m=m,
@@ -69,7 +69,8 @@ def _prepare(x, W, A, B, m, scaling, bias, dropout_mask, fan_in_fan_out, backend
     d_in, d_out, _ = check_layer_shapes(x, arrays["W"], arrays["A"], arrays["B"],
                                         fan_in_fan_out=fan_in_fan_out, bias=arrays["bias"],
                                         dropout_mask=mask, m=arrays["m"])
-    views = {k: None if v is None else v.view() for k, v in arrays.items()}
+    views = dict(arrays)  # m and bias are used by the forward pass alone: no views needed
+    views["W"], views["A"], views["B"] = arrays["W"].view(), arrays["A"].view(), arrays["B"].view()
     N = math.prod(x.shape[:-1])
     views["x"] = x.reshape(N, d_in)  # (N, d_in), a new view (a copy if x's strides need one)
     views["mask"] = None if mask is None else \
@@ -132,12 +133,13 @@ def _prepare_backward(dy, cache, cache_type, need_dbias, saved_fields=()):
     dy = check_dy(dy, cache.x_shape[:-1] + (d_out,), cache.x.dtype)
     if need_dbias and not cache.has_bias:
         raise ValueError("need_dbias=True but the forward pass had no bias")
-    return dy.reshape(-1, d_out)  # (N, d_out)
+    return dy.reshape(cache.x.shape[0], d_out)  # (N, d_out)
 
 
 class LoRACache(NamedTuple):
-    """What ``lora_backward`` needs from the forward pass: read-only views of the inputs (x and
-    the mask as (N, d_in)), so that nothing the caller does to its own objects reaches them."""
+    """What ``lora_backward`` needs from the forward pass: new views of the inputs (x and the
+    mask as (N, d_in)), so that reshaping or rebinding the caller's objects cannot reach them;
+    ``lora_backward`` checks every field before use."""
 
     x: np.ndarray  # (N, d_in)
     W: np.ndarray  # (d_out, d_in), or (d_in, d_out) when fan_in_fan_out
@@ -243,7 +245,8 @@ DoRASaved = dora.DoRASaved
 
 
 class DoRACache(NamedTuple):
-    """What ``dora_backward`` needs from the forward pass (read-only views, as ``LoRACache``)."""
+    """What ``dora_backward`` needs from the forward pass (new views of the inputs, as
+    ``LoRACache``)."""
 
     x: np.ndarray  # (N, d_in)
     W: np.ndarray  # (d_out, d_in), or (d_in, d_out) when fan_in_fan_out
