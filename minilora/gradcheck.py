@@ -13,7 +13,8 @@ What is checked, for each input p named in ``wrt``:
   full Jacobian instead: column i of J by differences, row j by ``backward(e_j)``. Large inputs are
   checked along random directions u, ⟨∂φ/∂p, u⟩, and at a sample of coordinates, so a failure
   still names an index.
-* derivatives by central differences D(h) = (φ(p+hu) − φ(p−hu)) / 2h, evaluated at h and h/2 and
+* derivatives by central differences D(h) = (φ(p+hu) − φ(p−hu)) / 2h (h sized to each entry:
+  eps·max(1, |p_i|) for a coordinate, eps·max(1, max|p|) along a direction), at h and h/2 and
   combined by Richardson extrapolation (4·D(h/2) − D(h))/3. The extrapolation amplifies noise
   about threefold, so 4·|D(h) − D(h/2)| plus the rounding error of φ (32 ulps of max|y| over the
   step: an output's rounding error follows the size of the terms that made it, not its own
@@ -97,7 +98,8 @@ def gradcheck(forward, backward, inputs, *, wrt=None, method="central", eps=1e-4
     inputs : dict name -> ndarray; float arrays are checked in float64 (copies)
     wrt : names to check; default every floating-point input
     method : "central" (differences at h and h/2, Richardson-combined) or "complex"
-    eps : relative step, h = eps · max(1, max|p|) (central only)
+    eps : relative step (central only): h = eps · max(1, |p_i|) for coordinate i, and
+        eps · max(1, max|p|) along a random direction
     rtol : tolerance relative to the gradient's magnitude: an entry passes when
         |analytical − numerical| ≤ rtol · (|numerical| + max|numerical|) + error estimate
     max_jacobian : check the full Jacobian when y.size · p.size is at most this
@@ -141,27 +143,45 @@ def gradcheck(forward, backward, inputs, *, wrt=None, method="central", eps=1e-4
     for name in wrt:
         p = base[name]
         G = np.asarray(_grad_of(grads, name), dtype=np.float64)
-        h = 1e-30 if method == "complex" else eps * max(1.0, float(np.max(np.abs(p), initial=0)))
-        # Rounding in evaluating y: divided by the step for differences; for complex steps, an
-        # absolute floor of a few ulps of y per unit of p (a derivative cannot be resolved finer).
-        unit = h if method == "central" else max(float(np.max(np.abs(p), initial=0)), 1e-300)
+        steps = _Steps(p, method, eps)
         y_max = float(np.max(np.abs(y0), initial=0.0))
-        round_err = 32 * EPS64 * float(np.sum(np.abs(v))) * y_max / unit
+        v_sum = float(np.sum(np.abs(v)))
 
-        def derivative(name, u, h=h, round_err=round_err):
-            """The directional derivative of φ along u, and an estimate of its error."""
+        def derivative(name, u, i=None, steps=steps, v_sum=v_sum, y_max=y_max):
+            """The derivative of φ along u (coordinate i when given: its own step), and an
+            estimate of its error."""
+            h, unit = steps.at(i)
             if method == "complex":
                 return float(np.imag(phi_along(name, u, 1j * h))) / h, 0.0
             value, err = _richardson(lambda t: phi_along(name, u, t), h)
-            return value, err + round_err
+            return value, err + 32 * EPS64 * v_sum * y_max / unit
 
         if y0.size * p.size <= max_jacobian:
-            check = _check_jacobian(name, p, y0, forward, backward, base, cache, method, h, unit,
+            check = _check_jacobian(name, p, y0, forward, backward, base, cache, method, steps,
                                     rtol)
         else:
             check = _check_directions(name, p, G, derivative, rng, rtol, n_directions, n_coords)
         report.inputs.append(check)
     return _finish(report, raise_on_failure)
+
+
+class _Steps:
+    """The step for each coordinate of p, h_i = eps·max(1, |p_i|) (central differences: a step
+    sized to the entry, so that a small entry beside large ones is not stepped past its own
+    curvature), or h = eps·max(1, max|p|) along a random direction; complex steps use 1e-30.
+    ``at(i)`` returns (h, unit): the rounding of y is divided by ``unit`` (the step for
+    differences; for complex steps, a few ulps of y per unit of p is the floor of resolution)."""
+
+    def __init__(self, p, method, eps):
+        self.p, self.method, self.eps = p, method, eps
+        self.p_max = float(np.max(np.abs(p), initial=0.0))
+
+    def at(self, i=None):
+        if self.method == "complex":
+            return 1e-30, max(self.p_max, 1e-300)
+        size = self.p_max if i is None else abs(float(self.p.flat[i]))
+        h = self.eps * max(1.0, size)
+        return h, h
 
 
 def _richardson(f, h):
@@ -202,7 +222,7 @@ def _tolerance(num, scale, rtol, err_est):
     return rtol * (np.abs(num) + scale) + err_est
 
 
-def _check_jacobian(name, p, y0, forward, backward, base, cache, method, h, unit, rtol):
+def _check_jacobian(name, p, y0, forward, backward, base, cache, method, steps, rtol):
     """Compare the full Jacobian ∂y/∂p: columns by differences, rows by unit cotangents."""
     if p.size == 0 or y0.size == 0:
         return InputCheck(name, p.shape, "jacobian", 0.0, 0.0, (), 0.0, 0.0, 0.0, True)
@@ -218,6 +238,7 @@ def _check_jacobian(name, p, y0, forward, backward, base, cache, method, h, unit
             args[name] = base[name] + t * e
             return np.asarray(forward(**args)[0]).ravel()
 
+        h, unit = steps.at(i)
         if method == "complex":
             J_num[:, i], J_err[:, i] = np.imag(y_at(1j * h)) / h, 0.0
         else:
@@ -260,7 +281,7 @@ def _check_directions(name, p, G, derivative, rng, rtol, n_directions, n_coords)
     for j, i in enumerate(idx):
         e = np.zeros(p.size)
         e[i] = 1.0
-        num[j], est[j] = derivative(name, e.reshape(p.shape))
+        num[j], est[j] = derivative(name, e.reshape(p.shape), i)
     ana = G.ravel()[idx]
     coord_scale = float(np.max(np.abs(G)))
     err = np.abs(ana - num)

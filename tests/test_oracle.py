@@ -333,3 +333,26 @@ def test_bf16_and_fp16_rounding_are_bit_for_bit_torchs():
         theirs = torch.from_numpy(x).to(tdt).float().numpy()
         assert np.array_equal(ours.view(np.uint32), theirs.view(np.uint32)), name
         assert np.isnan(precision(name).round(np.array([np.nan], np.float32))).all()
+
+
+def test_the_report_columns_never_run_together_and_name_the_deciding_rule():
+    import re
+
+    case = oracle.make_case(d_in=8, d_out=6, r=2, seed=0)
+    out = oracle.reference(case)
+    out["dA"] = out["dA"] * 1e6 + 123456.789  # wide numbers in every column
+    out["y"] = out["y"] * (1 + 1e-12)
+    report = oracle.compare(case, out)
+    table = str(report).splitlines()
+    at = next(i for i, line in enumerate(table) if line.startswith("tensor"))
+    header = table[at]
+    for line in table[at + 1:at + 5]:
+        cells = re.split(r"\s{2,}", line.strip(), maxsplit=10)
+        assert len(cells) == 11, line
+        assert cells[9] in ("derived bound", "baseline max"), line
+    for t in report.tensors:
+        assert t.decided_by in ("derived bound", "baseline max")
+        assert t.margin == max(t.tolerance_used, t.baseline_used)
+    assert "rule" in header and "used" in header
+    verdicts = json.loads(report.to_json())["tensors"]
+    assert {"decided_by", "margin", "baseline_used"} <= set(verdicts[0])

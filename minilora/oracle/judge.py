@@ -59,6 +59,10 @@ class TensorVerdict:
     tolerance_at_worst: float  # tol_i where err_i / tol_i is largest
     baseline_max_err: float  # the emulated baseline's largest error
     baseline_limit: float  # 2 · baseline_max_err + the floor
+    baseline_used: float = 0.0  # max_abs_err / baseline_limit: above 1 fails the baseline rule
+    decided_by: str = ""  # the rule closest to failing (or that failed): "non-finite",
+    #                       "derived bound" or "baseline max"
+    margin: float = 0.0  # that rule's use of its limit (tolerance_used or baseline_used)
 
 
 @dataclass
@@ -82,17 +86,23 @@ class Report:
                           default=float)
 
     def __str__(self):
-        head = (f"{'tensor':<7}{'shape':<16}{'max abs err':>12}{'at index':>16}{'reference':>13}"
-                f"{'candidate':>13}{'norm rel':>10}{'scale':>9}{'tol used':>10}  verdict")
+        """A table: one row per tensor, columns separated by at least two spaces whatever the
+        values (every number in %.3g or %.5g); "used" is the deciding rule's share of its
+        limit (above 1 fails), "rule" that rule."""
+        rows = [("tensor", "shape", "max abs err", "at index", "reference", "candidate",
+                 "norm rel", "scale", "used", "rule", "verdict")]
+        for t in self.tensors:
+            rows.append((t.name, str(t.shape), f"{t.max_abs_err:.3g}", str(t.worst_index),
+                         f"{t.reference_value:.5g}", f"{t.candidate_value:.5g}",
+                         f"{t.normwise_rel_err:.3g}", f"{t.scale_ratio:.5g}", f"{t.margin:.3g}",
+                         t.decided_by, "pass" if t.passed else "FAIL: " + "; ".join(t.reasons)))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
         lines = [f"candidate computed in {self.dtype}, accumulating in {self.accum_dtype}"]
         lines += [f"warning: {w}" for w in self.warnings]
-        lines.append(head)
-        for t in self.tensors:
-            lines.append(
-                f"{t.name:<7}{t.shape!s:<16}{t.max_abs_err:>12.3e}{t.worst_index!s:>16}"
-                f"{t.reference_value:>13.5g}{t.candidate_value:>13.5g}"
-                f"{t.normwise_rel_err:>10.2e}{t.scale_ratio:>9.4f}{t.tolerance_used:>10.3f}  "
-                + ("pass" if t.passed else "FAIL: " + "; ".join(t.reasons)))
+        for row in rows:
+            cells = [c.ljust(w) if i in (0, 1, 9) else c.rjust(w)
+                     for i, (c, w) in enumerate(zip(row, widths, strict=False))]
+            lines.append("  ".join(cells) + "  " + row[-1])
         if self.not_judged:
             lines.append(f"not judged: {', '.join(self.not_judged)}")
         lines.append("PASSED" if self.passed else "FAILED")
@@ -266,7 +276,7 @@ def _judge_finite_case(name, cand, ref, tol, base, floor, prec):
     err = np.where(finite, np.abs(cand - ref), np.inf)
     if err.size == 0:
         return TensorVerdict(name, ref.shape, not reasons, reasons, nonfinite, 0.0, (), 0.0,
-                             0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0)
+                             0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, "empty", 0.0)
     worst = np.unravel_index(int(np.argmax(err)), err.shape)
     max_err = float(err[worst])
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -281,6 +291,9 @@ def _judge_finite_case(name, cand, ref, tol, base, floor, prec):
     if not max_err <= limit:
         reasons.append(f"max error {max_err:.3g} exceeds {BASELINE_FACTOR:g}x the "
                        f"{prec.name} baseline's {base_err:.3g} (limit {limit:.3g})")
+    baseline_used = max_err / limit if limit > 0 else (np.inf if max_err > 0 else 0.0)
+    rules = {"derived bound": tolerance_used, "baseline max": baseline_used}
+    decided_by = "non-finite" if nonfinite else max(rules, key=rules.get)
     c = np.where(finite, cand, 0.0)
     unit = max(float(np.max(np.abs(ref))), float(np.max(np.abs(c))))  # norms of scaled copies:
     unit = unit if 0 < unit < np.inf else 1.0  # no overflow in the squares near float64's top
@@ -300,4 +313,5 @@ def _judge_finite_case(name, cand, ref, tol, base, floor, prec):
         scale_ratio=dot / ref_norm2 if ref_norm2 > 0 else 1.0,
         cosine=dot / np.sqrt(ref_norm2 * cand_norm2) if ref_norm2 * cand_norm2 > 0 else 1.0,
         tolerance_used=tolerance_used, tolerance_at_worst=float(tol[at]),
-        baseline_max_err=base_err, baseline_limit=limit)
+        baseline_max_err=base_err, baseline_limit=limit, baseline_used=baseline_used,
+        decided_by=decided_by, margin=rules.get(decided_by, np.inf))

@@ -1,0 +1,101 @@
+"""minilora.testing.torch: a PyTorch implementation judged in-process, as its author would."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import minilora as ml  # noqa: E402
+from minilora.oracle import OracleInputError  # noqa: E402
+from minilora.testing.torch import assert_torch_matches, torch_outputs  # noqa: E402
+
+
+def autograd_lora(detach_norm=True):
+    """A correct LoRA (and DoRA, PEFT's formulation) in plain torch autograd."""
+
+    def fn(x, W, A, B, *, scaling, bias=None, dropout_mask=None, m=None):
+        x_d = x if dropout_mask is None else x * dropout_mask
+        lora = (x_d @ A.T) @ B.T
+        if m is None:
+            y = x @ W.T + scaling * lora
+        else:
+            n = torch.linalg.norm(W + scaling * B @ A, dim=1)
+            c = m / (n.detach() if detach_norm else n)
+            y = x @ W.T + (c - 1) * (x_d @ W.T) + c * scaling * lora
+        return y if bias is None else y + bias
+
+    return fn
+
+
+class IndicatorMaskLoRA(torch.autograd.Function):
+    """A hand-written backward with a real bug seen in the wild: dx applies the dropout mask as
+    an indicator (mask > 0) instead of its value 1/(1 − p)."""
+
+    @staticmethod
+    def forward(ctx, x, W, A, B, mask, scaling):
+        ctx.save_for_backward(x, W, A, B, mask)
+        ctx.scaling = scaling
+        return x @ W.T + scaling * ((x * mask) @ A.T) @ B.T
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, W, A, B, mask = ctx.saved_tensors
+        s = ctx.scaling
+        h, g = (x * mask) @ A.T, dy @ B
+        dx = dy @ W + s * (g @ A) * (mask > 0)  # BUG: should be * mask
+        return dx, None, s * g.T @ (x * mask), s * dy.T @ h, None, None
+
+
+def indicator_mask_lora(x, W, A, B, *, scaling, bias=None, dropout_mask=None, m=None):
+    return IndicatorMaskLoRA.apply(x, W, A, B, dropout_mask, scaling)
+
+
+OPTIONS = [dict(), dict(bias=True, dropout=0.2, seq=3), dict(fan_in_fan_out=True, rslora=True),
+           dict(dora=True, bias=True), dict(dora=True, detach_norm=False, dropout=0.1)]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32", "fp64"])
+@pytest.mark.parametrize("options", OPTIONS)
+def test_an_honest_autograd_implementation_passes_at_every_precision(dtype, options):
+    for seed in range(2):
+        case = ml.oracle.make_case(d_in=24, d_out=16, r=4, batch=3, dtype=dtype, seed=seed,
+                                   **options)
+        fn = autograd_lora(detach_norm=case.detach_norm)
+        report = assert_torch_matches(fn, case, need_dW=True, need_dbias=True)
+        names = {t.name for t in report.tensors}
+        assert {"y", "dx", "dA", "dB", "dW"} <= names and report.not_judged == []
+        assert ("dm" in names) == case.dora and ("dbias" in names) == ("bias" in case.tensors)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp64"])
+def test_the_indicator_mask_bug_is_caught_in_dx(dtype):
+    case = ml.oracle.make_case(d_in=24, d_out=16, r=4, batch=6, dropout=0.5, dtype=dtype, seed=0)
+    with pytest.raises(AssertionError, match="FAILED") as e:
+        assert_torch_matches(indicator_mask_lora, case)
+    failed = [line.split()[0] for line in str(e.value).splitlines() if "FAIL:" in line]
+    assert failed == ["dx"]
+
+
+def test_outputs_are_float64_in_the_cases_layout():
+    case = ml.oracle.make_case(d_in=6, d_out=5, r=2, fan_in_fan_out=True, seed=1)
+    out = torch_outputs(autograd_lora(), case, "fp32", need_dW=True)
+    assert out["dW"].shape == case.tensors["W"].shape == (6, 5)
+    assert all(v.dtype == np.float64 for v in out.values())
+    ref = ml.oracle.reference(case)
+    np.testing.assert_allclose(out["dW"], ref["dW"], rtol=1e-5, atol=1e-5)
+
+
+def test_a_wrong_output_shape_is_unusable_input():
+    case = ml.oracle.make_case(d_in=6, d_out=5, r=2, seed=1)
+    with pytest.raises(OracleInputError, match="fn returned"):
+        torch_outputs(lambda x, W, A, B, **kw: (x @ W.T)[:, :2], case)
+
+
+def test_an_unused_input_gets_a_zero_gradient_and_fails():
+    case = ml.oracle.make_case(d_in=6, d_out=5, r=2, seed=1)
+
+    def forgets_lora(x, W, A, B, *, scaling, **kw):
+        return x @ W.T + 0 * A.sum()  # B never used: dB comes back as zeros
+
+    with pytest.raises(AssertionError, match="dB"):
+        assert_torch_matches(forgets_lora, case)
