@@ -113,7 +113,7 @@ def main():
             "scale_error_caught_always_from": max(e if e else np.inf for e in scale),
             "single_element_caught_always_from": max(e if e else np.inf for e in single),
         }
-    print(f"{'dtype':<6}{'honest numpy':>14}{'honest torch':>14}{'dA scaled by 1+ε':>20}"
+    print(f"{'dtype':<6}{'honest minilora':>14}{'honest torch':>14}{'dA scaled by 1+ε':>20}"
           f"{'one dx entry +ε·max|dx|':>26}")
     for dtype, row in rows.items():
         print(f"{dtype:<6}{row['honest_numpy_passed']:>14}{row['honest_torch_passed']:>14}"

@@ -68,11 +68,7 @@ def row_norms(W, A, B, scaling, fan_in_fan_out):
     w2 = np.einsum("ji,ji->j", Wr, Wr)  # (d_out,) ‖W_j‖²
     n2 = w2 + 2 * scaling * np.einsum("jk,jk->j", B, WA) \
         + scaling**2 * np.einsum("jk,kl,jl->j", B, AA, B)  # (d_out,)
-    # t_j decides which rows to recompute; from real parts, so that a complex step (a tiny
-    # imaginary part, whose square is negative) never makes it NaN.
-    Wre, Are = Wr.real, A.real  # views
-    a_norms = np.sqrt(np.einsum("ki,ki->k", Are, Are))  # (r,) ‖A_k‖
-    t = np.sqrt(np.einsum("ji,ji->j", Wre, Wre)) + abs(scaling) * (np.abs(B.real) @ a_norms)
+    t = norm_bounds(W, A, B, scaling, fan_in_fan_out)  # (d_out,)
     rows = np.flatnonzero(~(16 * n2.real >= t * t))  # cancellation (or NaN): recompute directly
     for start in range(0, rows.size, DIRECT_BLOCK):
         block = rows[start:start + DIRECT_BLOCK]
@@ -87,6 +83,16 @@ def trained_magnitude(n, rng):
     U(0.5, 2), so that c = m/n is not 1 (at initialisation m = n and c = 1 exactly, which would
     hide a wrong c in a test)."""
     return n * rng.uniform(0.5, 2.0, n.shape)  # (d_out,)
+
+
+def norm_bounds(W, A, B, scaling, fan_in_fan_out):
+    """t_j = ‖W_j‖ + |s|·Σ_k |B_jk|·‖A_k‖ ≥ n_j for every row (d_out,): the size of the terms
+    whose sum is V_j. t_j/n_j measures how much W_j and s·B_j A cancel. From real parts, so that
+    a complex step (a tiny imaginary part, whose square is negative) never makes it NaN."""
+    Wr = (W.T if fan_in_fan_out else W).real  # (d_out, d_in) view
+    Ar = A.real  # (r, d_in) view
+    a_norms = np.sqrt(np.einsum("ki,ki->k", Ar, Ar))  # (r,) ‖A_k‖
+    return np.sqrt(np.einsum("ji,ji->j", Wr, Wr)) + abs(scaling) * (np.abs(B.real) @ a_norms)
 
 
 def inverse_norms(n):

@@ -26,7 +26,7 @@ the K of y plus N (it sums dy ⊙ u over the batch).
 
 import numpy as np
 
-from minilora.dora import inverse_norms, row_norms
+from minilora.dora import inverse_norms, norm_bounds, row_norms
 from minilora.functional import lora_backward, lora_forward
 from minilora.precision import PRECISIONS
 
@@ -79,8 +79,20 @@ def lora_error_bounds(x, W, A, B, *, scaling, dy, bias=None, dropout_mask=None,
     return {name: gamma(K[name], u) * mag for name, mag in mags.items()}
 
 
+def cancellation_factors(W, A, B, scaling, fan_in_fan_out):
+    """f_j, how much more than γ_K the computed n_j may be off, relatively, per row (d_out,).
+
+    n_j² summed from the expansion is off by at most γ_K·t_j² (``minilora.dora.row_norms``),
+    relatively γ_K·(t_j/n_j)²; rows with t_j > 4·n_j are summed directly from V_j, whose own
+    entries W_ji + s·B_j A_i carry errors of order u·t_j, relatively u·t_j/n_j. So
+    f_j = (t_j/n_j)² up to 16, and 4·t_j/n_j beyond (1 for a zero row, where c = 0)."""
+    n = row_norms(W, A, B, scaling, fan_in_fan_out)[0]
+    ratio = norm_bounds(W, A, B, scaling, fan_in_fan_out) * inverse_norms(n)  # (d_out,) t/n
+    return np.where(n > 0, np.where(ratio <= 4, ratio**2, 4 * ratio), 1.0)
+
+
 def dora_magnitudes(x, W, A, B, m, *, scaling, dy, bias=None, dropout_mask=None,
-                    fan_in_fan_out=False, detach_norm=True):
+                    fan_in_fan_out=False, detach_norm=True, norm_error=False):
     """mag(z) for every DoRA output, and the extra reduction length that the norms add.
 
     DoRA is y = c ⊙ u + (x − x_d) Wᵀ + bias with u the LoRA output on x_d (``minilora.dora``), so
@@ -89,8 +101,14 @@ def dora_magnitudes(x, W, A, B, m, *, scaling, dy, bias=None, dropout_mask=None,
     carries the norms' rounding error, a reduction of d_in + 2r + 4 terms: the returned
     ``extra_K`` is added to every output's K but dbias's.
 
+    With ``norm_error=True``, the magnitude of what the norms' own error moves instead: only the
+    terms c (or 1/n) multiplies, each row's scaled by its ``cancellation_factors`` (where W_j and
+    s·B_j A cancel, n_j is relatively less accurate than γ_K), and the terms of the gradient
+    through n, whose w = −dc·m/n³ holds n three times, by twice that. The oracle adds
+    γ_{extra_K}·(those magnitudes) to its tolerance.
+
     Returns ``(mags, extra_K)`` with mags a dict ``{"y", "dx", "dA", "dB", "dm", "dW"}``
-    (and ``"dbias"``).
+    (and ``"dbias"``, which no norm touches: 0 with ``norm_error``).
     """
     x2 = x.reshape(-1, x.shape[-1]).astype(np.float64)
     dy2 = np.abs(dy.reshape(-1, dy.shape[-1])).astype(np.float64)
@@ -100,29 +118,35 @@ def dora_magnitudes(x, W, A, B, m, *, scaling, dy, bias=None, dropout_mask=None,
     x_d = x2 if mask is None else x2 * mask
     inv_n = inverse_norms(row_norms(W64, A64, B64, scaling, fan_in_fan_out)[0])  # (d_out,)
     c = np.abs(m.astype(np.float64)) * inv_n  # (d_out,) |c|
-    lora = lora_magnitudes(x_d, W64, A64, B64, scaling=scaling, dy=c * dy2,
+    f = cancellation_factors(W64, A64, B64, scaling, fan_in_fan_out) if norm_error else 1.0
+    lora = lora_magnitudes(x_d, W64, A64, B64, scaling=scaling, dy=(c * f) * dy2,
                            fan_in_fan_out=fan_in_fan_out)
-    u_mag = lora["y"]  # (N, d_out) mag(u): the LoRA output on |x_d|, no bias
+    u_mag = lora["y"] if not norm_error else \
+        lora_magnitudes(x_d, W64, A64, B64, scaling=scaling, dy=dy2,
+                        fan_in_fan_out=fan_in_fan_out)["y"]  # (N, d_out) mag(u)
     Wr = np.abs(W64.T if fan_in_fan_out else W64)  # (d_out, d_in)
-    mags = {"y": c * u_mag, "dA": lora["dA"], "dB": lora["dB"], "dx": lora["dx"],
-            "dW": lora["dW"], "dm": np.einsum("nj,nj->j", dy2, u_mag) * inv_n}
-    if mask is not None:
-        dropped = np.abs(x2 - x_d)  # (N, d_in)
-        mags["y"] = mags["y"] + dropped @ Wr.T
-        mags["dx"] = lora["dx"] * np.abs(mask) + (dy2 @ Wr) * np.abs(1 - mask)
-        extra = dropped.T @ dy2 if fan_in_fan_out else dy2.T @ dropped
-        mags["dW"] = mags["dW"] + extra
+    dm_mag = np.einsum("nj,nj->j", dy2, u_mag) * inv_n  # (d_out,) Σ|dy||u| / n
+    mags = {"y": c * f * u_mag, "dA": lora["dA"], "dB": lora["dB"], "dx": lora["dx"],
+            "dW": lora["dW"], "dm": dm_mag * f}
+    if mask is not None:  # the LoRA branch's dx is masked; the dropout correction holds no norm
+        mags["dx"] = lora["dx"] * np.abs(mask)
+        if not norm_error:
+            dropped = np.abs(x2 - x_d)  # (N, d_in)
+            mags["y"] = mags["y"] + dropped @ Wr.T
+            mags["dx"] = mags["dx"] + (dy2 @ Wr) * np.abs(1 - mask)
+            extra = dropped.T @ dy2 if fan_in_fan_out else dy2.T @ dropped
+            mags["dW"] = mags["dW"] + extra
     if not detach_norm:
         s = abs(scaling)
-        w = mags["dm"] * c * inv_n  # (d_out,) |∂L/∂n| / n
+        w = dm_mag * c * inv_n * (2 * f if norm_error else 1)  # (d_out,) |∂L/∂n| / n
         V = Wr + s * np.abs(B64) @ np.abs(A64)  # (d_out, d_in) |W| + s|B||A|
         mags["dB"] = mags["dB"] + s * w[:, None] * (V @ np.abs(A64).T)
         mags["dA"] = mags["dA"] + s * (w[:, None] * np.abs(B64)).T @ V
         dV = w[:, None] * V
         mags["dW"] = mags["dW"] + (dV.T if fan_in_fan_out else dV)
-    if bias is not None:
-        mags["y"] = mags["y"] + np.abs(bias)
-        mags["dbias"] = dy2.sum(axis=0)
+    if bias is not None:  # Σ dy holds no norm
+        mags["y"] = mags["y"] + (0.0 if norm_error else np.abs(bias))
+        mags["dbias"] = dy2.sum(axis=0) * (0.0 if norm_error else 1.0)
     mags["dx"] = mags["dx"].reshape(x.shape)
     mags["y"] = mags["y"].reshape(dy.shape)
     return mags, A.shape[1] + 2 * A.shape[0] + 4

@@ -133,13 +133,13 @@ def test_norms_in_float32_are_accurate_relative_to_float64():
 @given(case=dora_cases(dtypes=(np.float32,), max_dim=16))
 def test_float32_matches_float64(backend, case):
     kw = case.kwargs()
-    y32, c32 = ml.dora_forward(case.x, case.W, case.A, case.B, case.m, backend=backend, **kw)
+    y32, c32 = ml.dora_forward(case.x, case.W, case.A, case.B, case.m, backend=backend,
+                               detach_norm=case.detach_norm, **kw)
     g32 = ml.dora_backward(case.dy, c32, need_dW=True, need_dbias=case.bias is not None)
     outputs = {"y": y32, **{k: v for k, v in g32._asdict().items() if v is not None}}
     assert all(v.dtype == np.float32 for v in outputs.values())
-    # Within the oracle's derived bounds (DoRA's include the norms' reduction) of the float64
-    # reference on the same float32 inputs.
-    case.detach_norm = True
+    # Within the oracle's tolerance (DoRA's include the norms' error, larger where rows cancel)
+    # of the float64 reference on the same float32 inputs, for both settings of detach_norm.
     assert_matches_reference(outputs, case, dtype="fp32")
 
 

@@ -11,7 +11,9 @@ stored intermediates in p) accumulating in precision a (u_a), the tolerance of e
   d_out + N + 2 for dA, ...: ``minilora.tolerance`` lists them):
   the worst-case error of summing K products in precision a, in any order;
 * ρ = 6 roundings to p on the way (inputs, the rank-r intermediates h or g, the scaling);
-* u_p·|z| is the final rounding of the output to p.
+* u_p·|z| is the final rounding of the output to p;
+* for DoRA, (3·u_p + γ_{d_in+2r+4}(u_a))·mag_n for the norms' own error, with mag_n what c = m/n
+  multiplies, per row scaled by how much the row cancels (``tolerance.dora_magnitudes``).
 
 That bound is worst-case, so honest candidates pass it. It is also loose (typical errors grow
 like √K, not K), so a second rule borrowed from FlashAttention's tests tightens it: the
@@ -35,6 +37,7 @@ from minilora.precision import DEFAULT_ACCUMULATION, PRECISIONS, precision
 from minilora.tolerance import dora_magnitudes, gamma, lora_magnitudes, lora_reduction_lengths
 
 ROUNDINGS = 6
+NORM_ROUNDINGS = 3  # DoRA: the inputs' rounding moves n by up to u·t (f ≥ t/n covers it), c, 1/n
 BASELINE_FACTOR = 2.0
 BASELINE_FLOOR_U = 4  # times u_p at the tensor's largest |ref|
 BASELINE_FLOOR_SQRT_K = 2.0  # times √K·u_a·max(mag), another summation order's typical error
@@ -110,7 +113,8 @@ class Report:
 
 
 def magnitudes(case):
-    """mag of every output, and each output's reduction length K."""
+    """mag of every output, each output's reduction length K, and (DoRA) the magnitudes of what
+    the norms' own error moves with the norms' K: ``(mags, K, norm_mags, norm_K)``."""
     t = {k: v.astype(np.float64) for k, v in case.tensors.items()}
     kw = dict(scaling=case.scaling, dy=t["dy"], bias=t.get("bias"),
               dropout_mask=t.get("dropout_mask"), fan_in_fan_out=case.fan_in_fan_out)
@@ -118,16 +122,17 @@ def magnitudes(case):
     (r, d_in), d_out = t["A"].shape, t["B"].shape[0]
     K = lora_reduction_lengths(N, d_in, d_out, r)
     if not case.dora:
-        return lora_magnitudes(t["x"], t["W"], t["A"], t["B"], **kw), K
-    mags, extra = dora_magnitudes(t["x"], t["W"], t["A"], t["B"], t["m"],
-                                  detach_norm=case.detach_norm, **kw)
+        return lora_magnitudes(t["x"], t["W"], t["A"], t["B"], **kw), K, None, 0
+    args = (t["x"], t["W"], t["A"], t["B"], t["m"])
+    mags, extra = dora_magnitudes(*args, detach_norm=case.detach_norm, **kw)
+    norm_mags, _ = dora_magnitudes(*args, detach_norm=case.detach_norm, norm_error=True, **kw)
     K = {k: v + (0 if k == "dbias" else extra) for k, v in K.items()}  # c = m/n scales all but
     # dbias = Σ dy (dW = (c ⊙ dy)ᵀ x_d + ...)
     K["dm"] = K["y"] + N
     if not case.detach_norm:  # the gradient through n adds W Aᵀ-sized sums to dA, dB, dW
         for k in ("dA", "dB", "dW"):
             K[k] += d_in + d_out + r
-    return mags, K
+    return mags, K, norm_mags, extra
 
 
 REQUIRED = ("y", "dx", "dA", "dB")  # every case defines these, DoRA cases dm too
@@ -233,7 +238,7 @@ def compare(case, candidate, dtype=None, accum_dtype=None, outputs=None):
     with np.errstate(all="ignore"):
         ref = reference(case)
         _finite_or_unusable(ref, "its float64 reference")
-        mags, K = magnitudes(case)
+        mags, K, norm_mags, norm_K = magnitudes(case)
         _finite_or_unusable(mags, "the magnitudes of its sums (float64 overflow)")
         base = emulate(case, prec, accum)  # the baseline
     for name in arrays:
@@ -248,6 +253,8 @@ def compare(case, candidate, dtype=None, accum_dtype=None, outputs=None):
         g = gamma(K[name], accum.u)  # inf when K·u ≥ 1: then only the baseline rule decides
         with np.errstate(over="ignore", invalid="ignore"):
             tol = (ROUNDINGS * prec.u + g) * mags[name] + prec.u * np.abs(ref[name])
+            if norm_mags is not None:  # DoRA: the norms' error, larger where rows cancel
+                tol = tol + (NORM_ROUNDINGS * prec.u + gamma(norm_K, accum.u)) * norm_mags[name]
             floor = BASELINE_FLOOR_SQRT_K * np.sqrt(K[name]) * accum.u \
                 * float(np.max(mags[name], initial=0.0)) \
                 + BASELINE_FLOOR_U * prec.u * float(np.max(np.abs(ref[name]), initial=0.0))
