@@ -7,13 +7,14 @@ import pathlib
 
 import numpy as np
 import pytest
+from hypothesis import given
 
 import minilora as ml
 from minilora import oracle
 from minilora.cli import main
 from minilora.oracle.cases import emulate
 from minilora.precision import PRECISIONS, precision
-from minilora.testing import assert_matches_reference
+from minilora.testing import assert_matches_reference, lora_cases
 
 
 def honest(case, dtype, backend="numba"):
@@ -381,3 +382,64 @@ def test_an_honest_float32_dora_passes_where_rows_cancel(detach_norm):
             report = oracle.compare(case, emulate(case, "fp32", backend=backend))
             assert report.passed, (seed, str(report))
     assert worst_f > 16  # the draws include rows that cancel past the expansion's limit
+
+
+# -- cases that expose every term --------------------------------------------------------------
+
+@pytest.mark.parametrize("options", [dict(), dict(rslora=True, r=16), dict(dora=True),
+                                     dict(fan_in_fan_out=True, dropout=0.3)])
+def test_made_cases_give_the_lora_terms_the_size_of_the_base_terms(options):
+    kw = dict(d_in=48, d_out=40, r=8, batch=4, seq=6, seed=2) | options
+    case = oracle.make_case(**kw)
+    t = {k: v.astype(np.float64) for k, v in case.tensors.items()}
+    W = t["W"].T if case.fan_in_fan_out else t["W"]
+    x, dy, s = t["x"].reshape(-1, 48), t["dy"].reshape(-1, 40), case.scaling
+    x_d = x * t["dropout_mask"].reshape(-1, 48) if "dropout_mask" in t else x
+    ratio_y = np.linalg.norm(s * x_d @ t["A"].T @ t["B"].T) / np.linalg.norm(x @ W.T)
+    ratio_dx = np.linalg.norm(s * dy @ t["B"] @ t["A"]) / np.linalg.norm(dy @ W)
+    assert 0.3 < ratio_y < 3 and 0.3 < ratio_dx < 3, (ratio_y, ratio_dx)
+    assert abs(s) != 1 and np.any(t["B"])
+    assert case.layer["r"] == kw["r"] and case.layer["lead_shape"] == [4, 6]
+
+
+def test_made_cases_refuse_unit_scaling_and_draw_both_mask_values():
+    with pytest.raises(ValueError, match=r"\|s\| = 1"):
+        oracle.make_case(d_in=8, d_out=6, r=4, alpha=4)
+    for seed in range(20):  # p = 0.02 on 4 entries: a drawn mask would often be all kept
+        mask = oracle.make_case(d_in=2, d_out=2, r=1, batch=2, dropout=0.02,
+                                seed=seed).tensors["dropout_mask"]
+        assert (mask == 0).any() and (mask > 0).any()
+
+
+@pytest.mark.parametrize("ext", ["npz", "safetensors"])
+def test_the_lora_only_family_and_the_layer_record_survive_files(tmp_path, ext):
+    path = str(tmp_path / f"case.{ext}")
+    assert main(["oracle", "case", "--d-in", "12", "--d-out", "8", "--r", "3", "--dropout",
+                 "0.25", "--lora-only", "--rslora", "--alpha", "6", "--seed", "1", "-o",
+                 path]) == 0
+    case = oracle.load_case(path)
+    assert not case.tensors["W"].any() and case.tensors["x"].shape == (2, 8, 12)
+    assert case.layer == {"r": 3, "alpha": 6.0, "use_rslora": True, "dropout": 0.25,
+                          "lead_shape": [2, 8], "lora_only": True}
+    assert case.scaling == pytest.approx(6 / np.sqrt(3))
+    assert oracle.compare(case, honest(case, "fp32")).passed
+
+
+def test_vectors_cover_every_family():
+    from minilora.oracle.cli import VECTORS
+
+    assert {"lora_only", "dora_only", "lora_bias_dropout_rslora", "lora_flat_x"} <= set(VECTORS)
+    for p in ("bf16", "fp16", "fp32", "fp64"):
+        assert VECTORS[f"realistic_{p}"]["batch"] * VECTORS[f"realistic_{p}"]["seq"] == 2048
+    low = [v for k, v in VECTORS.items() if v.get("dtype") in ("bf16", "fp16")
+           and not k.startswith("realistic")]
+    assert all(v.get("bias") and v.get("dropout") for v in low)
+    assert sum("seq" not in v for v in VECTORS.values()) == 1  # x is 3-D but once
+
+
+@given(case=lora_cases(lead_dims=2, min_tokens=1, max_dim=6))
+def test_strategies_draw_kernel_shaped_cases_on_request(case):
+    assert case.x.ndim == 3 and case.x.shape[0] * case.x.shape[1] >= 1
+    assert abs(case.scaling) != 1
+    if case.dropout_mask is not None and case.dropout_mask.size >= 2:
+        assert (case.dropout_mask == 0).any() and (case.dropout_mask > 0).any()

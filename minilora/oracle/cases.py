@@ -6,9 +6,10 @@ layer's options: the scaling, the Conv1D layout, whether DoRA's norm is detached
 precision its values are exactly representable in.
 """
 
+import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -34,6 +35,8 @@ class Case:
     fan_in_fan_out: bool = False
     detach_norm: bool = True
     input_precision: str = "fp32"  # the precision every input is exactly representable in
+    layer: dict = field(default_factory=dict)  # how make_case drew it: r, alpha, use_rslora,
+    #   dropout p, lead_shape, lora_only (JSON values), so a candidate can build its own layer
 
     def __post_init__(self):
         self.input_precision = precision(self.input_precision).name  # "bfloat16" -> "bf16"
@@ -50,24 +53,35 @@ class Case:
     def with_tensors(self, tensors):
         """The same problem over other tensors (rounded or widened copies of these)."""
         return Case(tensors, self.scaling, self.fan_in_fan_out, self.detach_norm,
-                    self.input_precision)
+                    self.input_precision, self.layer)
 
     def metadata(self):
-        return {"format": "minilora-oracle-case/1", "op": "dora" if self.dora else "lora",
+        meta = {"format": "minilora-oracle-case/1", "op": "dora" if self.dora else "lora",
                 "scaling": repr(self.scaling), "fan_in_fan_out": self.fan_in_fan_out,
                 "detach_norm": self.detach_norm, "dtype": self.input_precision}
+        if self.layer:
+            meta["layer"] = json.dumps(self.layer, sort_keys=True)
+        return meta
 
 
 def make_case(*, d_in, d_out, r, batch=4, seq=None, alpha=None, rslora=False, dora=False,
               dropout=0.0, bias=False, fan_in_fan_out=False, detach_norm=True, dtype="fp32",
-              seed=0):
-    """Draw a case. Values are rounded to ``dtype`` (bf16, fp16, tf32, fp32 or fp64) so that a
-    candidate computing in that format reads them exactly; they are stored as float32 (float64
-    for fp64). B is drawn non-zero (with B = 0, dA = 0 and a wrong dA would pass).
+              lora_only=False, seed=0):
+    """Draw a case in which every term of every output matters. Values are rounded to ``dtype``
+    (bf16, fp16, tf32, fp32 or fp64) so that a candidate computing in that format reads them
+    exactly; they are stored as float32 (float64 for fp64).
 
-    W ~ N(0, 1/d_in) (W's rows as (d_out, d_in), stored (d_in, d_out) with fan_in_fan_out),
-    A Kaiming-uniform, B ~ N(0, 0.1²), x and dy ~ N(0, 1), bias ~ N(0, 0.1²), m the row norms of
-    W + s·B A times factors in [0.5, 2], the dropout mask 0 or 1/(1−p).
+    W ~ N(0, 1/d_in) (W's rows as (d_out, d_in), stored (d_in, d_out) with fan_in_fan_out), or
+    W = 0 with ``lora_only``; A Kaiming-uniform; B normal, scaled so that the LoRA branch s·B A
+    is as large as W (Frobenius norms): the LoRA terms of y and dx are then the size of the base
+    terms, so a bug in them shows in y and dx, not only in dA and dB; B is never zero (with
+    B = 0, dA = 0 and a wrong dA would pass). The scaling is alpha/r (alpha/√r for rsLoRA) with
+    alpha = 2r by default; an alpha that makes |s| = 1 is refused (a scaling applied twice, or
+    not at all, would be invisible). x and dy ~ N(0, 1), bias ~ N(0, 0.1²), m the row norms of
+    W + s·B A times factors in [0.5, 2], the dropout mask 0 or 1/(1−p) with both values present
+    (whenever it has two entries or more). ``case.layer`` (and the file's metadata) records r,
+    alpha, use_rslora, the dropout p, the leading shape and lora_only; the mask itself is
+    rounded to ``dtype`` like every input: use the mask, not p, to reproduce it.
     """
     d_in, d_out, r = (check_positive_int(v, n) for v, n in ((d_in, "d_in"), (d_out, "d_out"),
                                                              (r, "r")))
@@ -83,26 +97,36 @@ def make_case(*, d_in, d_out, r, batch=4, seq=None, alpha=None, rslora=False, do
     check_fits_memory(N * (2 * d_in + d_out) + d_out * d_in + r * (d_in + d_out), "the case")
     rng = np.random.default_rng(seed)
     scaling = alpha / (np.sqrt(r) if rslora else r)
+    if abs(scaling) == 1.0:
+        raise ValueError(f"alpha={alpha} gives the scaling |s| = 1, where a scaling applied "
+                         f"twice or not at all is invisible; choose another alpha")
 
     def draw(a):
         return prec.round(a)
 
-    W = rng.standard_normal((d_out, d_in)) / np.sqrt(d_in)
+    W = rng.standard_normal((d_out, d_in)) / np.sqrt(d_in)  # (d_out, d_in)
+    A = rng.uniform(-1, 1, (r, d_in)) / np.sqrt(d_in)  # (r, d_in)
+    B = rng.standard_normal((d_out, r))  # (d_out, r)
+    B *= np.linalg.norm(W) / max(np.linalg.norm(scaling * B @ A), 1e-300)  # ‖s·B A‖ = ‖W‖
+    if lora_only:
+        W[...] = 0.0
     t = {"x": draw(rng.standard_normal((*lead, d_in))),
-         "W": draw(W.T.copy() if fan_in_fan_out else W),
-         "A": draw(rng.uniform(-1, 1, (r, d_in)) / np.sqrt(d_in)),
-         "B": draw(0.1 * rng.standard_normal((d_out, r))),
+         "W": draw(W.T.copy() if fan_in_fan_out else W), "A": draw(A), "B": draw(B),
          "dy": draw(rng.standard_normal((*lead, d_out)))}
     if bias:
         t["bias"] = draw(0.1 * rng.standard_normal(d_out))
     if dropout > 0:
         keep = rng.random((*lead, d_in)) >= dropout
+        if keep.size >= 2:  # both kept and dropped entries, wherever they fall
+            keep.flat[rng.choice(keep.size, 2, replace=False)] = (True, False)
         t["dropout_mask"] = draw(keep / (1.0 - dropout))
     if dora:
         n = row_norms(t["W"].astype(np.float64), t["A"].astype(np.float64),
                       t["B"].astype(np.float64), scaling, fan_in_fan_out)[0]
         t["m"] = draw(trained_magnitude(n, rng))
-    return Case(t, float(scaling), bool(fan_in_fan_out), bool(detach_norm), prec.name)
+    layer = {"r": r, "alpha": alpha, "use_rslora": bool(rslora), "dropout": dropout,
+             "lead_shape": list(lead), "lora_only": bool(lora_only)}
+    return Case(t, float(scaling), bool(fan_in_fan_out), bool(detach_norm), prec.name, layer)
 
 
 def check_fits_memory(elements, what):

@@ -17,26 +17,39 @@ from minilora.oracle.files import load_case, load_outputs, save_case, save_outpu
 from minilora.oracle.judge import compare
 from minilora.precision import PRECISIONS, precision
 
-# The standard suite written by ``oracle vectors``: every option on its own and some together.
+# The standard suite written by ``oracle vectors``: every option on its own and together, x as
+# (batch, seq, d_in) as most kernels take it (and once 2-D), each precision with bias and
+# dropout, one realistic shape per precision, and the LoRA-only family (W = 0).
+SEQ = dict(batch=2, seq=8)
+REALISTIC = dict(d_in=512, d_out=384, r=16, batch=4, seq=512, bias=True, dropout=0.05)
 VECTORS = {
-    "lora_basic": dict(d_in=32, d_out=24, r=4),
-    "lora_rank1": dict(d_in=16, d_out=16, r=1),
-    "lora_rank_above_dims": dict(d_in=6, d_out=5, r=8),
-    "lora_rslora": dict(d_in=32, d_out=24, r=16, rslora=True),
-    "lora_bias": dict(d_in=32, d_out=24, r=4, bias=True),
-    "lora_dropout": dict(d_in=32, d_out=24, r=4, dropout=0.25),
-    "lora_conv1d": dict(d_in=32, d_out=24, r=4, fan_in_fan_out=True),
-    "lora_sequence": dict(d_in=32, d_out=24, r=4, batch=3, seq=7),
-    "lora_everything": dict(d_in=40, d_out=36, r=8, batch=2, seq=5, bias=True, dropout=0.1,
-                            fan_in_fan_out=True, rslora=True),
-    "lora_bf16": dict(d_in=64, d_out=48, r=8, dtype="bf16"),
-    "lora_fp16": dict(d_in=64, d_out=48, r=8, dtype="fp16"),
-    "lora_fp64": dict(d_in=32, d_out=24, r=4, dtype="fp64"),
-    "dora_basic": dict(d_in=32, d_out=24, r=4, dora=True),
-    "dora_full_norm_gradient": dict(d_in=32, d_out=24, r=4, dora=True, detach_norm=False),
-    "dora_dropout_bias": dict(d_in=32, d_out=24, r=4, dora=True, dropout=0.2, bias=True),
-    "dora_conv1d": dict(d_in=32, d_out=24, r=4, dora=True, fan_in_fan_out=True),
-    "dora_bf16": dict(d_in=64, d_out=48, r=8, dora=True, dtype="bf16"),
+    "lora_basic": dict(d_in=32, d_out=24, r=4, **SEQ),
+    "lora_flat_x": dict(d_in=32, d_out=24, r=4, batch=6),
+    "lora_rank1": dict(d_in=16, d_out=16, r=1, **SEQ),
+    "lora_rank_above_dims": dict(d_in=6, d_out=5, r=8, **SEQ),
+    "lora_rslora": dict(d_in=32, d_out=24, r=16, rslora=True, **SEQ),
+    "lora_bias": dict(d_in=32, d_out=24, r=4, bias=True, **SEQ),
+    "lora_dropout": dict(d_in=32, d_out=24, r=4, dropout=0.25, **SEQ),
+    "lora_conv1d": dict(d_in=32, d_out=24, r=4, fan_in_fan_out=True, **SEQ),
+    "lora_bias_dropout_rslora": dict(d_in=40, d_out=36, r=8, bias=True, dropout=0.1,
+                                     rslora=True, **SEQ),
+    "lora_everything": dict(d_in=40, d_out=36, r=8, bias=True, dropout=0.1,
+                            fan_in_fan_out=True, rslora=True, **SEQ),
+    "lora_only": dict(d_in=32, d_out=24, r=4, lora_only=True, **SEQ),
+    "lora_only_dropout": dict(d_in=32, d_out=24, r=4, lora_only=True, dropout=0.2, **SEQ),
+    "lora_bf16": dict(d_in=64, d_out=48, r=8, bias=True, dropout=0.1, dtype="bf16", **SEQ),
+    "lora_fp16": dict(d_in=64, d_out=48, r=8, bias=True, dropout=0.1, dtype="fp16", **SEQ),
+    "lora_fp32": dict(d_in=64, d_out=48, r=8, bias=True, dropout=0.1, dtype="fp32", **SEQ),
+    "lora_fp64": dict(d_in=32, d_out=24, r=4, bias=True, dropout=0.1, dtype="fp64", **SEQ),
+    "dora_basic": dict(d_in=32, d_out=24, r=4, dora=True, **SEQ),
+    "dora_full_norm_gradient": dict(d_in=32, d_out=24, r=4, dora=True, detach_norm=False,
+                                    **SEQ),
+    "dora_dropout_bias": dict(d_in=32, d_out=24, r=4, dora=True, dropout=0.2, bias=True, **SEQ),
+    "dora_conv1d": dict(d_in=32, d_out=24, r=4, dora=True, fan_in_fan_out=True, **SEQ),
+    "dora_only": dict(d_in=32, d_out=24, r=4, dora=True, lora_only=True, **SEQ),
+    "dora_bf16": dict(d_in=64, d_out=48, r=8, dora=True, bias=True, dropout=0.1, dtype="bf16",
+                      **SEQ),
+    **{f"realistic_{p}": dict(REALISTIC, dtype=p) for p in ("bf16", "fp16", "fp32", "fp64")},
 }
 
 
@@ -47,8 +60,12 @@ def add_parser(sub):
     p = osub.add_parser("case", help="write a test case (inputs and a cotangent)")
     for name in ("--d-in", "--d-out", "--r"):
         p.add_argument(name, type=positive_int, required=True)
-    p.add_argument("--batch", type=nonnegative_int, default=4)
-    p.add_argument("--seq", type=nonnegative_int)
+    p.add_argument("--batch", type=nonnegative_int, default=2)
+    p.add_argument("--seq", type=nonnegative_int, default=8,
+                   help="x is (batch, seq, d_in), as most kernels take it (default 8)")
+    p.add_argument("--flat", action="store_true", help="x is (batch, d_in): no sequence axis")
+    p.add_argument("--lora-only", action="store_true",
+                   help="W = 0: only the LoRA branch, so every error is the adapter's")
     p.add_argument("--alpha", type=finite_float)
     p.add_argument("--rslora", action="store_true")
     p.add_argument("--dora", action="store_true")
@@ -106,10 +123,11 @@ def _output_file(text):
 
 
 def _case(args):
-    case = make_case(d_in=args.d_in, d_out=args.d_out, r=args.r, batch=args.batch, seq=args.seq,
-                     alpha=args.alpha, rslora=args.rslora, dora=args.dora,
-                     dropout=args.dropout, bias=args.bias, fan_in_fan_out=args.fan_in_fan_out,
-                     detach_norm=not args.full_norm_gradient, dtype=args.dtype, seed=args.seed)
+    case = make_case(d_in=args.d_in, d_out=args.d_out, r=args.r, batch=args.batch,
+                     seq=None if args.flat else args.seq, alpha=args.alpha, rslora=args.rslora,
+                     dora=args.dora, dropout=args.dropout, bias=args.bias,
+                     fan_in_fan_out=args.fan_in_fan_out, detach_norm=not args.full_norm_gradient,
+                     dtype=args.dtype, lora_only=args.lora_only, seed=args.seed)
     save_case(args.output, case)
     print(f"wrote {args.output}: {', '.join(f'{k}{v.shape}' for k, v in case.tensors.items())}")
     return 0

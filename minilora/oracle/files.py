@@ -146,12 +146,25 @@ def load_case(path):
     common = np.float64 if any(a.dtype == np.float64 for a in tensors.values()) else np.float32
     tensors = {k: v.astype(common) for k, v in tensors.items()}
     case = Case(tensors, scaling, flags["fan_in_fan_out"], flags["detach_norm"],
-                input_precision)
+                input_precision, _layer(path, meta.get("layer")))
     try:
         reference_shapes(case)
     except ValueError as e:
         raise OracleInputError(f"{path}: {e}") from None
     return case
+
+
+def _layer(path, text):
+    """The case's ``layer`` record (how it was drawn) from its metadata, or {}."""
+    if text is None:
+        return {}
+    try:
+        layer = json.loads(text) if len(text) <= 10_000 else None
+    except (ValueError, RecursionError):
+        layer = None
+    if not isinstance(layer, dict) or not all(isinstance(k, str) for k in layer):
+        raise OracleInputError(f"{path}: metadata 'layer' is not a JSON object")
+    return layer
 
 
 def save_outputs(path, outputs, metadata=None, inputs=()):

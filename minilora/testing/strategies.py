@@ -11,10 +11,21 @@ from minilora.testing import LoRACase
 
 
 @st.composite
-def lora_shapes(draw, max_dim=12, max_lead_dims=3, max_lead=3):
-    """(lead, d_in, d_out, r): leading dims (0 to ``max_lead_dims`` of them, sizes from 0),
-    and r from 1 to above min(d_in, d_out)."""
-    lead = tuple(draw(st.lists(st.integers(0, max_lead), max_size=max_lead_dims)))
+def lora_shapes(draw, max_dim=12, max_lead_dims=3, max_lead=3, lead_dims=None, min_tokens=0):
+    """(lead, d_in, d_out, r): leading dims (0 to ``max_lead_dims`` of them, or exactly
+    ``lead_dims`` (an int, or a (min, max) pair); sizes from 0, their product at least
+    ``min_tokens``), and r from 1 to above min(d_in, d_out).
+
+    ``lead_dims=2, min_tokens=1`` draws the (batch, seq, d_in) inputs most kernels take, never
+    empty; the default includes 1-D x and zero-size batches, which a kernel should handle too.
+    """
+    lo, hi = (0, max_lead_dims) if lead_dims is None else \
+        (lead_dims, lead_dims) if isinstance(lead_dims, int) else tuple(lead_dims)
+    if min_tokens > max_lead**hi:
+        raise ValueError(f"min_tokens={min_tokens} cannot be met with {hi} leading dims of at "
+                         f"most {max_lead}")
+    lead = tuple(draw(st.lists(st.integers(0, max_lead), min_size=lo, max_size=hi)
+                      .filter(lambda d: int(np.prod(d)) >= min_tokens)))
     d_in = draw(st.integers(1, max_dim))
     d_out = draw(st.integers(1, max_dim))
     r = draw(st.integers(1, min(d_in, d_out) + 2))
@@ -38,15 +49,19 @@ def _values(rng, kind, shape, dtype):
 
 @st.composite
 def lora_cases(draw, dtypes=(np.float64, np.float32), max_dim=12, dropout=None, bias=None,
-               fan_in_fan_out=None, values=VALUES):
-    """A LoRACase: shapes from ``lora_shapes``, options drawn unless fixed by the arguments.
+               fan_in_fan_out=None, values=VALUES, lead_dims=None, min_tokens=0):
+    """A LoRACase: shapes from ``lora_shapes`` (``lead_dims``, ``min_tokens`` passed on),
+    options drawn unless fixed by the arguments.
 
     The dropout mask is drawn at one of three shapes: x's own, a per-feature (d_in,) row, or one
-    value per token (..., 1); its values are 0 or 1/(1−p). Array values are of a kind drawn from
-    ``values`` ("normal", "zeros": about half exactly zero, "wide": magnitudes from 1e-3 to 1e3)
-    from a drawn seed, so a failing example reproduces from its printed seed.
+    value per token (..., 1); its values are 0 and 1/(1−p), both present whenever it has two
+    entries or more. The scaling is never ±1 (a scaling applied twice or not at all would be
+    invisible), B never zero. Array values are of a kind drawn from ``values`` ("normal",
+    "zeros": about half exactly zero, "wide": magnitudes from 1e-3 to 1e3) from a drawn seed,
+    so a failing example reproduces from its printed seed.
     """
-    lead, d_in, d_out, r = draw(lora_shapes(max_dim=max_dim))
+    lead, d_in, d_out, r = draw(lora_shapes(max_dim=max_dim, lead_dims=lead_dims,
+                                            min_tokens=min_tokens))
     dtype = np.dtype(draw(st.sampled_from(dtypes)))
     use_bias = draw(st.booleans()) if bias is None else bias
     fan_in_fan_out = draw(st.booleans()) if fan_in_fan_out is None else fan_in_fan_out
@@ -54,6 +69,8 @@ def lora_cases(draw, dtypes=(np.float64, np.float32), max_dim=12, dropout=None, 
         else ("full" if dropout else "none")
     alpha = draw(st.sampled_from([1.0, 8.0, 16.0, -2.0]))
     scaling = alpha / (np.sqrt(r) if draw(st.booleans()) else r)  # rsLoRA or alpha/r
+    if abs(scaling) == 1.0:
+        scaling *= 1.5
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     kind = draw(st.sampled_from(values))
 
@@ -66,7 +83,10 @@ def lora_cases(draw, dtypes=(np.float64, np.float32), max_dim=12, dropout=None, 
     if mask_kind != "none":
         p = draw(st.sampled_from([0.1, 0.5]))
         shape = {"full": lead + (d_in,), "feature": (d_in,), "token": lead + (1,)}[mask_kind]
-        mask = ((rng.random(shape) >= p) / (1 - p)).astype(dtype)
+        keep = rng.random(shape) >= p
+        if keep.size >= 2:  # both a kept and a dropped entry, wherever they fall
+            keep.flat[rng.choice(keep.size, 2, replace=False)] = (True, False)
+        mask = (keep / (1 - p)).astype(dtype)
     return LoRACase(
         x=normal(*lead, d_in),
         W=normal(d_in, d_out) if fan_in_fan_out else normal(d_out, d_in),
