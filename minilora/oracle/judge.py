@@ -258,23 +258,25 @@ def compare(case, candidate, dtype=None, accum_dtype=None, outputs=None):
             floor = BASELINE_FLOOR_SQRT_K * np.sqrt(K[name]) * accum.u \
                 * float(np.max(mags[name], initial=0.0)) \
                 + BASELINE_FLOOR_U * prec.u * float(np.max(np.abs(ref[name]), initial=0.0))
-            limit = floor + BASELINE_FACTOR * float(np.max(np.abs(base[name] - ref[name]),
-                                                           initial=0.0))
+            base_err = float(np.max(np.abs(base[name] - ref[name]), initial=0.0))
+            limit = BASELINE_FACTOR * base_err + floor
         if not np.isfinite(limit) or (np.isfinite(g) and not np.all(np.isfinite(tol))):
             raise OracleInputError(f"case unusable: the tolerance of {name} overflows float64 "
                                    f"(values too close to float64's range)")
-        report.tensors.append(_judge(name, cand.astype(np.float64), ref[name], tol, base[name],
-                                     floor, prec))
+        report.tensors.append(_judge(name, cand.astype(np.float64), ref[name], tol, base_err,
+                                     limit, prec))
     return report
 
 
-def _judge(name, cand, ref, tol, base, floor, prec):
+def _judge(name, cand, ref, tol, base_err, limit, prec):
     with np.errstate(over="ignore", invalid="ignore"):  # a candidate's inf or 1e308: judged
-        return _judge_finite_case(name, cand, ref, tol, base, floor, prec)
+        return _judge_finite_case(name, cand, ref, tol, base_err, limit, prec)
 
 
-def _judge_finite_case(name, cand, ref, tol, base, floor, prec):
-    """The verdict on one tensor (ref, tol, base and floor are finite: ``compare`` checks)."""
+def _judge_finite_case(name, cand, ref, tol, base_err, limit, prec):
+    """The verdict on one tensor: the derived bound ``tol`` elementwise, ``limit`` (twice the
+    baseline's largest error ``base_err`` plus the floor) on the largest error; ref and limit
+    are finite (``compare`` checks)."""
     reasons = []
     finite = np.isfinite(cand)
     nonfinite = int(cand.size - np.count_nonzero(finite))
@@ -293,8 +295,6 @@ def _judge_finite_case(name, cand, ref, tol, base, floor, prec):
     if not tolerance_used <= 1:  # (a NaN fails too)
         reasons.append(f"error {float(err[at]):.3g} at {tuple(int(i) for i in at)} exceeds the "
                        f"derived tolerance {float(tol[at]):.3g}")
-    base_err = float(np.max(np.abs(base - ref)))
-    limit = BASELINE_FACTOR * base_err + floor
     if not max_err <= limit:
         reasons.append(f"max error {max_err:.3g} exceeds {BASELINE_FACTOR:g}x the "
                        f"{prec.name} baseline's {base_err:.3g} (limit {limit:.3g})")
