@@ -65,6 +65,7 @@ def write_folder_atomic(path, files):
         raise NotADirectoryError(20, "Not a directory", path)
     tmp = old = None
     try:
+        os.makedirs(parent, exist_ok=True)  # as PEFT's save_pretrained makes the folders
         tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.tmp-")
         os.chmod(tmp, 0o777 & ~_umask())
         if os.path.isdir(path):

@@ -502,6 +502,14 @@ def test_save_adapter_interrupted_leaves_the_old_adapter_whole(tmp_path, monkeyp
     assert ml.peft.load_adapter(path)["q"].alpha == 16.0
 
 
+def test_save_adapter_makes_missing_parent_folders(tmp_path):
+    layer = ml.LoRALinear(6, 4, r=2, seed=0)
+    path = tmp_path / "new" / "nested" / "adapter"
+    ml.peft.save_adapter(path, {"q": layer})
+    assert set(ml.peft.load_adapter(path)) == {"q"}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["adapter"]
+
+
 def test_written_files_get_the_umask_permissions(tmp_path):
     old = os.umask(0o022)
     try:
