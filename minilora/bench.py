@@ -16,6 +16,7 @@ import tracemalloc
 import numpy as np
 
 import minilora as ml
+from minilora import lora_numba
 from minilora._io import write_atomic
 
 # (name, N, d_in, d_out, r, dtype, dropout, op)
@@ -213,6 +214,74 @@ def run(quick=False, with_torch=True, json_path=None, out=print):
     if json_path:
         write_atomic(json_path, json.dumps(results, indent=2).encode())
     return results
+
+
+# ``minilora bench --sweep``: one size varied around N=4096, 1024->1024, r=16, fp32.
+SWEEPS = {"r": [1, 2, 4, 8, 16, 32, 64, 128, 256, 512],
+          "N": [16, 64, 256, 1024, 4096, 16384],
+          "d": [128, 256, 512, 1024, 2048]}
+QUICK_SWEEPS = {"r": [1, 8], "N": [16, 64], "d": [32, 64]}
+SWEEP_BASE = dict(N=4096, d=1024, r=16)
+QUICK_BASE = dict(N=64, d=64, r=4)  # --quick: the plumbing in seconds, not a measurement
+
+
+def ideal_ratio(N, d_in, d_out, r):
+    """The floor plus the low-rank products at the floor's rate, over the floor.
+
+    The floor is 2·N·d_in·d_out multiply-adds (x Wᵀ, dy W); the low-rank products are
+    x Aᵀ, h Bᵀ forward and dy B, dyᵀ h, gᵀ x, g A backward: N·r·(3·d_in + 3·d_out)."""
+    return 1 + 3 * r * (d_in + d_out) / (2 * d_in * d_out)
+
+
+def sweep(name, quick=False, with_torch=True, out=print):
+    """Ratios against the floor and the ideal as one size varies; returns the rows."""
+    values = (QUICK_SWEEPS if quick else SWEEPS)[name]
+    base = QUICK_BASE if quick else SWEEP_BASE
+    repeats, inner = (3, 3) if quick else (7, 5)
+    out(f"{name:>6} {'numba/floor':>11} {'numba/ideal':>11} {'numpy/floor':>11} "
+        f"{'torch/floor':>11} {'ideal':>7} {'route':>8} {'floor ms':>9}")
+    rows = []
+    for value in values:
+        size = dict(base, **{name: value})
+        N, d, r = size["N"], size["d"], size["r"]
+        p = _problem(N, d, d, r, np.float32, False)
+        res = time_case(_contenders(p, "lora", with_torch), repeats,
+                        inner if N * d * d > 1e9 else 20 * inner)
+        res.update({"N": N, "d": d, "r": r, "ideal": ideal_ratio(N, d, d, r),
+                    "route": lora_numba._route(N, d, d, None)})
+        res["numba/ideal"] = res["numba/floor"] / res["ideal"]
+        rows.append(res)
+        torch_cell = f"{res['torch+peft/floor']:>11.3f}" if "torch+peft/floor" in res \
+            else f"{'-':>11}"
+        out(f"{value:>6} {res['numba/floor']:>11.3f} {res['numba/ideal']:>11.3f} "
+            f"{res['numpy/floor']:>11.3f} {torch_cell} {res['ideal']:>7.3f} "
+            f"{res['route']:>8} {res['floor_ms']:>9.3f}")
+    return rows
+
+
+def plot_sweep(name, rows, path):
+    """The sweep's ratios against the floor, with the ideal, on a log axis (needs matplotlib);
+    each row carries the sizes it was measured at."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [row[name] for row in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("numba/floor", "minilora (numba)"), ("numpy/floor", "minilora (numpy)"),
+                       ("torch+peft/floor", "torch + PEFT"), ("ideal", "ideal")):
+        if all(key in row for row in rows):
+            ax.plot(x, [row[key] for row in rows], marker="o", label=label,
+                    ls="--" if key == "ideal" else "-")
+    ax.set_xscale("log", base=2)
+    others = ", ".join(f"{k}={rows[0][k]}" for k in ("N", "d", "r") if k != name)
+    ax.set(xlabel=name, ylabel="time / two-GEMM floor",
+           title=f"LoRA fwd+bwd, fp32, {others}: cost as {name} grows")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def _blas_info():

@@ -5,11 +5,13 @@ write ends the command with exit code 2 and one line on stderr, never a tracebac
 """
 
 import argparse
+import json
 import math
 import os
 import sys
 
 from minilora import bench, demo, selfcheck
+from minilora._io import write_atomic
 
 
 class CommandError(Exception):
@@ -71,17 +73,33 @@ def _gradcheck(args):
 
 
 def _bench(args):
+    if args.plot and not args.sweep:
+        raise CommandError("--plot draws a sweep: give --sweep r, N or d")
+    if args.plot:
+        _need_matplotlib()
+    if args.sweep:
+        rows = bench.sweep(args.sweep, quick=args.quick, with_torch=not args.no_torch)
+        if args.json:
+            write_atomic(args.json, json.dumps({"sweep": args.sweep, "rows": rows},
+                                               indent=2).encode())
+        if args.plot:
+            bench.plot_sweep(args.sweep, rows, args.plot)
+            print(f"wrote {args.plot}")
+        return 0
     bench.run(quick=args.quick, with_torch=not args.no_torch, json_path=args.json)
     return 0
 
 
+def _need_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise CommandError("--plot needs matplotlib: pip install 'minilora[examples]'") from None
+
+
 def _demo(args):
     if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise CommandError("--plot needs matplotlib: pip install 'minilora[examples]'") \
-                from None
+        _need_matplotlib()
     return demo.main(args)
 
 
@@ -106,6 +124,11 @@ def build_parser():
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch + PEFT")
     p.add_argument("--json", metavar="PATH", type=output_path,
                    help="also write the figures as JSON")
+    p.add_argument("--sweep", choices=sorted(bench.SWEEPS),
+                   help="vary one size around N=4096, 1024->1024, r=16 and print each ratio "
+                   "against the floor and against the ideal")
+    p.add_argument("--plot", metavar="PATH", type=output_path,
+                   help="with --sweep: draw the ratios (matplotlib)")
     p.set_defaults(func=_bench)
     from minilora.oracle import cli as oracle_cli  # here: it imports this module's types
 

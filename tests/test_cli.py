@@ -30,3 +30,35 @@ def test_bench_quick_writes_ratios_as_json(tmp_path, capsys):
         assert {"numba/floor", "numpy/floor", "numba/numpy", "floor_ms"} <= set(ratios)
         assert all(v > 0 for v in ratios.values())
     assert "numba/floor" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["r", "N", "d"])
+def test_bench_sweep_prints_ratios_against_floor_and_ideal(tmp_path, capsys, name):
+    """The sweep's plumbing at tiny sizes (no timing is asserted)."""
+    import importlib.util
+    import json
+
+    path, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    code = main(["bench", "--sweep", name, "--quick", "--no-torch", "--json", str(path),
+                 "--plot", str(png)])
+    if importlib.util.find_spec("matplotlib") is None:  # the light install: one line, exit 2
+        assert code == 2 and "matplotlib" in capsys.readouterr().err
+        assert main(["bench", "--sweep", name, "--quick", "--no-torch", "--json",
+                     str(path)]) == 0
+    else:
+        assert code == 0 and png.stat().st_size > 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [row[name] for row in rows] == {"r": [1, 8], "N": [16, 64], "d": [32, 64]}[name]
+    for row in rows:
+        assert row["numba/floor"] > 0 and row["ideal"] >= 1
+        assert row["numba/ideal"] == pytest.approx(row["numba/floor"] / row["ideal"])
+        assert row["route"] in ("small", "merged", "blocked")
+    assert main(["bench", "--plot", str(png)]) == 2  # --plot without --sweep
+
+
+def test_the_ideal_counts_the_low_rank_products_at_the_floors_rate():
+    from minilora.bench import ideal_ratio
+
+    # floor 2·N·d²; low-rank N·r·(3d + 3d) multiply-adds: 1 + 3·r·2d / (2d²) = 1 + 3r/d
+    assert ideal_ratio(4096, 1024, 1024, 16) == pytest.approx(1 + 3 * 16 / 1024)
+    assert ideal_ratio(10, 512, 256, 8) == pytest.approx(1 + 3 * 8 * 768 / (2 * 512 * 256))
