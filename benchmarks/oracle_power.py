@@ -4,7 +4,7 @@ planted scale error or single-element corruption still fails.
 Honest candidates: minilora's numba backend run at the candidate's precision (inputs rounded,
 arithmetic in the accumulation format, outputs rounded: a different summation order from the
 oracle's baseline), and PyTorch autograd at that dtype when torch is installed.
-Usage: python benchmarks/oracle_power.py [--seeds N] [--json PATH]
+Usage: python benchmarks/oracle_power.py [--seeds N | --quick] [--json PATH]
 """
 
 import argparse
@@ -19,7 +19,7 @@ DTYPES = ["bf16", "fp16", "fp32", "fp64"]
 EPSILONS = [m * 10.0**-k for k in range(1, 16) for m in (5, 2, 1)]  # planted sizes, large first
 
 
-def numpy_candidate(case, dtype):
+def minilora_candidate(case, dtype):
     """minilora's numba backend at ``dtype`` (a summation order other than the baseline's)."""
     return emulate(case, dtype, backend="numba")
 
@@ -90,25 +90,28 @@ def corrupt_one(outputs, eps):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, default=8)
+    parser.add_argument("--quick", action="store_true", help="two seeds: the plumbing, fast")
     parser.add_argument("--json")
     args = parser.parse_args()
+    if args.quick:
+        args.seeds = 2
     rows = {}
     for dtype in DTYPES:
-        honest = {"numpy": [0, 0], "torch": [0, 0]}
+        honest = {"minilora": [0, 0], "torch": [0, 0]}
         scale, single = [], []
         for _, _, kw in cases(args.seeds):
             case = oracle.make_case(dtype=dtype, **kw)
-            for name, make in (("numpy", numpy_candidate), ("torch", torch_candidate)):
+            for name, make in (("minilora", minilora_candidate), ("torch", torch_candidate)):
                 cand = make(case, dtype)
                 if cand is None:
                     continue
                 honest[name][1] += 1
                 honest[name][0] += oracle.compare(case, cand, dtype=dtype).passed
-            base = numpy_candidate(case, dtype)
+            base = minilora_candidate(case, dtype)
             scale.append(smallest_caught(case, base, dtype, scale_dA))
             single.append(smallest_caught(case, base, dtype, corrupt_one))
         rows[dtype] = {
-            "honest_numpy_passed": f"{honest['numpy'][0]}/{honest['numpy'][1]}",
+            "honest_minilora_passed": f"{honest['minilora'][0]}/{honest['minilora'][1]}",
             "honest_torch_passed": f"{honest['torch'][0]}/{honest['torch'][1]}",
             "scale_error_caught_always_from": max(e if e else np.inf for e in scale),
             "single_element_caught_always_from": max(e if e else np.inf for e in single),
@@ -116,7 +119,7 @@ def main():
     print(f"{'dtype':<6}{'honest minilora':>14}{'honest torch':>14}{'dA scaled by 1+ε':>20}"
           f"{'one dx entry +ε·max|dx|':>26}")
     for dtype, row in rows.items():
-        print(f"{dtype:<6}{row['honest_numpy_passed']:>14}{row['honest_torch_passed']:>14}"
+        print(f"{dtype:<6}{row['honest_minilora_passed']:>14}{row['honest_torch_passed']:>14}"
               f"{'ε ≥ ' + format(row['scale_error_caught_always_from'], '.0e'):>20}"
               f"{'ε ≥ ' + format(row['single_element_caught_always_from'], '.0e'):>26}")
     if args.json:

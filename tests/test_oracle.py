@@ -443,3 +443,24 @@ def test_strategies_draw_kernel_shaped_cases_on_request(case):
     assert abs(case.scaling) != 1
     if case.dropout_mask is not None and case.dropout_mask.size >= 2:
         assert (case.dropout_mask == 0).any() and (case.dropout_mask > 0).any()
+
+
+def test_the_power_benchmark_runs_and_passes_every_honest_candidate(tmp_path):
+    """benchmarks/oracle_power.py --quick: honest candidates (minilora's numba backend and torch
+    autograd at each precision) all pass, and a planted error is caught at some size."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "power.json"
+    script = pathlib.Path(__file__).parent.parent / "benchmarks" / "oracle_power.py"
+    result = subprocess.run([sys.executable, str(script), "--quick", "--json", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())
+    assert set(rows) == {"bf16", "fp16", "fp32", "fp64"}
+    for row in rows.values():
+        for key in ("honest_minilora_passed", "honest_torch_passed"):
+            passed, total = map(int, row[key].split("/"))
+            assert passed == total
+        assert 0 < row["scale_error_caught_always_from"] < 1
+        assert 0 < row["single_element_caught_always_from"] < 1
