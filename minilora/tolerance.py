@@ -79,14 +79,16 @@ def lora_error_bounds(x, W, A, B, *, scaling, dy, bias=None, dropout_mask=None,
     return {name: gamma(K[name], u) * mag for name, mag in mags.items()}
 
 
-def cancellation_factors(W, A, B, scaling, fan_in_fan_out):
+def cancellation_factors(W, A, B, scaling, fan_in_fan_out, n=None):
     """f_j, how much more than γ_K the computed n_j may be off, relatively, per row (d_out,).
 
     n_j² summed from the expansion is off by at most γ_K·t_j² (``minilora.dora.row_norms``),
     relatively γ_K·(t_j/n_j)²; rows with t_j > 4·n_j are summed directly from V_j, whose own
     entries W_ji + s·B_j A_i carry errors of order u·t_j, relatively u·t_j/n_j. So
-    f_j = (t_j/n_j)² up to 16, and 4·t_j/n_j beyond (1 for a zero row, where c = 0)."""
-    n = row_norms(W, A, B, scaling, fan_in_fan_out)[0]
+    f_j = (t_j/n_j)² up to 16, and 4·t_j/n_j beyond (1 for a zero row, where c = 0). ``n``: the
+    row norms when the caller has them."""
+    if n is None:
+        n = row_norms(W, A, B, scaling, fan_in_fan_out)[0]
     ratio = norm_bounds(W, A, B, scaling, fan_in_fan_out) * inverse_norms(n)  # (d_out,) t/n
     return np.where(n > 0, np.where(ratio <= 4, ratio**2, 4 * ratio), 1.0)
 
@@ -116,14 +118,13 @@ def dora_magnitudes(x, W, A, B, m, *, scaling, dy, bias=None, dropout_mask=None,
     mask = None if dropout_mask is None else \
         np.broadcast_to(dropout_mask, x.shape).reshape(x2.shape).astype(np.float64)
     x_d = x2 if mask is None else x2 * mask
-    inv_n = inverse_norms(row_norms(W64, A64, B64, scaling, fan_in_fan_out)[0])  # (d_out,)
+    n = row_norms(W64, A64, B64, scaling, fan_in_fan_out)[0]  # (d_out,)
+    inv_n = inverse_norms(n)  # (d_out,)
     c = np.abs(m.astype(np.float64)) * inv_n  # (d_out,) |c|
-    f = cancellation_factors(W64, A64, B64, scaling, fan_in_fan_out) if norm_error else 1.0
+    f = cancellation_factors(W64, A64, B64, scaling, fan_in_fan_out, n) if norm_error else 1.0
     lora = lora_magnitudes(x_d, W64, A64, B64, scaling=scaling, dy=(c * f) * dy2,
                            fan_in_fan_out=fan_in_fan_out)
-    u_mag = lora["y"] if not norm_error else \
-        lora_magnitudes(x_d, W64, A64, B64, scaling=scaling, dy=dy2,
-                        fan_in_fan_out=fan_in_fan_out)["y"]  # (N, d_out) mag(u)
+    u_mag = lora["y"]  # (N, d_out) mag(u): the LoRA output on |x_d|, no bias (dy plays no part)
     Wr = np.abs(W64.T if fan_in_fan_out else W64)  # (d_out, d_in)
     dm_mag = np.einsum("nj,nj->j", dy2, u_mag) * inv_n  # (d_out,) Σ|dy||u| / n
     mags = {"y": c * f * u_mag, "dA": lora["dA"], "dB": lora["dB"], "dx": lora["dx"],
