@@ -119,11 +119,13 @@ def _check_cache(cache, cache_type, saved_fields=()):
             got = f"{a.dtype}{a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
             raise ValueError(f"cache.{name} is {got} where the forward pass made {dtype}{shape}: "
                              f"the cache was modified after the forward pass")
-    if cache.fingerprints is not None and _fingerprints(cache) != cache.fingerprints:
-        changed = sorted(k for k, v in _fingerprints(cache).items()
-                         if cache.fingerprints.get(k) != v)
-        raise RuntimeError(f"{', '.join(changed)} changed in place between the forward and the "
-                           f"backward pass: the gradients would be those of the new values")
+    if cache.fingerprints is not None:
+        now = _fingerprints(cache)
+        changed = sorted(k for k, v in now.items() if cache.fingerprints.get(k) != v)
+        if changed or now.keys() != cache.fingerprints.keys():
+            raise RuntimeError(f"{', '.join(changed) or 'the mask'} changed in place between "
+                               f"the forward and the backward pass: the gradients would be "
+                               f"those of the new values")
     return d_out
 
 
