@@ -145,9 +145,10 @@ def required_outputs(case):
 
 
 def check_candidate(case, candidate, outputs=None):
-    """The candidate's arrays as float64, checked against the case: known names of the right
-    shapes and a float dtype, every required output present. Returns ``(arrays, judged names,
-    not-judged names)``; OracleInputError names what is wrong."""
+    """The candidate's arrays, as stored, checked against the case: known names of the right
+    shapes and a float dtype, every required output (or every one ``outputs`` names) present.
+    Returns ``(arrays to judge, names of the case's outputs not judged)``; OracleInputError
+    names what is wrong."""
     shapes = reference_shapes(case)
     if not hasattr(candidate, "keys") or not hasattr(candidate, "__getitem__"):
         raise OracleInputError(f"the candidate must map output names to arrays, got "
