@@ -233,8 +233,9 @@ def ideal_ratio(N, d_in, d_out, r):
     return 1 + 3 * r * (d_in + d_out) / (2 * d_in * d_out)
 
 
-def sweep(name, quick=False, with_torch=True, out=print):
-    """Ratios against the floor and the ideal as one size varies; returns the rows."""
+def sweep(name, quick=False, with_torch=True, json_path=None, out=print):
+    """Ratios against the floor and the ideal as one size varies; returns the rows (also written
+    to ``json_path``)."""
     values = (QUICK_SWEEPS if quick else SWEEPS)[name]
     base = QUICK_BASE if quick else SWEEP_BASE
     repeats, inner = (3, 3) if quick else (7, 5)
@@ -256,6 +257,8 @@ def sweep(name, quick=False, with_torch=True, out=print):
         out(f"{value:>6} {res['numba/floor']:>11.3f} {res['numba/ideal']:>11.3f} "
             f"{res['numpy/floor']:>11.3f} {torch_cell} {res['ideal']:>7.3f} "
             f"{res['route']:>8} {res['floor_ms']:>9.3f}")
+    if json_path:
+        write_atomic(json_path, json.dumps({"sweep": name, "rows": rows}, indent=2).encode())
     return rows
 
 

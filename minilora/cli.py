@@ -5,13 +5,11 @@ write ends the command with exit code 2 and one line on stderr, never a tracebac
 """
 
 import argparse
-import json
 import math
 import os
 import sys
 
 from minilora import bench, demo, selfcheck
-from minilora._io import write_atomic
 
 
 class CommandError(Exception):
@@ -78,10 +76,8 @@ def _bench(args):
     if args.plot:
         _need_matplotlib()
     if args.sweep:
-        rows = bench.sweep(args.sweep, quick=args.quick, with_torch=not args.no_torch)
-        if args.json:
-            write_atomic(args.json, json.dumps({"sweep": args.sweep, "rows": rows},
-                                               indent=2).encode())
+        rows = bench.sweep(args.sweep, quick=args.quick, with_torch=not args.no_torch,
+                           json_path=args.json)
         if args.plot:
             bench.plot_sweep(args.sweep, rows, args.plot)
             print(f"wrote {args.plot}")
