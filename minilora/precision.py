@@ -32,6 +32,8 @@ def _round_mantissa(a, drop_bits):
 class Precision:
     name: str
     u: float  # unit roundoff
+    eta: float  # half the spacing of subnormal numbers: rounding's absolute error below the
+    #             normal range, where the relative bound u no longer holds
 
     def round(self, a):
         """``a`` rounded to this format, returned as float32 (float64 for fp64)."""
@@ -51,9 +53,11 @@ class Precision:
         return np.dtype(np.float64 if self.name == "fp64" else np.float32)
 
 
-PRECISIONS = {p.name: p for p in (Precision("bf16", 2.0**-8), Precision("fp16", 2.0**-11),
-                                  Precision("tf32", 2.0**-11), Precision("fp32", 2.0**-24),
-                                  Precision("fp64", 2.0**-53))}
+PRECISIONS = {p.name: p for p in (Precision("bf16", 2.0**-8, 2.0**-134),
+                                  Precision("fp16", 2.0**-11, 2.0**-25),
+                                  Precision("tf32", 2.0**-11, 2.0**-137),
+                                  Precision("fp32", 2.0**-24, 2.0**-150),
+                                  Precision("fp64", 2.0**-53, 2.0**-1074))}  # (2⁻¹⁰⁷⁵ is 0)
 DEFAULT_ACCUMULATION = {"bf16": "fp32", "fp16": "fp32", "tf32": "fp32", "fp32": "fp32",
                         "fp64": "fp64"}
 

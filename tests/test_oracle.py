@@ -350,13 +350,14 @@ def test_the_report_columns_never_run_together_and_name_the_deciding_rule():
     for line in table[at + 1:at + 5]:
         cells = re.split(r"\s{2,}", line.strip(), maxsplit=10)
         assert len(cells) == 11, line
-        assert cells[9] in ("derived bound", "baseline max"), line
+        assert cells[9] in ("derived bound", "baseline max", "normwise", "scale"), line
     for t in report.tensors:
-        assert t.decided_by in ("derived bound", "baseline max")
-        assert t.margin == max(t.tolerance_used, t.baseline_used)
+        assert t.margin == max(t.tolerance_used, t.baseline_used, t.normwise_used, t.scale_used)
+    assert [t.passed for t in report.tensors if t.name == "dA"] == [False]
     assert "rule" in header and "used" in header
     verdicts = json.loads(report.to_json())["tensors"]
-    assert {"decided_by", "margin", "baseline_used"} <= set(verdicts[0])
+    assert {"decided_by", "margin", "baseline_used", "normwise_used", "scale_used",
+            "scale_shift"} <= set(verdicts[0])
 
 
 @pytest.mark.parametrize("detach_norm", [True, False])

@@ -9,10 +9,11 @@ implementation with tolerances derived from its precision, the reduction lengths
 
 from minilora.oracle.cases import INPUTS, OUTPUTS, Case, OracleInputError, make_case, reference
 from minilora.oracle.files import load_case, load_outputs, save_case, save_outputs
-from minilora.oracle.judge import Report, TensorVerdict, compare, required_outputs
+from minilora.oracle.judge import Judge, Report, TensorVerdict, compare, required_outputs
 
 __all__ = [
            "INPUTS",
+           "Judge",
            "OUTPUTS",
            "Case",
            "OracleInputError",

@@ -55,6 +55,11 @@ class Case:
         return Case(tensors, self.scaling, self.fan_in_fan_out, self.detach_norm,
                     self.input_precision, self.layer)
 
+    def with_scaling(self, scaling):
+        """The same problem with another scaling (an honest candidate's rounded s)."""
+        return Case(self.tensors, float(scaling), self.fan_in_fan_out, self.detach_norm,
+                    self.input_precision, self.layer)
+
     def metadata(self):
         meta = {"format": "minilora-oracle-case/1", "op": "dora" if self.dora else "lora",
                 "scaling": repr(self.scaling), "fan_in_fan_out": self.fan_in_fan_out,

@@ -32,7 +32,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from minilora.oracle.cases import OUTPUTS, OracleInputError, emulate, reference, reference_shapes
+from minilora.oracle import emulation
+from minilora.oracle.cases import OUTPUTS, OracleInputError, reference, reference_shapes
 from minilora.precision import DEFAULT_ACCUMULATION, PRECISIONS, precision
 from minilora.tolerance import dora_magnitudes, gamma, lora_magnitudes, lora_reduction_lengths
 
@@ -41,6 +42,10 @@ NORM_ROUNDINGS = 3  # DoRA: the inputs' rounding moves n by up to u·t (f ≥ t/
 BASELINE_FACTOR = 2.0
 BASELINE_FLOOR_U = 4  # times u_p at the tensor's largest |ref|
 BASELINE_FLOOR_SQRT_K = 2.0  # times √K·u_a·max(mag), another summation order's typical error
+RANDOM_RUNS = 16  # honest candidates drawn from the rounding model, for the whole-tensor rules
+NORM_FACTOR = 1.5  # ‖error‖ ≤ (NORM_FACTOR + NORM_TAIL/√n_eff) × the honest error's norm
+NORM_TAIL = 6.0
+SCALE_Z = 8.0  # |scale ratio − 1| ≤ SCALE_Z·σ + the scaling's own rounding
 
 
 @dataclass
@@ -63,8 +68,13 @@ class TensorVerdict:
     baseline_max_err: float  # the emulated baseline's largest error
     baseline_limit: float  # 2 · baseline_max_err + the floor
     baseline_used: float = 0.0  # max_abs_err / baseline_limit: above 1 fails the baseline rule
+    normwise_limit: float = 0.0  # the limit on ‖cand − ref‖
+    normwise_used: float = 0.0  # ‖cand − ref‖ / normwise_limit
+    scale_limit: float = 0.0  # the limit on |scale_ratio − 1| on the side it lies
+    scale_shift: float = 0.0  # scale_ratio − 1 = ⟨cand − ref, ref⟩/‖ref‖², computed from the error
+    scale_used: float = 0.0  # |scale_shift| / scale_limit
     decided_by: str = ""  # the rule closest to failing (or that failed): "non-finite",
-    #                       "derived bound" or "baseline max"
+    #                       "derived bound", "baseline max", "normwise" or "scale"
     margin: float = 0.0  # that rule's use of its limit (tolerance_used or baseline_used)
 
 
@@ -93,11 +103,11 @@ class Report:
         values (every number in %.3g or %.5g); "used" is the deciding rule's share of its
         limit (above 1 fails), "rule" that rule."""
         rows = [("tensor", "shape", "max abs err", "at index", "reference", "candidate",
-                 "norm rel", "scale", "used", "rule", "verdict")]
+                 "norm rel", "scale - 1", "used", "rule", "verdict")]
         for t in self.tensors:
             rows.append((t.name, str(t.shape), f"{t.max_abs_err:.3g}", str(t.worst_index),
                          f"{t.reference_value:.5g}", f"{t.candidate_value:.5g}",
-                         f"{t.normwise_rel_err:.3g}", f"{t.scale_ratio:.5g}", f"{t.margin:.3g}",
+                         f"{t.normwise_rel_err:.3g}", f"{t.scale_shift:.3g}", f"{t.margin:.3g}",
                          t.decided_by, "pass" if t.passed else "FAIL: " + "; ".join(t.reasons)))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
         lines = [f"candidate computed in {self.dtype}, accumulating in {self.accum_dtype}"]
@@ -231,53 +241,157 @@ def compare(case, candidate, dtype=None, accum_dtype=None, outputs=None):
     dB, and dm for DoRA) must be given unless ``outputs`` (names, or "y,dx") names the subset to
     judge; dW and dbias are judged when given. Unknown names, wrong shapes or dtypes, a missing
     output, and a case whose reference or honest result at ``dtype`` is not finite raise
-    OracleInputError: a verdict is only given on what was judged.
+    OracleInputError: a verdict is only given on what was judged. To judge several candidates
+    on one case, ``Judge(case, dtype, accum_dtype)`` prepares the limits once.
     """
-    prec = precision(case.input_precision if dtype is None else dtype)
-    accum = precision(DEFAULT_ACCUMULATION[prec.name] if accum_dtype is None else accum_dtype)
-    arrays, not_judged = check_candidate(case, candidate, outputs)
-    with np.errstate(all="ignore"):
-        ref = reference(case)
-        _finite_or_unusable(ref, "its float64 reference")
-        mags, K, norm_mags, norm_K = magnitudes(case)
-        _finite_or_unusable(mags, "the magnitudes of its sums (float64 overflow)")
-        base = emulate(case, prec, accum)  # the baseline
-    for name in arrays:
-        if not np.all(np.isfinite(base[name])):
-            raise OracleInputError(f"case unusable at {prec.name}: an honest {prec.name} "
-                                   f"computation of {name} overflows (values beyond "
-                                   f"{prec.name}'s range); make a case with smaller values")
-    with np.errstate(over="ignore", invalid="ignore"):  # values beyond prec's range: a warning
-        warnings = _precision_warnings(arrays, prec)
-    report = Report(prec.name, accum.name, not_judged=not_judged, warnings=warnings)
-    for name, cand in arrays.items():
-        g = gamma(K[name], accum.u)  # inf when K·u ≥ 1: then only the baseline rule decides
+    check_candidate(case, candidate, outputs)  # a malformed candidate is refused before work
+    return Judge(case, dtype, accum_dtype).compare(candidate, outputs)
+
+
+@dataclass
+class Limits:
+    """What one output is judged against (see the module docstring)."""
+
+    ref: np.ndarray  # the float64 reference
+    tol: np.ndarray  # the derived bound, elementwise
+    base_err: float  # the emulated baseline's largest error
+    limit: float  # on the largest error: 2·base_err + the floor
+    norm_model: float  # the honest error's norm: the baseline's or the random runs' RMS
+    norm_limit: float  # on ‖candidate − reference‖
+    scale_sigma: float  # the honest scale ratio's standard deviation (the random runs')
+    scale_systematic: float  # the scale ratio that rounding the scaling s to p or a gives
+    scale_band: tuple  # (lo, hi): scale ratio − 1 must lie in it
+
+
+class Judge:
+    """The limits of every output of one case at one precision, computed once: ``compare``
+    judges any number of candidates against them."""
+
+    def __init__(self, case, dtype=None, accum_dtype=None):
+        self.case = case
+        self.prec = prec = precision(case.input_precision if dtype is None else dtype)
+        self.accum = accum = precision(DEFAULT_ACCUMULATION[prec.name] if accum_dtype is None
+                                       else accum_dtype)
+        with np.errstate(all="ignore"):
+            ref = reference(case)
+            _finite_or_unusable(ref, "its float64 reference")
+            mags, K, norm_mags, norm_K = magnitudes(case)
+            _finite_or_unusable(mags, "the magnitudes of its sums (float64 overflow)")
+            base = emulation.run(case, emulation.rounded_type(prec, accum),
+                                 emulation.rounded_type(accum, accum))  # the baseline
+            for name, value in base.items():
+                if not np.all(np.isfinite(value)):
+                    raise OracleInputError(
+                        f"case unusable at {prec.name}: an honest {prec.name} computation of "
+                        f"{name} overflows (values beyond {prec.name}'s range); make a case "
+                        f"with smaller values")
+            runs = _random_runs(case, prec, accum)
+            systematic = _scaling_rounding(case, ref, (prec, accum))
+        self.limits = {}
+        for name in ref:
+            self.limits[name] = self._limits(name, ref[name], base[name], mags[name], K[name],
+                                             None if norm_mags is None else norm_mags[name],
+                                             norm_K, [r[name] for r in runs],
+                                             systematic[name])
+
+    def _limits(self, name, ref, base, mag, K, norm_mag, norm_K, runs, systematic):
+        prec, accum = self.prec, self.accum
+        g = gamma(K, accum.u)  # inf when K·u ≥ 1: then only the other rules decide
         with np.errstate(over="ignore", invalid="ignore"):
-            tol = (ROUNDINGS * prec.u + g) * mags[name] + prec.u * np.abs(ref[name])
-            if norm_mags is not None:  # DoRA: the norms' error, larger where rows cancel
-                tol = tol + (NORM_ROUNDINGS * prec.u + gamma(norm_K, accum.u)) * norm_mags[name]
-            floor = BASELINE_FLOOR_SQRT_K * np.sqrt(K[name]) * accum.u \
-                * float(np.max(mags[name], initial=0.0)) \
-                + BASELINE_FLOOR_U * prec.u * float(np.max(np.abs(ref[name]), initial=0.0))
-            base_err = float(np.max(np.abs(base[name] - ref[name]), initial=0.0))
+            tol = (ROUNDINGS * prec.u + g) * mag + prec.u * np.abs(ref) \
+                + (1 + ROUNDINGS) * prec.eta  # underflow: the output's and the intermediates'
+            floor = BASELINE_FLOOR_SQRT_K * np.sqrt(K) * accum.u \
+                * float(np.max(mag, initial=0.0)) \
+                + BASELINE_FLOOR_U * prec.u * float(np.max(np.abs(ref), initial=0.0))
+            if norm_mag is not None:  # DoRA: the norms' error, larger where rows cancel (and
+                #   there different in every honest implementation, the baseline's included)
+                tol = tol + (NORM_ROUNDINGS * prec.u + gamma(norm_K, accum.u)) * norm_mag
+                floor += BASELINE_FLOOR_SQRT_K * (np.sqrt(norm_K) * accum.u + prec.u) \
+                    * float(np.max(norm_mag, initial=0.0))
+            base_err = float(np.max(np.abs(base - ref), initial=0.0))
             limit = BASELINE_FACTOR * base_err + floor
         if not np.isfinite(limit) or (np.isfinite(g) and not np.all(np.isfinite(tol))):
             raise OracleInputError(f"case unusable: the tolerance of {name} overflows float64 "
                                    f"(values too close to float64's range)")
-        report.tensors.append(_judge(name, cand.astype(np.float64), ref[name], tol, base_err,
-                                     limit, prec))
-    return report
+        unit = _unit(ref)
+        r = ref / unit
+        ref_norm2 = float(np.sum(r * r))
+        square = np.zeros(ref.shape)  # each element's mean square error over the runs
+        scales = []  # each run's scale ratio − 1, times ‖r‖²
+        for run in runs:
+            e = (run - ref) / unit
+            square += e * e / len(runs)
+            scales.append(float(np.sum(e * r)))
+        total = float(np.sum(square))
+        n_eff = total**2 / float(np.sum(square * square)) if total > 0 else 1.0
+        norm_model = max(np.sqrt(total), float(np.linalg.norm((base - ref) / unit)))
+        norm_limit = (NORM_FACTOR + NORM_TAIL / np.sqrt(n_eff)) * norm_model
+        sigma = float(np.sqrt(np.mean(np.square(scales)))) / ref_norm2 if ref_norm2 > 0 else 0.0
+        base_shift = float(np.sum((base - ref) / unit * r)) / ref_norm2 if ref_norm2 > 0 else 0.0
+        margin = SCALE_Z * sigma + systematic  # around [0, the baseline's]: rounding a product
+        band = (min(0.0, base_shift) - margin, max(0.0, base_shift) + margin)  # by a constant
+        #   (x ⊙ mask, s·v) can shift every entry alike; a kernel that stores them does so too
+        return Limits(ref, tol, base_err, limit, norm_model * unit, norm_limit * unit, sigma,
+                      systematic, band)
+
+    def verdict(self, name, array):
+        """The TensorVerdict on one output ``name`` given as ``array`` (checked by ``compare``,
+        not here: for benchmarks that judge many variants of one tensor)."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            return _judge(name, np.asarray(array, dtype=np.float64), self.limits[name],
+                          self.prec)
+
+    def compare(self, candidate, outputs=None):
+        """The Report on ``candidate`` (see the module-level ``compare``)."""
+        arrays, not_judged = check_candidate(self.case, candidate, outputs)
+        with np.errstate(over="ignore", invalid="ignore"):  # values beyond prec's range: warned
+            warnings = _precision_warnings(arrays, self.prec)
+        report = Report(self.prec.name, self.accum.name, not_judged=not_judged,
+                        warnings=warnings)
+        report.tensors = [self.verdict(name, cand) for name, cand in arrays.items()]
+        return report
 
 
-def _judge(name, cand, ref, tol, base_err, limit, prec):
-    with np.errstate(over="ignore", invalid="ignore"):  # a candidate's inf or 1e308: judged
-        return _judge_finite_case(name, cand, ref, tol, base_err, limit, prec)
+def _unit(a):
+    """A power of two near max |a| (1 for an empty, zero or non-finite a): dividing by it keeps
+    sums of squares far from overflow and underflow, exactly."""
+    top = float(np.max(np.abs(a), initial=0.0))
+    return float(2.0 ** np.frexp(top)[1]) if 0 < top < np.inf else 1.0
 
 
-def _judge_finite_case(name, cand, ref, tol, base_err, limit, prec):
-    """The verdict on one tensor: the derived bound ``tol`` elementwise, ``limit`` (twice the
-    baseline's largest error ``base_err`` plus the floor) on the largest error; ref and limit
-    are finite (``compare`` checks)."""
+def _random_runs(case, prec, accum):
+    """``RANDOM_RUNS`` honest candidates drawn from the model (``emulation.perturbed_type``),
+    seeded by the precision, so that a verdict is reproducible. Inputs that ``prec`` holds
+    exactly are not perturbed."""
+    exact = [k for k, v in case.tensors.items()
+             if np.array_equal(prec.round(v).astype(np.float64), v.astype(np.float64))]
+    rng = np.random.default_rng(list(PRECISIONS).index(prec.name))
+    kind = emulation.perturbed_type(prec, accum, rng)
+    norms_kind = emulation.perturbed_type(accum, accum, rng)
+    return [emulation.run(case, kind, norms_kind, exact) for _ in range(RANDOM_RUNS)]
+
+
+def _scaling_rounding(case, ref, formats):
+    """For every output, the largest |scale ratio − 1| that storing the scaling s in one of
+    ``formats`` gives (0 where s is exact in them): an honest candidate may hold s in p."""
+    shifts = {name: 0.0 for name in ref}
+    for fmt in formats:
+        s = float(fmt.round(np.float64(case.scaling)))
+        if s == case.scaling:
+            continue
+        moved = reference(case.with_scaling(s))
+        for name, r in ref.items():
+            unit = _unit(r)
+            norm2 = float(np.sum((r / unit)**2))
+            if norm2 > 0:
+                shift = abs(float(np.sum((moved[name] - r) / unit * (r / unit)))) / norm2
+                shifts[name] = max(shifts[name], shift)
+    return shifts
+
+
+def _judge(name, cand, lim, prec):
+    """The verdict on one tensor: every rule of the module docstring against ``lim``."""
+    ref, tol = lim.ref, lim.tol
     reasons = []
     finite = np.isfinite(cand)
     nonfinite = int(cand.size - np.count_nonzero(finite))
@@ -286,7 +400,7 @@ def _judge_finite_case(name, cand, ref, tol, base_err, limit, prec):
     err = np.where(finite, np.abs(cand - ref), np.inf)
     if err.size == 0:
         return TensorVerdict(name, ref.shape, not reasons, reasons, nonfinite, 0.0, (), 0.0,
-                             0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, "empty", 0.0)
+                             0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, decided_by="empty")
     worst = np.unravel_index(int(np.argmax(err)), err.shape)
     max_err = float(err[worst])
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -296,19 +410,33 @@ def _judge_finite_case(name, cand, ref, tol, base_err, limit, prec):
     if not tolerance_used <= 1:  # (a NaN fails too)
         reasons.append(f"error {float(err[at]):.3g} at {tuple(int(i) for i in at)} exceeds the "
                        f"derived tolerance {float(tol[at]):.3g}")
-    if not max_err <= limit:
+    if not max_err <= lim.limit:
         reasons.append(f"max error {max_err:.3g} exceeds {BASELINE_FACTOR:g}x the "
-                       f"{prec.name} baseline's {base_err:.3g} (limit {limit:.3g})")
-    baseline_used = max_err / limit if limit > 0 else (np.inf if max_err > 0 else 0.0)
-    rules = {"derived bound": tolerance_used, "baseline max": baseline_used}
-    decided_by = "non-finite" if nonfinite else max(rules, key=rules.get)
+                       f"{prec.name} baseline's {lim.base_err:.3g} (limit {lim.limit:.3g})")
     c = np.where(finite, cand, 0.0)
-    unit = max(float(np.max(np.abs(ref))), float(np.max(np.abs(c))))  # norms of scaled copies:
-    unit = unit if 0 < unit < np.inf else 1.0  # no overflow in the squares near float64's top
-    r, c, e = ref / unit, c / unit, np.where(finite, err, 0.0) / unit
+    unit = _unit(np.concatenate([ref.ravel(), c.ravel()]))  # exact scaling: no overflow
+    r, c = ref / unit, c / unit
+    e = c - r
     ref_norm2 = float(np.sum(r * r))
     cand_norm2 = float(np.sum(c * c))
     dot = float(np.sum(c * r))
+    err_norm = float(np.sqrt(np.sum(e * e))) * unit if not nonfinite else np.inf
+    shift = float(np.sum(e * r)) / ref_norm2 if ref_norm2 > 0 else 0.0  # scale ratio − 1, from
+    scale = 1.0 + shift  # the error itself: ⟨c, r⟩/‖r‖² − 1 would lose it to rounding at fp64
+    normwise_used = _used(err_norm, lim.norm_limit)
+    scale_limit = lim.scale_band[1] if shift >= 0 else -lim.scale_band[0]  # the side it is on
+    scale_used = _used(abs(shift), scale_limit) if ref_norm2 > 0 and not nonfinite else 0.0
+    if not normwise_used <= 1:
+        reasons.append(f"error norm {err_norm:.3g} exceeds {lim.norm_limit:.3g}, "
+                       f"{lim.norm_limit / lim.norm_model if lim.norm_model > 0 else np.inf:.3g}"
+                       f"x that of honest {prec.name} rounding")
+    if not scale_used <= 1:
+        reasons.append(f"scale ratio 1 {shift:+.3g} is off 1 by more than {scale_limit:.3g} "
+                       f"(honest rounding: σ = {lim.scale_sigma:.2g}): a systematic error")
+    baseline_used = _used(max_err, lim.limit)
+    rules = {"derived bound": tolerance_used, "baseline max": baseline_used,
+             "normwise": normwise_used, "scale": scale_used}
+    decided_by = "non-finite" if nonfinite else max(rules, key=rules.get)
     big = np.abs(ref) > 1e-3 * float(np.max(np.abs(ref)))
     max_rel = float(np.max(err[big] / np.abs(ref[big]))) if big.any() else 0.0
     return TensorVerdict(
@@ -316,10 +444,19 @@ def _judge_finite_case(name, cand, ref, tol, base_err, limit, prec):
         max_abs_err=max_err, worst_index=tuple(int(i) for i in worst),
         reference_value=float(ref[worst]), candidate_value=float(cand[worst]),
         max_rel_err=max_rel,
-        normwise_rel_err=float(np.sqrt(np.sum(e * e) / ref_norm2))
-        if ref_norm2 > 0 else float(max_err > 0),
-        scale_ratio=dot / ref_norm2 if ref_norm2 > 0 else 1.0,
+        normwise_rel_err=err_norm / (np.sqrt(ref_norm2) * unit) if ref_norm2 > 0
+        else float(max_err > 0),
+        scale_ratio=scale,
         cosine=dot / np.sqrt(ref_norm2 * cand_norm2) if ref_norm2 * cand_norm2 > 0 else 1.0,
         tolerance_used=tolerance_used, tolerance_at_worst=float(tol[at]),
-        baseline_max_err=base_err, baseline_limit=limit, baseline_used=baseline_used,
+        baseline_max_err=lim.base_err, baseline_limit=lim.limit, baseline_used=baseline_used,
+        normwise_limit=lim.norm_limit, normwise_used=normwise_used,
+        scale_limit=scale_limit, scale_shift=shift, scale_used=scale_used,
         decided_by=decided_by, margin=rules.get(decided_by, np.inf))
+
+
+def _used(value, limit):
+    """value / limit, the share of a limit used (inf when the limit is 0 and value is not)."""
+    if limit > 0:
+        return value / limit
+    return np.inf if value > 0 else 0.0
