@@ -30,7 +30,7 @@ ELEMENTS = 2_000_000  # a random case's N·(d_in + d_out) + d_in·d_out stays be
 
 
 def log_uniform(rng, lo, hi):
-    return int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
+    return round(math.exp(rng.uniform(math.log(lo), math.log(hi))))
 
 
 def random_case(rng, dtype, big):

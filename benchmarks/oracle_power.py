@@ -17,8 +17,14 @@ import json
 import time
 
 import numpy as np
-from honest import (ORDERS, bf16_summed_dB, emulated_candidate, indicator_mask_dx,
-                    numba_candidate, torch_candidate)
+from honest import (
+    ORDERS,
+    bf16_summed_dB,
+    emulated_candidate,
+    indicator_mask_dx,
+    numba_candidate,
+    torch_candidate,
+)
 
 from minilora import oracle
 

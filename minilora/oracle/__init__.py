@@ -13,9 +13,9 @@ from minilora.oracle.judge import Judge, Report, TensorVerdict, compare, require
 
 __all__ = [
            "INPUTS",
-           "Judge",
            "OUTPUTS",
            "Case",
+           "Judge",
            "OracleInputError",
            "Report",
            "TensorVerdict",
