@@ -153,8 +153,7 @@ def reference(case):
 
 
 def evaluate(case, backend="numpy"):
-    """Every output and gradient of a case, computed in the dtype of the case's tensors (the
-    oracle's baseline runs it on rounded float32 tensors)."""
+    """Every output and gradient of a case, computed in the dtype of the case's tensors."""
     t = case.tensors
     kw = dict(scaling=case.scaling, bias=t.get("bias"), dropout_mask=t.get("dropout_mask"),
               fan_in_fan_out=case.fan_in_fan_out, backend=backend)
@@ -172,9 +171,9 @@ def evaluate(case, backend="numpy"):
 def emulate(case, prec, accum=None, backend="numpy"):
     """The case computed the way an honest candidate at precision ``prec`` computes it: inputs
     rounded to ``prec``, arithmetic in ``accum`` (default: fp32, fp64 for fp64), outputs
-    rounded to ``prec``; returned as float64 arrays. The oracle's baseline runs it on the NumPy
-    reference; the tests' and benchmarks' honest candidates on the numba backend (another
-    summation order)."""
+    rounded to ``prec``; returned as float64 arrays: an honest candidate that keeps its
+    intermediates in ``accum`` (the tests' and benchmarks' run it on the numba backend). The
+    oracle's own model of honest rounding is ``minilora.oracle.emulation``."""
     prec = precision(prec)
     accum = precision(DEFAULT_ACCUMULATION[prec.name] if accum is None else accum)
     rounded = {k: prec.round(v).astype(accum.numpy_dtype) for k, v in case.tensors.items()}
