@@ -474,3 +474,119 @@ def test_the_power_benchmark_runs_and_passes_every_honest_candidate(tmp_path):
         caught, seeds = map(int, counts.split("/"))
         if "N=12" not in bug:
             assert caught == seeds > 0, (bug, counts)
+
+
+# -- the whole-tensor rules and the model of honest rounding they stand on ----------------------
+
+def test_half_ulp_is_half_the_spacing_of_the_format_at_every_value():
+    from minilora.oracle.emulation import half_ulp
+
+    rng = np.random.default_rng(0)
+    v = np.concatenate([rng.standard_normal(1000) * 10.0 ** rng.integers(-45, 38, 1000),
+                        [1.0, -2.0, 2.0**-149, 3e-42, 1e-300]])
+    v32 = v.astype(np.float32)
+    v32 = v32[np.isfinite(v32) & (v32 != 0)]
+    assert np.array_equal(half_ulp(v32, precision("fp32")),
+                          np.spacing(np.abs(v32)).astype(np.float64) / 2)
+    with np.errstate(over="ignore"):
+        v16 = v.astype(np.float16)
+    v16 = v16[np.isfinite(v16) & (v16 != 0)]
+    assert np.array_equal(half_ulp(v16, precision("fp16")),
+                          np.spacing(np.abs(v16)).astype(np.float64) / 2)
+    v64 = v[v != 0]
+    assert np.array_equal(half_ulp(v64, precision("fp64")), np.spacing(np.abs(v64)) / 2)
+    assert half_ulp(np.zeros(3), precision("bf16")).tolist() == [0.0] * 3
+
+
+@pytest.mark.parametrize("options", [dict(), dict(dora=True, detach_norm=False, dropout=0.1,
+                                                  bias=True, fan_in_fan_out=True)])
+def test_the_emulation_at_fp64_is_the_reference_and_refuses_what_it_does_not_model(options):
+    from minilora.oracle import emulation
+
+    case = oracle.make_case(d_in=12, d_out=10, r=3, batch=4, seq=2, dtype="fp64", **options)
+    fp64 = precision("fp64")
+    ref = oracle.reference(case)
+    out = emulation.run(case, emulation.rounded_type(fp64, fp64))
+    assert set(out) == set(ref)
+    for name in ref:
+        np.testing.assert_allclose(out[name], ref[name], rtol=1e-13, atol=1e-13)
+    kind = emulation.rounded_type(fp64, fp64)
+    with pytest.raises(TypeError, match="does not model"):
+        np.linalg.norm(np.ones(3).view(kind))
+
+
+def _judged(case, dtype, candidate, name):
+    return next(t for t in oracle.compare(case, candidate, dtype=dtype).tensors
+                if t.name == name)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_a_small_scale_error_fails_on_the_scale_rule_where_the_largest_error_passes(dtype):
+    """A scale error of 20σ (σ the honest scale ratio's spread, from the random runs) is far
+    below what the largest-error rules see, and fails on the scale ratio."""
+    case = oracle.make_case(d_in=64, d_out=48, r=8, batch=8, seq=16, dtype=dtype, seed=1)
+    judge = oracle.Judge(case, dtype)
+    good = honest(case, dtype)
+    sigma = judge.limits["dA"].scale_sigma
+    bad = judge.verdict("dA", good["dA"] * (1 + 20 * sigma))
+    assert not bad.passed and bad.scale_used > 1
+    assert bad.tolerance_used < 1 and bad.baseline_used < 1, bad
+    assert judge.verdict("dA", good["dA"]).passed
+
+
+def test_a_systematic_error_that_is_not_a_scale_fails_on_the_normwise_rule():
+    """dx plus noise along no direction in particular (scale ratio unmoved), three times the
+    honest error's norm and small in every element: only the normwise rule sees it."""
+    case = oracle.make_case(d_in=64, d_out=48, r=8, batch=8, seq=16, dtype="bf16", seed=2)
+    judge = oracle.Judge(case, "bf16")
+    good = honest(case, "bf16")
+    noise = np.random.default_rng(0).standard_normal(good["dx"].shape)
+    noise *= 3 * judge.limits["dx"].norm_model / np.linalg.norm(noise)
+    bad = judge.verdict("dx", good["dx"] + noise)
+    assert not bad.passed and bad.normwise_used > 1 and bad.baseline_used < 1, bad
+
+
+@pytest.mark.parametrize("dropout", [0.02, 0.1])
+def test_a_kernel_that_stores_x_times_the_mask_in_bf16_passes(dropout):
+    """Found by the honest panel: x ⊙ mask with mask = 1/(1 − 0.02) = 1.0234375 in bf16, each
+    product rounded to bf16, shifts y's and dx's scale ratio by about 1e-4, ten times the random
+    spread; an honest kernel that stores x_d does that, and must pass."""
+    from minilora.oracle import emulation
+
+    case = oracle.make_case(d_in=66, d_out=36, r=15, alpha=45.0, batch=2953, dropout=dropout,
+                            dtype="bf16", seed=0)
+    bf16, fp32 = precision("bf16"), precision("fp32")
+
+    def store(v, K, squares):
+        return bf16.round(v).astype(np.float64)
+
+    def product(a, b):  # summed in float32 by BLAS, as kernels do
+        return (a.astype(np.float32) @ b.astype(np.float32)).astype(np.float64)
+
+    kind = emulation.stored_type("StoredInBF16", store, product)
+    norms = emulation.stored_type("NormsInFP32", lambda v, K, sq: fp32.round(v).astype(float))
+    stored = emulation.run(case, kind, norms)
+    report = oracle.compare(case, stored, dtype="bf16", outputs=["y", "dx", "dA", "dB"])
+    assert report.passed, str(report)
+    if dropout == 0.02:  # the shift is real: beyond what random rounding explains
+        judge = oracle.Judge(case, "bf16")
+        shift = max(abs(t.scale_shift) for t in report.tensors if t.name in ("y", "dx"))
+        assert shift > 3 * max(judge.limits[k].scale_sigma for k in ("y", "dx"))
+
+
+def test_an_output_below_the_normal_range_passes_with_its_absolute_rounding():
+    """Found by the honest panel: with one token, dW's entries are single products, and those
+    below fp16's normal range (6.1e-5) are rounded to a spacing of 6e-8, not relatively."""
+    case = oracle.make_case(d_in=64, d_out=48, r=4, batch=1, dtype="fp16", seed=3)
+    case.tensors["x"][..., :8] *= 2.0**-10  # products of 1e-3 and 1e-3: subnormal in fp16
+    case.tensors["dy"][..., :8] *= 2.0**-10
+    report = oracle.compare(case, honest(case, "fp16"), dtype="fp16")
+    assert report.passed, str(report)
+    assert any(t.name == "dW" for t in report.tensors)
+
+
+def test_tf32_candidates_pass_when_judged_as_tf32_and_fail_as_fp32():
+    case = oracle.make_case(d_in=96, d_out=64, r=8, batch=4, seq=32, dtype="fp32", seed=4)
+    tf32 = emulate(case, "tf32")
+    assert oracle.compare(case, tf32, dtype="tf32").passed
+    assert not oracle.compare(case, tf32, dtype="fp32").passed
