@@ -6,6 +6,14 @@
 """
 
 from minilora import oracle, peft
+from minilora.blocks import (
+    lora_mlp_backward,
+    lora_mlp_forward,
+    lora_qkv_backward,
+    lora_qkv_forward,
+    multi_lora_backward,
+    multi_lora_forward,
+)
 from minilora.functional import (
     DoRACache,
     DoRAGrads,
@@ -35,7 +43,13 @@ __all__ = [
     "gradcheck",
     "lora_backward",
     "lora_forward",
+    "lora_mlp_backward",
+    "lora_mlp_forward",
+    "lora_qkv_backward",
+    "lora_qkv_forward",
     "lora_scaling",
+    "multi_lora_backward",
+    "multi_lora_forward",
     "oracle",
     "peft",
 ]

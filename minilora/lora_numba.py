@@ -48,6 +48,8 @@ Every route adds in an order fixed by the shapes alone (rows in fixed blocks, th
 dA and dB in fixed block order or inside one BLAS call), so results are bit-for-bit reproducible.
 """
 
+import math
+
 import numpy as np
 
 from minilora._jit import jit
@@ -294,3 +296,44 @@ def backward(dy, x, W, A, B, h, *, scaling, mask=None, fan_in_fan_out=False, nee
 def _blocks(N):
     """Slices of ``ROW_BLOCK`` rows covering N rows."""
     return [slice(lo, lo + ROW_BLOCK) for lo in range(0, N, ROW_BLOCK)]
+
+
+# -- the gated MLP's elementwise pass (minilora.blocks) -------------------------------------------
+
+@jit
+def _activation(e, kind):
+    """(act(e), act'(e)) for one value: kind 0 silu, 1 gelu (erf), 2 gelu_tanh
+    (``blocks.activation_derivative`` writes the same formulas for arrays)."""
+    if kind == 0:
+        sig = 1.0 / (1.0 + np.exp(-e))
+        return e * sig, sig * (1.0 + e * (1.0 - sig))
+    if kind == 1:
+        cdf = 0.5 * (1.0 + math.erf(e * 0.7071067811865476))
+        return e * cdf, cdf + e * (0.3989422804014327 * np.exp(-0.5 * e * e))
+    t = np.tanh(0.7978845608028654 * (e + 0.044715 * e * e * e))
+    dt = (1.0 - t * t) * (0.7978845608028654 * (1.0 + 3.0 * 0.044715 * e * e))
+    return 0.5 * e * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * e * dt
+
+
+@jit
+def _gated_backward(dz, e, u, kind, z, de, du):
+    """z = act(e) ⊙ u, de = dz ⊙ u ⊙ act'(e), du = dz ⊙ act(e), all (N, H), in one pass."""
+    N, H = e.shape
+    for a in (dz, u, z, de, du):
+        if a.shape[0] != N or a.shape[1] != H:
+            raise ValueError("_gated_backward: every array must be (N, H) like e")
+    for n in range(N):
+        for i in range(H):
+            act, dact = _activation(e[n, i], kind)
+            z[n, i] = act * u[n, i]
+            de[n, i] = dz[n, i] * u[n, i] * dact
+            du[n, i] = dz[n, i] * act
+
+
+def gated_backward(dz, e, u, kind):
+    """(z, de, du) for the gated MLP (``blocks.activation_backward``): new (N, H) arrays of e's
+    dtype; dz, e, u are (N, H) arrays of one float dtype (checked by the kernel)."""
+    dz, e, u = (np.ascontiguousarray(a) for a in (dz, e, u))
+    z, de, du = (np.empty_like(e) for _ in range(3))
+    _gated_backward(dz, e, u, kind, z, de, du)
+    return z, de, du

@@ -1,0 +1,550 @@
+"""Fused blocks: the shapes real LoRA kernels take, built from the LoRA layer's own pair.
+
+Three ops, each a forward/backward pair like ``lora_forward``/``lora_backward``, whose every
+projection is one validated LoRA layer (``minilora.functional``, either backend) so that the
+core's guarantees (validation, dtype preservation, any leading dimensions, no input mutation,
+new output arrays, checked caches) hold for the block; the block adds only its own algebra.
+docs/math.md derives each backward.
+
+**Projections sharing an input** (attention's q, k, v is P = 3; an MLP's gate and up P = 2):
+
+    y_j = x W_jᵀ + bias_j + s_j · (x_dj A_jᵀ) B_jᵀ,   x_dj = x ⊙ mask_j        j = 1 … P
+    dx  = Σ_j dx_j    (x feeds every projection: its gradient is the sum of theirs)
+
+**The gated MLP** (LLaMA's SwiGLU and its GELU cousins), LoRA on gate, up and down:
+
+    e = gate(x),  u = up(x)                     (N, hidden)   the projections above, P = 2
+    z = act(e) ⊙ u                              (N, hidden)
+    y = down(z)                                 (N, d_out)    a LoRA layer whose input is z
+    backward:  dz = down's dx;   de = dz ⊙ u ⊙ act'(e);   du = dz ⊙ act(e)
+               dx = gate's dx (upstream de) + up's dx (upstream du)
+
+The forward keeps e and u (N, hidden each) and not z: the backward recomputes z = act(e) ⊙ u
+with act'(e) in one pass (``activation_backward``), so the block holds two hidden-sized arrays
+between the passes, not three.
+
+**K adapters on one layer, per token** (multi-tenant training, punica's SGMV, PEFT's
+``adapter_names=``): token n uses adapter k = adapter_index[n], or none for k = −1:
+
+    y_n  = x_n Wᵀ + bias + s_k · (x_dn A_kᵀ) B_kᵀ                    (d_out,)
+    dA_k = s_k · Σ_{n: k} g_nᵀ x_dn,   g_n = dy_n B_k                 (r_k, d_in)
+    dB_k = s_k · Σ_{n: k} dy_nᵀ h_n,   h_n = x_dn A_kᵀ                (d_out, r_k)
+    dx_n = dy_n W + s_k · (g_n A_k) ⊙ mask_n                         (d_in,)
+
+computed per adapter on the rows that use it (a stable sort groups them once), so the cost is
+the frozen layer's plus each adapter's on its own tokens.
+"""
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from minilora import lora_numba
+from minilora._checks import (
+    FLOAT_DTYPES,
+    check_dtypes,
+    check_dy,
+    check_layer_shapes,
+    check_scaling,
+    plain_array,
+)
+from minilora.backends import resolve_backend
+from minilora.functional import lora_backward, lora_forward
+from minilora.lora_numpy import frozen_grads
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+_SQRT_HALF = math.sqrt(0.5)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_GELU_TANH_C = 0.044715
+
+
+# -- activations, forward and derivative side by side -----------------------------------------
+
+def _erf(a):
+    """erf elementwise in a's dtype (NumPy has none; math.erf is correctly rounded to double)."""
+    return np.frompyfunc(math.erf, 1, 1)(a).astype(a.dtype)
+
+
+def activation_forward(e, activation):
+    """act(e), elementwise:
+        silu       e · σ(e),                 σ(e) = 1 / (1 + exp(−e))
+        gelu       e · Φ(e),                 Φ(e) = (1 + erf(e/√2)) / 2
+        gelu_tanh  e · (1 + tanh(t)) / 2,    t = √(2/π) · (e + 0.044715 e³)
+    """
+    if activation == "silu":
+        return e / (1 + np.exp(-e))
+    if activation == "gelu":
+        return e * (0.5 * (1 + _erf(e * _SQRT_HALF)))
+    t = np.tanh(_SQRT_2_OVER_PI * (e + _GELU_TANH_C * e**3))
+    return 0.5 * e * (1 + t)
+
+
+def activation_derivative(e, activation):
+    """(act(e), act'(e)), elementwise:
+        silu       act' = σ(e) · (1 + e · (1 − σ(e)))
+        gelu       act' = Φ(e) + e · φ(e),     φ(e) = exp(−e²/2) / √(2π)
+        gelu_tanh  act' = (1 + tanh t)/2 + e/2 · (1 − tanh² t) · √(2/π) · (1 + 3·0.044715 e²)
+    """
+    if activation == "silu":
+        sig = 1 / (1 + np.exp(-e))
+        return e * sig, sig * (1 + e * (1 - sig))
+    if activation == "gelu":
+        cdf = 0.5 * (1 + _erf(e * _SQRT_HALF))
+        return e * cdf, cdf + e * (_INV_SQRT_2PI * np.exp(-0.5 * e * e))
+    t = np.tanh(_SQRT_2_OVER_PI * (e + _GELU_TANH_C * e**3))
+    dt = (1 - t * t) * (_SQRT_2_OVER_PI * (1 + 3 * _GELU_TANH_C * e * e))
+    return 0.5 * e * (1 + t), 0.5 * (1 + t) + 0.5 * e * dt
+
+
+def activation_backward(dz, e, u, activation, backend="numpy"):
+    """The gated product's backward: with z = act(e) ⊙ u, returns (z, de, du) =
+    (act(e) ⊙ u, dz ⊙ u ⊙ act'(e), dz ⊙ act(e)), all (N, hidden); the numba backend makes one
+    pass over the three inputs (``lora_numba.gated_backward``)."""
+    if backend == "numba":
+        return lora_numba.gated_backward(dz, e, u, ACTIVATIONS.index(activation))
+    act, dact = activation_derivative(e, activation)
+    return act * u, dz * u * dact, dz * act
+
+
+# -- validation --------------------------------------------------------------------------------
+
+def _count(seq, name):
+    if isinstance(seq, np.ndarray) or not isinstance(seq, Sequence) or isinstance(seq, str):
+        raise TypeError(f"{name} must be a list or tuple of arrays (one per projection), got "
+                        f"{type(seq).__name__}")
+    return len(seq)
+
+
+def _per_projection(value, P, name, *, required=False):
+    """``value`` as a tuple of P entries: a sequence of P, or one value for every projection
+    (None for none). A sequence of another length is a ValueError naming it."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != P:
+            raise ValueError(f"{name} has {len(value)} entries but there are {P} projections "
+                             f"(W, A and B have {P})")
+        return tuple(value)
+    if value is None and required:
+        raise TypeError(f"{name} is required")
+    return (value,) * P
+
+
+def _projections(W, A, B, *, least=1):
+    """The number of projections, checking that W, A and B are sequences of one length."""
+    counts = {"W": _count(W, "W"), "A": _count(A, "A"), "B": _count(B, "B")}
+    if len(set(counts.values())) != 1:
+        raise ValueError(f"W, A and B must have one entry per projection, got "
+                         f"{', '.join(f'{k} {v}' for k, v in counts.items())}")
+    P = counts["W"]
+    if P < least:
+        raise ValueError(f"W, A and B need at least {least} entr{'y' if least == 1 else 'ies'}, "
+                         f"got {P}")
+    return P
+
+
+def _upstream(dys, P, shapes, dtype, names):
+    """The block's upstream gradients as a tuple of P plain arrays, checked against the
+    forward's outputs."""
+    if _count(dys, "dys") != P:
+        raise ValueError(f"dys has {len(dys)} entries but the forward pass made {P} outputs")
+    return tuple(check_dy_named(dy, shape, dtype, name)
+                 for dy, shape, name in zip(dys, shapes, names, strict=True))
+
+
+def check_dy_named(dy, shape, dtype, name):
+    try:
+        return check_dy(dy, shape, dtype)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{name}: {e}") from None
+
+
+# -- projections sharing an input ----------------------------------------------------------------
+
+class QKVCache(NamedTuple):
+    """What ``lora_qkv_backward`` needs: one LoRACache per projection."""
+
+    caches: tuple  # P LoRACaches (each holds views of x, W_j, A_j, B_j and h_j = x_dj A_jᵀ)
+    y_shapes: tuple  # the P outputs' shapes
+    dtype: np.dtype
+
+
+class BlockGrads(NamedTuple):
+    """Gradients of a block: dx, and per projection dA, dB (and dW, dbias when asked for)."""
+
+    dx: np.ndarray | None  # (..., d_in)
+    dA: tuple  # (r_j, d_in) per projection
+    dB: tuple  # (d_j, r_j) per projection
+    dW: tuple | None  # W_j's layout per projection
+    dbias: tuple | None  # (d_j,) per projection (None for a projection without bias)
+
+
+def lora_qkv_forward(x, W, A, B, *, scaling, bias=None, dropout_mask=None, backend=None):
+    """P LoRA projections of one input (q, k, v: P = 3), forward.
+
+    Parameters
+    ----------
+    x : (..., d_in)
+    W, A, B : sequences of P ≥ 1 arrays: W[j] (d_j, d_in), A[j] (r_j, d_in), B[j] (d_j, r_j)
+    scaling : one float for all, or a sequence of P
+    bias : None, one (d_j,) array per projection in a sequence of P (entries may be None)
+    dropout_mask : None, one array broadcastable to x for all, or a sequence of P (entries may be
+        None): PEFT draws each projection's dropout separately
+    backend : "numpy", "numba" or None
+
+    Returns
+    -------
+    ys : tuple of P new arrays (..., d_j), y_j = x W_jᵀ + bias_j + s_j·(x_dj A_jᵀ) B_jᵀ
+    cache : QKVCache for ``lora_qkv_backward``
+    """
+    P = _projections(W, A, B)
+    scalings = _per_projection(scaling, P, "scaling", required=True)
+    biases = bias if isinstance(bias, (list, tuple)) else (None,) * P if bias is None else None
+    if biases is None:
+        raise TypeError("bias must be None or a list or tuple of one array (or None) per "
+                        "projection")
+    biases = _per_projection(biases, P, "bias")
+    masks = _per_projection(dropout_mask, P, "dropout_mask")
+    backend = resolve_backend(backend)
+    ys, caches = [], []
+    for j in range(P):
+        try:
+            y, cache = lora_forward(x, W[j], A[j], B[j], scaling=scalings[j], bias=biases[j],
+                                    dropout_mask=masks[j], backend=backend)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"projection {j}: {e}") from None
+        ys.append(y)
+        caches.append(cache)
+    return tuple(ys), QKVCache(tuple(caches), tuple(y.shape for y in ys), ys[0].dtype)
+
+
+def lora_qkv_backward(dys, cache, *, need_dx=True, need_dW=False, need_dbias=False):
+    """P LoRA projections of one input, backward.
+
+    Parameters
+    ----------
+    dys : sequence of P arrays (..., d_j), the upstream gradients of the forward's ys
+    cache : QKVCache from ``lora_qkv_forward``
+
+    Returns
+    -------
+    BlockGrads: dx (..., d_in) = Σ_j dx_j; dA, dB tuples of P; dW, dbias tuples of P or None
+    """
+    if type(cache) is not QKVCache:
+        raise TypeError(f"cache must be the QKVCache from lora_qkv_forward, got "
+                        f"{type(cache).__name__}")
+    P = len(cache.caches)
+    dys = _upstream(dys, P, cache.y_shapes, cache.dtype, [f"dys[{j}]" for j in range(P)])
+    grads = [_projection_backward(dys[j], cache.caches[j], need_dx, need_dW, need_dbias, j)
+             for j in range(P)]
+    return _block_grads(grads, need_dx, need_dW, need_dbias)
+
+
+def _projection_backward(dy, cache, need_dx, need_dW, need_dbias, j):
+    has_bias = getattr(cache, "has_bias", False)
+    try:
+        return lora_backward(dy, cache, need_dx=need_dx, need_dW=need_dW,
+                             need_dbias=bool(need_dbias) and has_bias)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise type(e)(f"projection {j}: {e}") from None
+
+
+def _block_grads(grads, need_dx, need_dW, need_dbias, inputs=None):
+    """BlockGrads from per-projection LoRAGrads; dx sums the dx of the projections that read
+    the block's input (the first ``inputs``, default all)."""
+    dx = None
+    if need_dx:
+        readers = grads[:inputs]
+        dx = readers[0].dx
+        for g in readers[1:]:
+            dx = dx + g.dx  # (..., d_in), a new array (one reader: lora_backward's own)
+    return BlockGrads(dx, tuple(g.dA for g in grads), tuple(g.dB for g in grads),
+                      tuple(g.dW for g in grads) if need_dW else None,
+                      tuple(g.dbias for g in grads) if need_dbias else None)
+
+
+# -- the gated MLP ---------------------------------------------------------------------------------
+
+class MLPCache(NamedTuple):
+    """What ``lora_mlp_backward`` needs: gate's and up's caches, down's without its input z
+    (recomputed from e and u), e and u, and the activation."""
+
+    gate_up: QKVCache  # gate and up: views of x and their weights, h_gate, h_up
+    down: object  # down's LoRACache with x = None (z is recomputed)
+    e: np.ndarray  # (N, hidden) gate's output
+    u: np.ndarray  # (N, hidden) up's output
+    activation: str
+    y_shape: tuple
+
+
+def lora_mlp_forward(x, W, A, B, *, scaling, activation="silu", bias=None, dropout_mask=None,
+                     backend=None):
+    """The gated MLP with a LoRA adapter on each of gate, up and down, forward.
+
+    Parameters
+    ----------
+    x : (..., d_in)
+    W, A, B : triples (gate, up, down): W[0], W[1] (hidden, d_in), W[2] (d_out, hidden);
+        A[j], B[j] the adapters' (r_j, d_in_j), (d_out_j, r_j)
+    scaling : one float for all, or a triple
+    activation : "silu" (SwiGLU), "gelu" (erf) or "gelu_tanh"
+    bias : None or a triple (entries may be None)
+    dropout_mask : None or a triple (entries may be None): gate's and up's broadcastable to x,
+        down's to z (..., hidden); PEFT applies each projection's dropout to its own input
+    backend : "numpy", "numba" or None
+
+    Returns
+    -------
+    y : (..., d_out), y = down(act(gate(x)) ⊙ up(x))
+    cache : MLPCache for ``lora_mlp_backward``
+    """
+    if _projections(W, A, B) != 3:
+        raise ValueError(f"W, A and B must be triples (gate, up, down), got {len(W)} entries")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    scalings = _per_projection(scaling, 3, "scaling", required=True)
+    if bias is not None and not isinstance(bias, (list, tuple)):
+        raise TypeError("bias must be None or a triple (gate, up, down), entries may be None")
+    biases = _per_projection(bias, 3, "bias")
+    if dropout_mask is not None and not isinstance(dropout_mask, (list, tuple)):
+        raise TypeError("dropout_mask must be None or a triple (gate, up, down): down's mask "
+                        "has z's shape, not x's")
+    masks = _per_projection(dropout_mask, 3, "dropout_mask")
+    backend = resolve_backend(backend)
+    (e, u), gate_up = lora_qkv_forward(x, W[:2], A[:2], B[:2], scaling=list(scalings[:2]),
+                                       bias=list(biases[:2]), dropout_mask=list(masks[:2]),
+                                       backend=backend)  # (..., hidden) each
+    if e.shape != u.shape:
+        raise ValueError(f"gate and up must have one output size (hidden), got gate "
+                         f"{e.shape[-1]} and up {u.shape[-1]}")
+    z = activation_forward(e, activation) * u  # (..., hidden)
+    try:
+        y, down = lora_forward(z, W[2], A[2], B[2], scaling=scalings[2], bias=biases[2],
+                               dropout_mask=masks[2], backend=backend)  # (..., d_out)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"down projection: {err}") from None
+    return y, MLPCache(gate_up, down._replace(x=None), e, u, activation, y.shape)
+
+
+def lora_mlp_backward(dy, cache, *, need_dx=True, need_dW=False, need_dbias=False):
+    """The gated MLP with LoRA adapters, backward.
+
+    Returns
+    -------
+    BlockGrads: dx (..., d_in); dA, dB (gate, up, down); dW, dbias triples or None
+
+    Notes
+    -----
+    dz = down's dx; z and act'(e) recomputed from e and u; de = dz ⊙ u ⊙ act'(e),
+    du = dz ⊙ act(e); dx = gate's dx + up's dx.
+    """
+    if type(cache) is not MLPCache or type(cache.gate_up) is not QKVCache \
+            or cache.activation not in ACTIVATIONS:
+        raise TypeError(f"cache must be the MLPCache from lora_mlp_forward, got "
+                        f"{type(cache).__name__}")
+    e, u = cache.e, cache.u
+    if type(e) is not np.ndarray or type(u) is not np.ndarray or e.shape != u.shape \
+            or e.shape != cache.gate_up.y_shapes[0] or e.dtype != cache.gate_up.dtype \
+            or u.dtype != e.dtype:
+        raise ValueError("the cache's e and u are not the forward pass's: the cache was "
+                         "modified after the forward pass")
+    dy = check_dy(dy, cache.y_shape, e.dtype)
+    hidden = e.shape[-1]
+    e2, u2 = e.reshape(-1, hidden), u.reshape(-1, hidden)  # (N, hidden)
+    backend = cache.down.backend
+    # down's backward needs z (its input) and gives dz; the activation's pass needs dz
+    z2 = activation_forward(e2, cache.activation) * u2  # (N, hidden), recomputed
+    down = cache.down._replace(x=z2)
+    g_down = _projection_backward(dy, down, True, need_dW, need_dbias, 2)
+    dz2 = g_down.dx.reshape(-1, hidden)  # (N, hidden)
+    _, de, du = activation_backward(dz2, e2, u2, cache.activation, backend)
+    g_gate = _projection_backward(de.reshape(e.shape), cache.gate_up.caches[0], need_dx,
+                                  need_dW, need_dbias, 0)
+    g_up = _projection_backward(du.reshape(e.shape), cache.gate_up.caches[1], need_dx, need_dW,
+                                need_dbias, 1)
+    return _block_grads([g_gate, g_up, g_down], need_dx, need_dW, need_dbias, inputs=2)
+
+
+# -- K adapters on one layer -----------------------------------------------------------------------
+
+class MultiLoRACache(NamedTuple):
+    """What ``multi_lora_backward`` needs: new views of the inputs (x and the mask as
+    (N, d_in)), each adapter's rows and h = x_d[rows] A_kᵀ; checked before use."""
+
+    x: np.ndarray  # (N, d_in)
+    W: np.ndarray  # (d_out, d_in), or (d_in, d_out) when fan_in_fan_out
+    mask: np.ndarray | None  # (N, d_in) or None
+    A: tuple  # K arrays (r_k, d_in)
+    B: tuple  # K arrays (d_out, r_k)
+    scalings: tuple  # K floats
+    rows: tuple  # K int64 arrays: the rows of x that use adapter k, in token order
+    h: tuple  # K arrays (n_k, r_k)
+    x_shape: tuple  # (..., d_in)
+    has_bias: bool
+    fan_in_fan_out: bool
+
+
+class MultiLoRAGrads(NamedTuple):
+    """Gradients of ``multi_lora_forward``: dA and dB are lists of K."""
+
+    dx: np.ndarray | None  # (..., d_in)
+    dA: list  # K arrays (r_k, d_in), zeros for an adapter no token used
+    dB: list  # K arrays (d_out, r_k)
+    dW: np.ndarray | None  # W's layout
+    dbias: np.ndarray | None  # (d_out,)
+
+
+def _adapter_rows(adapter_index, lead_shape, K):
+    """The rows of each adapter (stable: in token order), from ``adapter_index``."""
+    index = plain_array(adapter_index, "adapter_index")
+    if index.dtype.kind not in "iu":
+        raise TypeError(f"adapter_index must hold integers, got dtype {index.dtype}")
+    if index.shape != lead_shape:
+        raise ValueError(f"adapter_index must have x's leading shape {lead_shape}, got "
+                         f"{index.shape}")
+    flat = index.reshape(-1).astype(np.int64)
+    if flat.size and (flat.min() < -1 or flat.max() >= K):
+        bad = flat[(flat < -1) | (flat >= K)]
+        raise ValueError(f"adapter_index holds {int(bad[0])}: adapters are numbered 0 to "
+                         f"{K - 1}, and -1 means the base layer alone")
+    order = np.argsort(flat, kind="stable")
+    bounds = np.searchsorted(flat[order], np.arange(K + 1))
+    return tuple(order[bounds[k]:bounds[k + 1]] for k in range(K))
+
+
+def multi_lora_forward(x, W, A, B, adapter_index, *, scaling, bias=None, dropout_mask=None,
+                       fan_in_fan_out=False, backend=None):
+    """K LoRA adapters on one frozen layer, each token with its own, forward.
+
+    Parameters
+    ----------
+    x : (..., d_in);  W : (d_out, d_in) ((d_in, d_out) with fan_in_fan_out)
+    A, B : sequences of K ≥ 1: A[k] (r_k, d_in), B[k] (d_out, r_k) (ranks may differ)
+    adapter_index : integers shaped like x's leading dimensions: the adapter of each token,
+        −1 for the base layer alone (PEFT's "__base__", punica's −1)
+    scaling : one float, or a sequence of K
+    bias : (d_out,) or None;  dropout_mask : broadcastable to x, or None
+    backend : "numpy", "numba" or None. Both run the NumPy code below: its time is BLAS's
+        (the frozen product, and each adapter's products on its own rows) and the row
+        gathers; a kernel of ours did not beat it
+
+    Returns
+    -------
+    y : (..., d_out), a new array
+    cache : MultiLoRACache for ``multi_lora_backward``
+    """
+    if _count(A, "A") != _count(B, "B") or len(A) < 1:
+        raise ValueError(f"A and B must have one entry per adapter (at least one), got "
+                         f"A {len(A)} and B {len(B)}")
+    K = len(A)
+    scalings = tuple(check_scaling(s, "scaling") for s in _per_projection(scaling, K, "scaling",
+                                                                           required=True))
+    resolve_backend(backend)
+    _, v = check_dtypes(x=x, W=W, bias=bias, dropout_mask=dropout_mask,
+                        **{f"A[{k}]": a for k, a in enumerate(A)},
+                        **{f"B[{k}]": b for k, b in enumerate(B)})
+    fan_in_fan_out = bool(fan_in_fan_out)
+    for k in range(K):
+        try:
+            d_in, d_out, _ = check_layer_shapes(v["x"], v["W"], v[f"A[{k}]"], v[f"B[{k}]"],
+                                                fan_in_fan_out=fan_in_fan_out, bias=v["bias"],
+                                                dropout_mask=v["dropout_mask"])
+        except ValueError as e:
+            raise ValueError(f"adapter {k}: {e}") from None
+    x = v["x"]
+    rows = _adapter_rows(adapter_index, x.shape[:-1], K)
+    N = math.prod(x.shape[:-1])
+    x2 = x.reshape(N, d_in)  # (N, d_in), a new view
+    mask = None if v["dropout_mask"] is None else \
+        np.broadcast_to(v["dropout_mask"], x.shape).reshape(N, d_in)  # (N, d_in)
+    W = v["W"].view()
+    A = tuple(v[f"A[{k}]"].view() for k in range(K))
+    B = tuple(v[f"B[{k}]"].view() for k in range(K))
+    y = x2 @ W if fan_in_fan_out else x2 @ W.T  # (N, d_out), the frozen layer on every token
+    if v["bias"] is not None:
+        y += v["bias"]
+    hs = []
+    for k in range(K):
+        x_d = x2[rows[k]]  # (n_k, d_in), adapter k's tokens, gathered
+        if mask is not None:
+            x_d *= mask[rows[k]]
+        h = x_d @ A[k].T  # (n_k, r_k)
+        y[rows[k]] += scalings[k] * (h @ B[k].T)  # (n_k, d_out)
+        hs.append(h)
+    cache = MultiLoRACache(x2, W, mask, A, B, scalings, rows, tuple(hs), x.shape,
+                           bias is not None, fan_in_fan_out)
+    return y.reshape(x.shape[:-1] + (d_out,)), cache
+
+
+def _check_multi_cache(cache):
+    """The cache's arrays as the forward made them (types, dtypes and shapes), or ValueError."""
+    if type(cache) is not MultiLoRACache:
+        raise TypeError(f"cache must be the MultiLoRACache from multi_lora_forward, got "
+                        f"{type(cache).__name__}")
+    x = cache.x
+    fields = (cache.A, cache.B, cache.rows, cache.h)
+    if type(x) is not np.ndarray or x.ndim != 2 or x.dtype not in FLOAT_DTYPES \
+            or any(type(f) is not tuple or len(f) != len(cache.A) for f in fields) \
+            or type(cache.x_shape) is not tuple or math.prod(cache.x_shape[:-1]) != x.shape[0]:
+        raise ValueError("the cache was modified after the forward pass")
+    N, d_in = x.shape
+    d_out = cache.W.shape[0 if not cache.fan_in_fan_out else 1] if \
+        type(cache.W) is np.ndarray and cache.W.ndim == 2 else -1
+    expected = [(cache.W, (d_in, d_out) if cache.fan_in_fan_out else (d_out, d_in))]
+    if cache.mask is not None:
+        expected.append((cache.mask, (N, d_in)))
+    seen = 0
+    for A, B, rows, h in zip(*fields, strict=True):
+        r = A.shape[0] if type(A) is np.ndarray and A.ndim == 2 else -1
+        expected += [(A, (r, d_in)), (B, (d_out, r)), (h, (len(rows), r))]
+        if type(rows) is not np.ndarray or rows.dtype != np.int64 or rows.ndim != 1 \
+                or (rows.size and (rows.min() < 0 or rows.max() >= N)):
+            raise ValueError("the cache's rows were modified after the forward pass")
+        seen += rows.size
+    for a, shape in expected:
+        if type(a) is not np.ndarray or a.shape != shape or a.dtype != x.dtype or -1 in shape:
+            raise ValueError("the cache's arrays were modified after the forward pass")
+    if seen > N:
+        raise ValueError("the cache's rows were modified after the forward pass")
+    return d_out
+
+
+def multi_lora_backward(dy, cache, *, need_dx=True, need_dW=False, need_dbias=False):
+    """K LoRA adapters on one frozen layer, backward.
+
+    Returns
+    -------
+    MultiLoRAGrads: dx (..., d_in); dA, dB lists of K (zeros for an adapter no token used);
+    dW (W's layout) and dbias (d_out,) when asked for
+    """
+    d_out = _check_multi_cache(cache)
+    dy = check_dy(dy, cache.x_shape[:-1] + (d_out,), cache.x.dtype)
+    if need_dbias and not cache.has_bias:
+        raise ValueError("need_dbias=True but the forward pass had no bias")
+    x2, W, mask = cache.x, cache.W, cache.mask
+    dy2 = dy.reshape(x2.shape[0], d_out)  # (N, d_out)
+    dx = None
+    if need_dx:
+        dx = dy2 @ W.T if cache.fan_in_fan_out else dy2 @ W  # (N, d_in), new
+    dA, dB = [], []
+    for A, B, s, rows, h in zip(cache.A, cache.B, cache.scalings, cache.rows, cache.h,
+                                strict=True):
+        dy_k = dy2[rows]  # (n_k, d_out)
+        x_d = x2[rows]  # (n_k, d_in)
+        if mask is not None:
+            x_d *= mask[rows]
+        g = dy_k @ B  # (n_k, r_k)
+        dB.append(s * (dy_k.T @ h))  # (d_out, r_k)
+        dA.append(s * (g.T @ x_d))  # (r_k, d_in)
+        if dx is not None:
+            lora_dx = s * (g @ A)  # (n_k, d_in)
+            dx[rows] += lora_dx if mask is None else lora_dx * mask[rows]
+    dW, dbias = frozen_grads(dy2, x2, cache.fan_in_fan_out, need_dW, need_dbias)
+    return MultiLoRAGrads(None if dx is None else dx.reshape(cache.x_shape), dA, dB, dW, dbias)
+
+
+__all__ = ["ACTIVATIONS", "BlockGrads", "MLPCache", "MultiLoRACache",
+           "MultiLoRAGrads", "QKVCache", "activation_backward", "activation_derivative",
+           "activation_forward", "lora_mlp_backward", "lora_mlp_forward", "lora_qkv_backward",
+           "lora_qkv_forward", "multi_lora_backward", "multi_lora_forward"]

@@ -1,0 +1,404 @@
+"""Fused blocks (minilora.blocks): every gradient against finite differences in float64 on both
+backends, numba against numpy, the core's promises (dtypes, leading dims, zero-size batches, no
+mutation, clear errors), and parity with PEFT's modules and mixed batches."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import minilora as ml
+from minilora import blocks
+
+BACKENDS = ["numpy", "numba"]
+
+
+def _mask(rng, shape, p=0.3):
+    return (rng.random(shape) >= p) / (1 - p)
+
+
+def qkv_problem(rng, lead=(2, 3), d_in=5, outs=(4, 3, 6), ranks=(2, 1, 3), bias=True,
+                dropout=True):
+    W = [rng.standard_normal((d, d_in)) for d in outs]
+    A = [rng.standard_normal((r, d_in)) for r in ranks]
+    B = [rng.standard_normal((d, r)) for d, r in zip(outs, ranks, strict=True)]
+    x = rng.standard_normal((*lead, d_in))
+    kw = dict(scaling=[0.5, 2.0, -1.5][:len(outs)],
+              bias=[rng.standard_normal(d) if bias and j != 1 else None
+                    for j, d in enumerate(outs)],
+              dropout_mask=[_mask(rng, x.shape) if dropout and j != 2 else None
+                            for j in range(len(outs))])
+    return x, W, A, B, kw
+
+
+def _named(W, A, B):
+    """{"W0": W[0], "A0": A[0], ...}: the projections' weights as gradcheck inputs."""
+    return {f"{n}{j}": a[j] for j in range(len(W)) for n, a in zip("WAB", (W, A, B), strict=True)}
+
+
+def _flat_qkv(P, kw, backend):
+    """gradcheck's view of the block: one output (the ys concatenated), inputs x, A0, B0, ..."""
+    def forward(x, **ab):
+        ys, cache = blocks.lora_qkv_forward(x, [ab[f"W{j}"] for j in range(P)],
+                                            [ab[f"A{j}"] for j in range(P)],
+                                            [ab[f"B{j}"] for j in range(P)], backend=backend,
+                                            **kw)
+        return np.concatenate(ys, axis=-1), (cache, [y.shape[-1] for y in ys])
+
+    def backward(dy, state):
+        cache, sizes = state
+        dys = np.split(dy, np.cumsum(sizes)[:-1], axis=-1)
+        g = blocks.lora_qkv_backward([d.copy() for d in dys], cache, need_dW=True)
+        out = {"x": g.dx}
+        for j in range(P):
+            out |= {f"A{j}": g.dA[j], f"B{j}": g.dB[j], f"W{j}": g.dW[j]}
+        return out
+
+    return forward, backward
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("P", [1, 2, 3])
+def test_qkv_gradients_match_finite_differences(backend, P):
+    rng = np.random.default_rng(P)
+    x, W, A, B, kw = qkv_problem(rng, outs=(4, 3, 6)[:P], ranks=(2, 1, 3)[:P])
+    kw = {k: v[:P] for k, v in kw.items()}
+    forward, backward = _flat_qkv(P, kw, backend)
+    inputs = {"x": x} | _named(W, A, B)
+    ml.gradcheck(forward, backward, inputs)
+
+
+def mlp_problem(rng, lead=(2, 3), d_in=5, hidden=7, d_out=4, ranks=(2, 3, 1), dropout=True,
+                bias=True):
+    shapes = [(hidden, d_in), (hidden, d_in), (d_out, hidden)]
+    W = [rng.standard_normal(s) / np.sqrt(s[1]) for s in shapes]
+    A = [rng.standard_normal((r, s[1])) for r, s in zip(ranks, shapes, strict=True)]
+    B = [rng.standard_normal((s[0], r)) for r, s in zip(ranks, shapes, strict=True)]
+    x = rng.standard_normal((*lead, d_in))
+    masks = [_mask(rng, x.shape), _mask(rng, x.shape), _mask(rng, (*lead, hidden))] \
+        if dropout else None
+    biases = [rng.standard_normal(hidden), None, rng.standard_normal(d_out)] if bias else None
+    return x, W, A, B, dict(scaling=[0.7, 1.5, -2.0], bias=biases, dropout_mask=masks)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", blocks.ACTIVATIONS)
+def test_mlp_gradients_match_finite_differences(backend, activation):
+    rng = np.random.default_rng(3)
+    x, W, A, B, kw = mlp_problem(rng)
+
+    def forward(x, **p):
+        return blocks.lora_mlp_forward(x, [p[f"W{j}"] for j in range(3)],
+                                       [p[f"A{j}"] for j in range(3)],
+                                       [p[f"B{j}"] for j in range(3)], activation=activation,
+                                       backend=backend, **kw)
+
+    def backward(dy, cache):
+        g = blocks.lora_mlp_backward(dy, cache, need_dW=True, need_dbias=True)
+        out = {"x": g.dx}
+        for j in range(3):
+            out |= {f"A{j}": g.dA[j], f"B{j}": g.dB[j], f"W{j}": g.dW[j]}
+        return out
+
+    inputs = {"x": x} | _named(W, A, B)
+    ml.gradcheck(forward, backward, inputs)
+
+
+def multi_problem(rng, lead=(3, 4), d_in=6, d_out=5, ranks=(2, 3, 1), dropout=True, bias=True,
+                  unused=()):
+    K = len(ranks)
+    x = rng.standard_normal((*lead, d_in))
+    index = rng.integers(-1, K, lead)
+    for k in unused:
+        index[index == k] = -1
+    kw = dict(scaling=[0.5, -1.5, 3.0][:K] if K <= 3 else 2.0,
+              bias=rng.standard_normal(d_out) if bias else None,
+              dropout_mask=_mask(rng, x.shape) if dropout else None)
+    return (x, rng.standard_normal((d_out, d_in)), [rng.standard_normal((r, d_in)) for r in ranks],
+            [rng.standard_normal((d_out, r)) for r in ranks], index, kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_multi_lora_gradients_match_finite_differences(backend, fan_in_fan_out):
+    rng = np.random.default_rng(4)
+    x, W, A, B, index, kw = multi_problem(rng)
+    if fan_in_fan_out:
+        W = W.T.copy()
+    K = len(A)
+
+    def forward(x, W, **p):
+        return blocks.multi_lora_forward(x, W, [p[f"A{k}"] for k in range(K)],
+                                         [p[f"B{k}"] for k in range(K)], index,
+                                         fan_in_fan_out=fan_in_fan_out, backend=backend, **kw)
+
+    def backward(dy, cache):
+        g = blocks.multi_lora_backward(dy, cache, need_dW=True, need_dbias=True)
+        return {"x": g.dx, "W": g.dW} | {f"A{k}": g.dA[k] for k in range(K)} \
+            | {f"B{k}": g.dB[k] for k in range(K)}
+
+    inputs = {"x": x, "W": W} | {f"A{k}": A[k] for k in range(K)} \
+        | {f"B{k}": B[k] for k in range(K)}
+    ml.gradcheck(forward, backward, inputs)
+
+
+@given(seed=st.integers(0, 2**32 - 1), N=st.integers(0, 9), K=st.integers(1, 4),
+       with_mask=st.booleans())
+def test_multi_lora_is_each_token_through_its_own_adapter(seed, N, K, with_mask):
+    """Token n's y, dx and its share of dA_k, dB_k are those of lora_forward with adapter k
+    (or of the frozen layer alone for −1); an adapter no token uses gets zero gradients."""
+    rng = np.random.default_rng(seed)
+    ranks = rng.integers(1, 4, K)
+    x, W, A, B, index, kw = multi_problem(rng, lead=(N,), ranks=tuple(ranks), dropout=with_mask)
+    y, cache = blocks.multi_lora_forward(x, W, A, B, index, **kw)
+    dy = rng.standard_normal(y.shape)
+    g = blocks.multi_lora_backward(dy, cache, need_dbias=True)
+    scalings = kw["scaling"] if isinstance(kw["scaling"], list) else [kw["scaling"]] * K
+    dA = [np.zeros_like(a) for a in A]
+    dB = [np.zeros_like(b) for b in B]
+    for n in range(N):
+        k = int(index[n])
+        mask = None if kw["dropout_mask"] is None else kw["dropout_mask"][n:n + 1]
+        Ak, Bk = (A[k], B[k]) if k >= 0 else (A[0], B[0] * 0)
+        y1, c1 = ml.lora_forward(x[n:n + 1], W, Ak, Bk, scaling=scalings[max(k, 0)],
+                                 bias=kw["bias"], dropout_mask=mask, backend="numpy")
+        g1 = ml.lora_backward(dy[n:n + 1], c1)
+        np.testing.assert_allclose(y[n:n + 1], y1, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(g.dx[n:n + 1], g1.dx, rtol=1e-12, atol=1e-12)
+        if k >= 0:
+            dA[k] += g1.dA
+            dB[k] += g1.dB
+    for k in range(K):
+        np.testing.assert_allclose(g.dA[k], dA[k], rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(g.dB[k], dB[k], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(g.dbias, dy.sum(axis=0), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_blocks_agree_across_backends_and_keep_dtype_and_inputs(dtype):
+    rng = np.random.default_rng(5)
+    problems = {"qkv": qkv_problem(rng), "mlp": mlp_problem(rng), "multi": multi_problem(rng)}
+    results = {}
+    for backend in BACKENDS:
+        for name, problem in problems.items():
+            arrays = [a.astype(dtype) if isinstance(a, np.ndarray) and a.dtype.kind == "f"
+                      else [b.astype(dtype) for b in a] if isinstance(a, list) else a
+                      for a in problem[:-1]]
+            kw = {k: (v.astype(dtype) if isinstance(v, np.ndarray) else
+                      [b if b is None else b.astype(dtype) for b in v] if isinstance(v, list)
+                      and k != "scaling" else v) for k, v in problem[-1].items()}
+            before = [np.copy(a) if isinstance(a, np.ndarray) else [np.copy(b) for b in a]
+                      for a in arrays]
+            forward, backward = {"qkv": (blocks.lora_qkv_forward, blocks.lora_qkv_backward),
+                                 "mlp": (blocks.lora_mlp_forward, blocks.lora_mlp_backward),
+                                 "multi": (blocks.multi_lora_forward,
+                                           blocks.multi_lora_backward)}[name]
+            y, cache = forward(*arrays, backend=backend, **kw)
+            ys = y if isinstance(y, tuple) else (y,)
+            assert all(v.dtype == dtype for v in ys)
+            same = np.random.default_rng(len(name))  # the same upstream for both backends
+            dys = tuple(same.standard_normal(v.shape).astype(dtype) for v in ys)
+            g = backward(dys if isinstance(y, tuple) else dys[0], cache, need_dW=True)
+            assert g.dx.dtype == dtype and g.dx.shape == arrays[0].shape
+            assert all(a.dtype == dtype for a in list(g.dA) + list(g.dB))
+            for a, b in zip(arrays, before, strict=True):  # no input modified
+                for u, v in zip(a if isinstance(a, list) else [a],
+                                b if isinstance(b, list) else [b], strict=True):
+                    assert np.array_equal(u, v)
+            results.setdefault(name, []).append((ys, g))
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    for name, ((ys0, g0), (ys1, g1)) in results.items():
+        for a, b in zip(ys0 + (g0.dx,) + tuple(g0.dA) + tuple(g0.dB),
+                        ys1 + (g1.dx,) + tuple(g1.dA) + tuple(g1.dB), strict=True):
+            np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.max(np.abs(a)), err_msg=name)
+
+
+def test_zero_size_batches_and_one_dimensional_x():
+    rng = np.random.default_rng(6)
+    for lead in [(0,), (2, 0), ()]:
+        x, W, A, B, kw = qkv_problem(rng, lead=lead, dropout=False)
+        ys, cache = blocks.lora_qkv_forward(x, W, A, B, **kw)
+        g = blocks.lora_qkv_backward([np.zeros_like(y) for y in ys], cache)
+        assert g.dx.shape == x.shape and all(np.all(a == 0) for a in g.dA)
+        x, W, A, B, kw = mlp_problem(rng, lead=lead, dropout=False)
+        y, cache = blocks.lora_mlp_forward(x, W, A, B, **kw)
+        assert blocks.lora_mlp_backward(np.zeros_like(y), cache).dx.shape == x.shape
+        x, W, A, B, index, kw = multi_problem(rng, lead=lead, dropout=False)
+        y, cache = blocks.multi_lora_forward(x, W, A, B, index, **kw)
+        assert blocks.multi_lora_backward(np.zeros_like(y), cache).dx.shape == x.shape
+
+
+def test_bad_input_is_a_clear_error():
+    rng = np.random.default_rng(7)
+    x, W, A, B, kw = qkv_problem(rng)
+    with pytest.raises(ValueError, match="W, A and B must have one entry per projection"):
+        blocks.lora_qkv_forward(x, W, A[:2], B, **kw)
+    with pytest.raises(ValueError, match="scaling has 2 entries but there are 3 projections"):
+        blocks.lora_qkv_forward(x, W, A, B, **(kw | {"scaling": [1.0, 2.0]}))
+    with pytest.raises(ValueError, match="projection 1"):
+        blocks.lora_qkv_forward(x, W, A, [B[0], B[0], B[2]], **kw)
+    with pytest.raises(TypeError, match="list or tuple"):
+        blocks.lora_qkv_forward(x, np.stack([W[0], W[0]]), A[:2], B[:2], scaling=1.0)
+    ys, cache = blocks.lora_qkv_forward(x, W, A, B, **kw)
+    with pytest.raises(ValueError, match="dys has 2 entries"):
+        blocks.lora_qkv_backward(list(ys[:2]), cache)
+    with pytest.raises(ValueError, match=r"dys\[1\]"):
+        blocks.lora_qkv_backward([ys[0], ys[0], ys[2]], cache)
+
+    x, W, A, B, kw = mlp_problem(rng)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        blocks.lora_mlp_forward(x, W, A, B, activation="relu", **kw)
+    with pytest.raises(ValueError, match="triples"):
+        blocks.lora_mlp_forward(x, W[:2], A[:2], B[:2], scaling=1.0)
+    with pytest.raises(ValueError, match="down projection"):
+        blocks.lora_mlp_forward(x, W, A, B, **(kw | {"dropout_mask": kw["dropout_mask"][:2]
+                                                     + [kw["dropout_mask"][0]]}))
+
+    x, W, A, B, index, kw = multi_problem(rng)
+    with pytest.raises(ValueError, match="adapter_index holds 3"):
+        blocks.multi_lora_forward(x, W, A, B, np.where(index == 0, 3, index), **kw)
+    with pytest.raises(ValueError, match="adapter_index holds -2"):
+        blocks.multi_lora_forward(x, W, A, B, np.where(index == 0, -2, index), **kw)
+    with pytest.raises(TypeError, match="integers"):
+        blocks.multi_lora_forward(x, W, A, B, index.astype(float), **kw)
+    with pytest.raises(ValueError, match="leading shape"):
+        blocks.multi_lora_forward(x, W, A, B, index[:, :2], **kw)
+    with pytest.raises(ValueError, match="adapter 1"):
+        blocks.multi_lora_forward(x, W, A, [B[0], B[0], B[2]], index, **kw)
+    with pytest.raises(ValueError, match="one entry per adapter"):
+        blocks.multi_lora_forward(x, W, A, B[:2], index, **kw)
+    y, cache = blocks.multi_lora_forward(x, W, A, B, index, **kw)
+    with pytest.raises(ValueError, match="modified"):
+        blocks.multi_lora_backward(y, cache._replace(rows=(cache.rows[0] + 10**6,)
+                                                     + cache.rows[1:]))
+
+
+# -- PEFT parity --------------------------------------------------------------------------------
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+
+class _MLP(torch.nn.Module):
+    """LLaMA's MLP: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, d, hidden, act):
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(d, hidden, bias=False)
+        self.up_proj = torch.nn.Linear(d, hidden, bias=False)
+        self.down_proj = torch.nn.Linear(hidden, d, bias=False)
+        self.act = act
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _Attention(torch.nn.Module):
+    """An attention block's projections (the part a QKV kernel computes)."""
+
+    def __init__(self, d, d_kv):
+        super().__init__()
+        self.q_proj = torch.nn.Linear(d, d, bias=True)
+        self.k_proj = torch.nn.Linear(d, d_kv, bias=False)
+        self.v_proj = torch.nn.Linear(d, d_kv, bias=True)
+
+    def forward(self, x):
+        return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+
+
+def _peft(module, names, r=4, alpha=6, seed=0):
+    torch.manual_seed(seed)
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=names, lora_dropout=0.0,
+                             init_lora_weights=False)
+    model = peft.get_peft_model(module.double(), config)
+    layers = [model.base_model.model.get_submodule(n) for n in names]
+    return model, layers
+
+
+def _weights(layer, name="default"):
+    t = lambda p: p.detach().numpy().copy()  # noqa: E731
+    bias = layer.base_layer.bias
+    return (t(layer.base_layer.weight), t(layer.lora_A[name].weight),
+            t(layer.lora_B[name].weight), None if bias is None else t(bias),
+            layer.scaling[name])
+
+
+@pytest.mark.parametrize("activation,act", [("silu", torch.nn.SiLU()),
+                                            ("gelu", torch.nn.GELU()),
+                                            ("gelu_tanh", torch.nn.GELU(approximate="tanh"))])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mlp_matches_peft(activation, act, backend):
+    model, layers = _peft(_MLP(6, 10, act), ["gate_proj", "up_proj", "down_proj"])
+    W, A, B, _, s = zip(*map(_weights, layers), strict=True)
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((2, 5, 6))
+    xt = torch.from_numpy(x).requires_grad_(True)
+    yt = model(xt)
+    dy = rng.standard_normal(yt.shape)
+    yt.backward(torch.from_numpy(dy))
+    y, cache = blocks.lora_mlp_forward(x, list(W), list(A), list(B), scaling=list(s),
+                                       activation=activation, backend=backend)
+    g = blocks.lora_mlp_backward(dy, cache)
+    np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(g.dx, xt.grad.numpy(), rtol=1e-11, atol=1e-11)
+    for j, layer in enumerate(layers):
+        np.testing.assert_allclose(g.dA[j], layer.lora_A["default"].weight.grad.numpy(),
+                                   rtol=1e-11, atol=1e-11)
+        np.testing.assert_allclose(g.dB[j], layer.lora_B["default"].weight.grad.numpy(),
+                                   rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_qkv_matches_peft(backend):
+    model, layers = _peft(_Attention(8, 4), ["q_proj", "k_proj", "v_proj"], r=3, alpha=5)
+    W, A, B, bias, s = zip(*map(_weights, layers), strict=True)
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((3, 4, 8))
+    xt = torch.from_numpy(x).requires_grad_(True)
+    yt = model(xt)
+    dy = rng.standard_normal(yt.shape)
+    yt.backward(torch.from_numpy(dy))
+    ys, cache = blocks.lora_qkv_forward(x, list(W), list(A), list(B), scaling=list(s),
+                                        bias=list(bias), backend=backend)
+    sizes = [y.shape[-1] for y in ys]
+    g = blocks.lora_qkv_backward(np.split(dy, np.cumsum(sizes)[:-1], axis=-1), cache)
+    np.testing.assert_allclose(np.concatenate(ys, -1), yt.detach().numpy(), rtol=1e-12,
+                               atol=1e-12)
+    np.testing.assert_allclose(g.dx, xt.grad.numpy(), rtol=1e-11, atol=1e-11)
+    for j, layer in enumerate(layers):
+        np.testing.assert_allclose(g.dA[j], layer.lora_A["default"].weight.grad.numpy(),
+                                   rtol=1e-11, atol=1e-11)
+        np.testing.assert_allclose(g.dB[j], layer.lora_B["default"].weight.grad.numpy(),
+                                   rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_multi_lora_matches_peft_mixed_batch(backend):
+    """PEFT's adapter_names= gives each sample of the batch its own adapter ("__base__": none);
+    multi_lora_forward's adapter_index per token generalizes it."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential()
+    base.add_module("lin", torch.nn.Linear(7, 5, bias=True))
+    base = base.double()
+    names = ["alice", "bob", "carol"]
+    config = peft.LoraConfig(r=2, lora_alpha=3, target_modules=["lin"], init_lora_weights=False)
+    model = peft.get_peft_model(base, config, adapter_name="alice")
+    model.add_adapter("bob", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["lin"],
+                                           init_lora_weights=False))
+    model.add_adapter("carol", peft.LoraConfig(r=1, lora_alpha=3, use_rslora=True,
+                                           target_modules=["lin"], init_lora_weights=False))
+    model.double().eval()
+    layer = model.base_model.model.lin
+    W, bias = (p.detach().numpy() for p in (layer.base_layer.weight, layer.base_layer.bias))
+    A = [layer.lora_A[n].weight.detach().numpy() for n in names]
+    B = [layer.lora_B[n].weight.detach().numpy() for n in names]
+    s = [layer.scaling[n] for n in names]
+    rng = np.random.default_rng(10)
+    per_sample = ["bob", "__base__", "alice", "carol", "bob", "alice"]
+    x = rng.standard_normal((len(per_sample), 3, 7))
+    with torch.no_grad():
+        yt = model(torch.from_numpy(x), adapter_names=per_sample).numpy()
+    index = np.array([names.index(n) if n in names else -1 for n in per_sample])
+    index = np.repeat(index[:, None], 3, axis=1)  # one adapter per sample, for every token
+    y, _ = blocks.multi_lora_forward(x, W, A, B, index, scaling=s, bias=bias, backend=backend)
+    np.testing.assert_allclose(y, yt, rtol=1e-12, atol=1e-12)
