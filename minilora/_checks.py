@@ -18,9 +18,19 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _F32, _F64 = FLOAT_DTYPES
 
 
+EMULATED = []  # ndarray subclasses whose arithmetic is ndarray's rounded to a narrower format:
+#               the oracle's emulation of a candidate (minilora.oracle.emulation) registers its
+#               base class, so that the public ops run on its arrays operation by operation
+
+
+def is_plain(a):
+    """True for a plain ndarray (or one of the oracle's emulated arrays)."""
+    return type(a) is np.ndarray or (bool(EMULATED) and isinstance(a, tuple(EMULATED)))
+
+
 def plain_array(a, name):
     """``a`` as a plain ndarray (a memmap becomes a view of it); TypeError for anything else."""
-    if type(a) is np.ndarray:
+    if is_plain(a):
         return a
     if isinstance(a, np.memmap):
         return a.view(np.ndarray)

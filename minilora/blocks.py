@@ -48,6 +48,7 @@ from minilora._checks import (
     check_dy,
     check_layer_shapes,
     check_scaling,
+    is_plain,
     plain_array,
 )
 from minilora.backends import resolve_backend
@@ -344,7 +345,7 @@ def lora_mlp_backward(dy, cache, *, need_dx=True, need_dW=False, need_dbias=Fals
         raise TypeError(f"cache must be the MLPCache from lora_mlp_forward, got "
                         f"{type(cache).__name__}")
     e, u = cache.e, cache.u
-    if type(e) is not np.ndarray or type(u) is not np.ndarray or e.shape != u.shape \
+    if not is_plain(e) or not is_plain(u) or e.shape != u.shape \
             or e.shape != cache.gate_up.y_shapes[0] or e.dtype != cache.gate_up.dtype \
             or u.dtype != e.dtype:
         raise ValueError("the cache's e and u are not the forward pass's: the cache was "
@@ -484,26 +485,26 @@ def _check_multi_cache(cache):
                         f"{type(cache).__name__}")
     x = cache.x
     fields = (cache.A, cache.B, cache.rows, cache.h)
-    if type(x) is not np.ndarray or x.ndim != 2 or x.dtype not in FLOAT_DTYPES \
+    if not is_plain(x) or x.ndim != 2 or x.dtype not in FLOAT_DTYPES \
             or any(type(f) is not tuple or len(f) != len(cache.A) for f in fields) \
             or type(cache.x_shape) is not tuple or math.prod(cache.x_shape[:-1]) != x.shape[0]:
         raise ValueError("the cache was modified after the forward pass")
     N, d_in = x.shape
     d_out = cache.W.shape[0 if not cache.fan_in_fan_out else 1] if \
-        type(cache.W) is np.ndarray and cache.W.ndim == 2 else -1
+        is_plain(cache.W) and cache.W.ndim == 2 else -1
     expected = [(cache.W, (d_in, d_out) if cache.fan_in_fan_out else (d_out, d_in))]
     if cache.mask is not None:
         expected.append((cache.mask, (N, d_in)))
     seen = 0
     for A, B, rows, h in zip(*fields, strict=True):
-        r = A.shape[0] if type(A) is np.ndarray and A.ndim == 2 else -1
+        r = A.shape[0] if is_plain(A) and A.ndim == 2 else -1
         expected += [(A, (r, d_in)), (B, (d_out, r)), (h, (len(rows), r))]
-        if type(rows) is not np.ndarray or rows.dtype != np.int64 or rows.ndim != 1 \
+        if not is_plain(rows) or rows.dtype != np.int64 or rows.ndim != 1 \
                 or (rows.size and (rows.min() < 0 or rows.max() >= N)):
             raise ValueError("the cache's rows were modified after the forward pass")
         seen += rows.size
     for a, shape in expected:
-        if type(a) is not np.ndarray or a.shape != shape or a.dtype != x.dtype or -1 in shape:
+        if not is_plain(a) or a.shape != shape or a.dtype != x.dtype or -1 in shape:
             raise ValueError("the cache's arrays were modified after the forward pass")
     if seen > N:
         raise ValueError("the cache's rows were modified after the forward pass")

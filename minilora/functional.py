@@ -22,6 +22,7 @@ from minilora._checks import (
     check_layer_shapes,
     check_positive_int,
     check_scaling,
+    is_plain,
 )
 from minilora.backends import resolve_backend
 
@@ -89,7 +90,7 @@ def _check_cache(cache, cache_type, saved_fields=()):
         raise TypeError(f"cache.saved must be a DoRASaved, got {type(cache.saved).__name__}")
     x, A, B = cache.x, cache.A, cache.B
     for name, a in (("x", x), ("A", A), ("B", B)):
-        if type(a) is not np.ndarray or a.ndim != 2:
+        if not is_plain(a) or a.ndim != 2:
             raise ValueError(f"cache.{name} is not a 2-D ndarray: the cache was modified after "
                              f"the forward pass")
     dtype = x.dtype
@@ -114,7 +115,7 @@ def _check_cache(cache, cache_type, saved_fields=()):
         if saved.WA is not None or saved.AA is not None:
             expected += [("saved.WA", saved.WA, (d_out, r)), ("saved.AA", saved.AA, (r, r))]
     for name, a, shape in expected:
-        if type(a) is not np.ndarray or a.shape != shape or (a.dtype is not dtype
+        if not is_plain(a) or a.shape != shape or (a.dtype is not dtype
                                                              and a.dtype != dtype):
             got = f"{a.dtype}{a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
             raise ValueError(f"cache.{name} is {got} where the forward pass made {dtype}{shape}: "

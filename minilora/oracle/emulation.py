@@ -27,7 +27,10 @@ statistic the oracle computes. The runs are seeded, so a verdict is reproducible
 
 import numpy as np
 
-from minilora import dora, lora_numpy
+from minilora import dora
+from minilora._checks import EMULATED
+from minilora.functional import dora_backward, dora_forward
+from minilora.oracle.cases import evaluate
 
 # NumPy functions the reference calls that only move or select values (no rounding happens)
 _EXACT = {np.where, np.broadcast_to, np.flatnonzero, np.concatenate, np.reshape, np.transpose}
@@ -54,8 +57,13 @@ class _Stored(np.ndarray):
         return a.view(cls) if a.dtype.kind == "f" else a
 
     def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
-        if out is not None:
-            raise TypeError("the emulation does not model in-place operations")
+        if out is not None:  # a += b: computed and stored as a + b, then written into a
+            if len(out) != 1 or method != "__call__":
+                raise TypeError(f"the emulation does not model {ufunc.__name__}.{method} "
+                                f"with out=")
+            result = self.__array_ufunc__(ufunc, method, *inputs, **kwargs)
+            np.asarray(out[0])[...] = np.asarray(result)
+            return out[0]
         plain = [np.asarray(i) if isinstance(i, _Stored) else i for i in inputs]
         if ufunc is np.matmul and method == "__call__" and not kwargs:
             result = type(self).product(*plain)
@@ -95,6 +103,9 @@ class _Stored(np.ndarray):
         raise TypeError(f"the emulation does not model numpy.{func.__name__}")
 
 
+EMULATED.append(_Stored)  # minilora's ops accept these arrays (and no other ndarray subclass)
+
+
 def rounded_type(prec, accum):
     """The baseline's arrays: every result rounded to ``accum``, then to ``prec``."""
 
@@ -126,39 +137,35 @@ def perturbed_type(prec, accum, rng):
 
 
 def run(case, kind, norms_kind=None, inputs_exact=()):
-    """Every output of ``case`` computed by the reference on arrays of type ``kind`` (from
-    ``stored_type``): a dict of float64 arrays shaped like the reference's. The inputs are
-    stored first (rounded or perturbed) unless named in ``inputs_exact`` (those the candidate's
-    precision represents exactly). DoRA's row norms n (and W Aᵀ, A Aᵀ) are computed on arrays
-    of type ``norms_kind`` (default ``kind``), then stored in ``kind``: kernels compute a norm
-    in their accumulation format and store the result (PEFT forms W + s·B A in p and takes its
-    norm in fp32; none rounds the terms of a sum of squares to p)."""
+    """Every output of ``case`` computed by minilora's own ops (the NumPy backend) on arrays of
+    type ``kind`` (from ``stored_type``): a dict of float64 arrays like ``cases.reference``'s.
+    The inputs are stored first (rounded or perturbed) unless named in ``inputs_exact`` (those
+    the candidate's precision represents exactly). DoRA's row norms n (and W Aᵀ, A Aᵀ) are
+    computed on arrays of type ``norms_kind`` (default ``kind``), then stored in ``kind``:
+    kernels compute a norm in their accumulation format and store the result (PEFT forms
+    W + s·B A in p and takes its norm in fp32; none rounds the terms of a sum of squares to p)."""
     t = {}
     for name, value in case.tensors.items():
-        a = np.asarray(value, dtype=np.float64)
+        a = np.asarray(value)
+        if a.dtype.kind != "f":  # adapter_index
+            t[name] = a
+            continue
+        a = a.astype(np.float64)
         t[name] = a.view(kind) if name in inputs_exact else kind.wrap(kind.store(a, 0, None))
-    x, dy, W, A, B = t["x"], t["dy"], t["W"], t["A"], t["B"]
-    lead, d_in, d_out = x.shape[:-1], x.shape[-1], dy.shape[-1]
-    x2, dy2 = x.reshape(-1, d_in), dy.reshape(-1, d_out)  # (N, d_in), (N, d_out)
-    mask = t.get("dropout_mask")
-    if mask is not None:
-        mask = np.broadcast_to(mask, x.shape).reshape(x2.shape)  # (N, d_in)
-    kw = dict(scaling=case.scaling, mask=mask, fan_in_fan_out=case.fan_in_fan_out)
-    need = dict(need_dx=True, need_dW=True, need_dbias="bias" in t)
-    if case.dora:
+    if not case.dora:
+        out = evaluate(case.with_tensors(t), backend="numpy")
+    else:
         as_norms = (norms_kind or kind).wrap
-        n, WA, AA, _ = dora.row_norms(*(as_norms(np.asarray(a)) for a in (W, A, B)),
+        n, WA, AA, _ = dora.row_norms(*(as_norms(np.asarray(t[k])) for k in "WAB"),
                                       case.scaling, case.fan_in_fan_out)
         n, WA, AA = (kind.wrap(kind.store(np.asarray(a), 0, None)) for a in (n, WA, AA))
-        y, saved = dora.forward(lora_numpy, x2, W, A, B, t["m"], bias=t.get("bias"), norms=n,
-                                **kw)
-        saved = saved._replace(WA=WA, AA=AA)  # for the gradient through n
-        dx, dA, dB, dm, dW, dbias = dora.backward(lora_numpy, dy2, x2, W, A, B, saved,
-                                                  detach_norm=case.detach_norm, **kw, **need)
-    else:
-        y, h = lora_numpy.forward(x2, W, A, B, bias=t.get("bias"), **kw)
-        dx, dA, dB, dW, dbias = lora_numpy.backward(dy2, x2, W, A, B, h, **kw, **need)
-        dm = None
-    out = {"y": y.reshape(*lead, d_out), "dx": dx.reshape(x.shape), "dA": dA, "dB": dB,
-           "dm": dm, "dW": dW, "dbias": dbias}
-    return {k: np.asarray(v, dtype=np.float64) for k, v in out.items() if v is not None}
+        y, cache = dora_forward(t["x"], t["W"], t["A"], t["B"], t["m"], scaling=case.scaling,
+                                bias=t.get("bias"), dropout_mask=t.get("dropout_mask"),
+                                fan_in_fan_out=case.fan_in_fan_out, detach_norm=True,
+                                norms=n, backend="numpy")
+        cache = cache._replace(detach_norm=case.detach_norm,  # n was computed above, so the
+                               saved=cache.saved._replace(WA=WA, AA=AA))  # full gradient too
+        grads = dora_backward(t["dy"], cache, need_dx=True, need_dW=True,
+                              need_dbias="bias" in t)
+        out = {"y": y, **{k: v for k, v in grads._asdict().items() if v is not None}}
+    return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
