@@ -101,7 +101,8 @@ def emulated_candidate(case, dtype, order="blas", stored=True, accum_dtype=None)
 
     product = ordered_product(order, accum.numpy_dtype)
     kind = stored_type("Honest", store, product)
-    rounded = case.with_tensors({k: prec.round(v) for k, v in case.tensors.items()})
+    rounded = case.with_tensors({k: prec.round(v) if v.dtype.kind == "f" else v
+                                 for k, v in case.tensors.items()})
     outputs = run(rounded, kind, stored_type("HonestNorms", store_accum, product))
     return {k: prec.round(v).astype(np.float64) for k, v in outputs.items()}
 

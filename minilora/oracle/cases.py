@@ -6,6 +6,7 @@ layer's options: the scaling, the Conv1D layout, whether DoRA's norm is detached
 precision its values are exactly representable in.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -14,8 +15,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from minilora._checks import check_dy, check_layer_shapes, check_positive_int, check_scaling
+from minilora.blocks import ACTIVATIONS
 from minilora.dora import row_norms, trained_magnitude
 from minilora.functional import dora_backward, dora_forward, lora_backward, lora_forward
+from minilora.oracle import block_cases
+from minilora.oracle.block_cases import BLOCKS
 from minilora.precision import DEFAULT_ACCUMULATION, precision
 
 INPUTS = ("x", "W", "A", "B", "bias", "m", "dropout_mask", "dy")
@@ -37,9 +41,14 @@ class Case:
     input_precision: str = "fp32"  # the precision every input is exactly representable in
     layer: dict = field(default_factory=dict)  # how make_case drew it: r, alpha, use_rslora,
     #   dropout p, lead_shape, lora_only (JSON values), so a candidate can build its own layer
+    block: str | None = None  # a fused block (minilora.blocks): "qkv", "mlp" or "multi", whose
+    #   scaling is then a tuple (one per projection or adapter; see block_cases)
+    activation: str = "silu"  # the MLP block's
 
     def __post_init__(self):
         self.input_precision = precision(self.input_precision).name  # "bfloat16" -> "bf16"
+        if self.block is not None and self.block not in BLOCKS:
+            raise ValueError(f"block must be one of {BLOCKS}, got {self.block!r}")
 
     @property
     def dtype(self):
@@ -52,18 +61,27 @@ class Case:
 
     def with_tensors(self, tensors):
         """The same problem over other tensors (rounded or widened copies of these)."""
-        return Case(tensors, self.scaling, self.fan_in_fan_out, self.detach_norm,
-                    self.input_precision, self.layer)
+        return dataclasses.replace(self, tensors=tensors)
 
     def with_scaling(self, scaling):
-        """The same problem with another scaling (an honest candidate's rounded s)."""
-        return Case(self.tensors, float(scaling), self.fan_in_fan_out, self.detach_norm,
-                    self.input_precision, self.layer)
+        """The same problem with another scaling (an honest candidate's rounded s; a sequence
+        for a block)."""
+        scaling = float(scaling) if self.block is None else tuple(map(float, scaling))
+        return dataclasses.replace(self, scaling=scaling)
+
+    @property
+    def scalings(self):
+        """The scaling as a tuple (one entry for a single layer)."""
+        return (self.scaling,) if self.block is None else tuple(self.scaling)
 
     def metadata(self):
-        meta = {"format": "minilora-oracle-case/1", "op": "dora" if self.dora else "lora",
-                "scaling": repr(self.scaling), "fan_in_fan_out": self.fan_in_fan_out,
-                "detach_norm": self.detach_norm, "dtype": self.input_precision}
+        op = self.block or ("dora" if self.dora else "lora")
+        scaling = repr(self.scaling) if self.block is None else json.dumps(list(self.scaling))
+        meta = {"format": "minilora-oracle-case/1", "op": op, "scaling": scaling,
+                "fan_in_fan_out": self.fan_in_fan_out, "detach_norm": self.detach_norm,
+                "dtype": self.input_precision}
+        if self.block == "mlp":
+            meta["activation"] = self.activation
         if self.layer:
             meta["layer"] = json.dumps(self.layer, sort_keys=True)
         return meta
@@ -71,7 +89,7 @@ class Case:
 
 def make_case(*, d_in, d_out, r, batch=4, seq=None, alpha=None, rslora=False, dora=False,
               dropout=0.0, bias=False, fan_in_fan_out=False, detach_norm=True, dtype="fp32",
-              lora_only=False, seed=0):
+              lora_only=False, block=None, hidden=None, activation="silu", adapters=3, seed=0):
     """Draw a case in which every term of every output matters. Values are rounded to ``dtype``
     (bf16, fp16, tf32, fp32 or fp64) so that a candidate computing in that format reads them
     exactly; they are stored as float32 (float64 for fp64).
@@ -87,6 +105,12 @@ def make_case(*, d_in, d_out, r, batch=4, seq=None, alpha=None, rslora=False, do
     (whenever it has two entries or more). ``case.layer`` (and the file's metadata) records r,
     alpha, use_rslora, the dropout p, the leading shape and lora_only; the mask itself is
     rounded to ``dtype`` like every input: use the mask, not p, to reproduce it.
+
+    ``block`` draws a fused block's case instead (``minilora.oracle.block_cases``): "qkv"
+    (three projections of x, to d_out, d_out/2, d_out/2), "mlp" (gate and up to ``hidden``,
+    default 2·d_in, then down to d_out, with ``activation``) or "multi" (``adapters`` adapters
+    of ranks r, 2r, r, 2r, ... on one layer, each token given one or none); every projection
+    is drawn as above, and every adapter and the base layer occur in the batch.
     """
     d_in, d_out, r = (check_positive_int(v, n) for v, n in ((d_in, "d_in"), (d_out, "d_out"),
                                                              (r, "r")))
@@ -101,6 +125,24 @@ def make_case(*, d_in, d_out, r, batch=4, seq=None, alpha=None, rslora=False, do
     N = math.prod(lead)
     check_fits_memory(N * (2 * d_in + d_out) + d_out * d_in + r * (d_in + d_out), "the case")
     rng = np.random.default_rng(seed)
+    if block is not None:
+        if block not in BLOCKS:
+            raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
+        if dora or lora_only or (fan_in_fan_out and block != "multi"):
+            raise ValueError(f"a {block} case takes neither dora nor lora_only"
+                             f"{'' if block == 'multi' else ' nor fan_in_fan_out'}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        hidden = None if hidden is None else check_positive_int(hidden, "hidden")
+        adapters = check_positive_int(adapters, "adapters")
+        t, scalings = block_cases.make(
+            block, d_in=d_in, d_out=d_out, r=r, batch=batch, seq=seq, alpha=alpha,
+            rslora=rslora, dropout=dropout, bias=bias, fan_in_fan_out=fan_in_fan_out,
+            hidden=hidden, activation=activation, adapters=adapters, rng=rng, draw=prec.round)
+        layer = {"r": r, "alpha": alpha, "use_rslora": bool(rslora), "dropout": dropout,
+                 "lead_shape": list(lead), "block": block}
+        return Case(t, scalings, bool(fan_in_fan_out), True, prec.name, layer, block,
+                    activation if block == "mlp" else "silu")
     scaling = alpha / (np.sqrt(r) if rslora else r)
     if abs(scaling) == 1.0:
         raise ValueError(f"alpha={alpha} gives the scaling |s| = 1, where a scaling applied "
@@ -148,12 +190,14 @@ def check_fits_memory(elements, what):
 
 def reference(case):
     """The float64 outputs and gradients of a case: y, dx, dA, dB, dW (and dm, dbias)."""
-    return evaluate(case.with_tensors({k: v.astype(np.float64) for k, v in
-                                       case.tensors.items()}))
+    return evaluate(case.with_tensors({k: v.astype(np.float64) if v.dtype.kind == "f" else v
+                                       for k, v in case.tensors.items()}))
 
 
 def evaluate(case, backend="numpy"):
     """Every output and gradient of a case, computed in the dtype of the case's tensors."""
+    if case.block is not None:
+        return block_cases.evaluate(case, backend)
     t = case.tensors
     kw = dict(scaling=case.scaling, bias=t.get("bias"), dropout_mask=t.get("dropout_mask"),
               fan_in_fan_out=case.fan_in_fan_out, backend=backend)
@@ -176,22 +220,28 @@ def emulate(case, prec, accum=None, backend="numpy"):
     oracle's own model of honest rounding is ``minilora.oracle.emulation``."""
     prec = precision(prec)
     accum = precision(DEFAULT_ACCUMULATION[prec.name] if accum is None else accum)
-    rounded = {k: prec.round(v).astype(accum.numpy_dtype) for k, v in case.tensors.items()}
+    rounded = {k: prec.round(v).astype(accum.numpy_dtype) if v.dtype.kind == "f" else v
+               for k, v in case.tensors.items()}
     return {k: prec.round(v).astype(np.float64)
             for k, v in evaluate(case.with_tensors(rounded), backend=backend).items()}
 
 
 def reference_shapes(case):
-    """The shape of every output, checking the case's shapes on the way (ValueError if wrong)."""
+    """The shape of every output, in the canonical order (OUTPUTS', or the block's), checking
+    the case's shapes on the way (ValueError if wrong)."""
+    if case.block is not None:
+        shapes = block_cases.shapes(case)
+        for name, shape in block_cases.upstream_shapes(case).items():
+            if name not in case.tensors:
+                raise ValueError(f"the case lacks {name}")
+            check_dy(case.tensors[name], shape, case.tensors[name].dtype)
+        return shapes
     t = case.tensors
     _, d_out, _ = check_layer_shapes(t["x"], t["W"], t["A"], t["B"],
                                         fan_in_fan_out=case.fan_in_fan_out, bias=t.get("bias"),
                                         dropout_mask=t.get("dropout_mask"), m=t.get("m"))
     check_dy(t["dy"], t["x"].shape[:-1] + (d_out,), t["dy"].dtype)
     shapes = {"y": t["dy"].shape, "dx": t["x"].shape, "dA": t["A"].shape, "dB": t["B"].shape,
-              "dW": t["W"].shape}
-    if "m" in t:
-        shapes["dm"] = t["m"].shape
-    if "bias" in t:
-        shapes["dbias"] = t["bias"].shape
-    return shapes
+              "dm": t["m"].shape if "m" in t else None,
+              "dbias": t["bias"].shape if "bias" in t else None, "dW": t["W"].shape}
+    return {k: v for k, v in shapes.items() if v is not None}

@@ -11,7 +11,9 @@ import json
 import os
 
 from minilora._io import refuse_overwrite, write_atomic
+from minilora.blocks import ACTIVATIONS
 from minilora.cli import finite_float, nonnegative_int, output_path, positive_int, probability
+from minilora.oracle.block_cases import BLOCKS
 from minilora.oracle.cases import make_case, reference
 from minilora.oracle.files import load_case, load_outputs, save_case, save_outputs
 from minilora.oracle.judge import compare
@@ -50,6 +52,16 @@ VECTORS = {
     "dora_bf16": dict(d_in=64, d_out=48, r=8, dora=True, bias=True, dropout=0.1, dtype="bf16",
                       **SEQ),
     **{f"realistic_{p}": dict(REALISTIC, dtype=p) for p in ("bf16", "fp16", "fp32", "fp64")},
+    "block_qkv": dict(block="qkv", d_in=32, d_out=32, r=4, **SEQ),
+    "block_qkv_bias_dropout_bf16": dict(block="qkv", d_in=64, d_out=64, r=8, bias=True,
+                                        dropout=0.1, dtype="bf16", **SEQ),
+    **{f"block_mlp_{a}": dict(block="mlp", activation=a, d_in=32, d_out=32, hidden=48, r=4,
+                              **SEQ) for a in ("silu", "gelu", "gelu_tanh")},
+    "block_mlp_bias_dropout_bf16": dict(block="mlp", d_in=64, d_out=64, hidden=96, r=8,
+                                        bias=True, dropout=0.1, dtype="bf16", **SEQ),
+    "block_multi": dict(block="multi", d_in=32, d_out=24, r=4, adapters=4, **SEQ),
+    "block_multi_bias_dropout_bf16": dict(block="multi", d_in=64, d_out=48, r=8, adapters=3,
+                                          bias=True, dropout=0.1, dtype="bf16", **SEQ),
 }
 
 
@@ -75,6 +87,12 @@ def add_parser(sub):
     p.add_argument("--bias", action="store_true")
     p.add_argument("--fan-in-fan-out", action="store_true")
     p.add_argument("--dtype", default="fp32", type=_precision_name, metavar="|".join(PRECISIONS))
+    p.add_argument("--block", choices=BLOCKS,
+                   help="a fused block instead of one layer: qkv (three projections of x), "
+                   "mlp (gate, up, down), multi (several adapters, one per token)")
+    p.add_argument("--hidden", type=positive_int, help="mlp: the hidden size (default 2·d_in)")
+    p.add_argument("--activation", choices=ACTIVATIONS, default="silu", help="mlp's")
+    p.add_argument("--adapters", type=positive_int, default=3, help="multi: how many")
     p.add_argument("--seed", type=nonnegative_int, required=True)
     p.add_argument("-o", "--output", required=True, type=_output_file,
                    help="CASE.npz or CASE.safetensors")
@@ -127,7 +145,9 @@ def _case(args):
                      seq=None if args.flat else args.seq, alpha=args.alpha, rslora=args.rslora,
                      dora=args.dora, dropout=args.dropout, bias=args.bias,
                      fan_in_fan_out=args.fan_in_fan_out, detach_norm=not args.full_norm_gradient,
-                     dtype=args.dtype, lora_only=args.lora_only, seed=args.seed)
+                     dtype=args.dtype, lora_only=args.lora_only, block=args.block,
+                     hidden=args.hidden, activation=args.activation, adapters=args.adapters,
+                     seed=args.seed)
     save_case(args.output, case)
     print(f"wrote {args.output}: {', '.join(f'{k}{v.shape}' for k, v in case.tensors.items())}")
     return 0

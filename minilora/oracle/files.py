@@ -16,6 +16,9 @@ import numpy as np
 
 from minilora import npz, safetensors
 from minilora._io import refuse_overwrite, write_atomic
+from minilora.blocks import ACTIVATIONS
+from minilora.oracle import block_cases
+from minilora.oracle.block_cases import block_of
 from minilora.oracle.cases import (
     INPUTS,
     OUTPUTS,
@@ -27,6 +30,7 @@ from minilora.oracle.cases import (
 from minilora.precision import precision
 
 REQUIRED_INPUTS = ("x", "W", "A", "B", "dy")
+BLOCK_INPUTS = ("x", "W", "A", "B", "bias", "dropout_mask", "dy", "adapter_index")
 
 
 def _placeholders(shapes):
@@ -104,32 +108,50 @@ def save_case(path, case):
 
 
 def _check_case_shapes(shapes):
-    unknown = sorted(set(shapes) - set(INPUTS))
-    if unknown:
-        raise OracleInputError(f"unknown tensors {unknown}; a case holds {INPUTS}")
-    missing = [k for k in REQUIRED_INPUTS if k not in shapes]
+    block = block_of(shapes)
+    if block is None:
+        unknown = sorted(set(shapes) - set(INPUTS))
+        if unknown:
+            raise OracleInputError(f"unknown tensors {unknown}; a case holds {INPUTS}")
+        missing = [k for k in REQUIRED_INPUTS if k not in shapes]
+    else:
+        unknown = sorted(k for k in shapes if k.split(".")[0] not in BLOCK_INPUTS
+                         or (k.count(".") != (k not in ("x", "W", "bias", "dropout_mask", "dy",
+                                                         "adapter_index"))))
+        if unknown:
+            raise OracleInputError(f"unknown tensors {unknown} in a {block} case "
+                                   f"(docs/oracle.md names a block's tensors)")
+        missing = [k for k in ("x", "A.0", "B.0") if k not in shapes]
     if missing:
         raise OracleInputError(f"missing tensors {missing}")
     for name, (_, dtype) in shapes.items():
-        if dtype.kind != "f":
+        if dtype.kind != "f" and not (name == "adapter_index" and dtype.kind in "iu"):
             raise OracleInputError(f"tensor {name} has dtype {dtype}, not a float")
     check_fits_memory(sum(math.prod(shape) for shape, _ in shapes.values()), "this case")
     arrays = _placeholders(shapes)
+    scaling = 1.0 if block is None else (1.0,) * len(block_cases.indexed(arrays, "A"))
     try:  # the layout of W is in the metadata, read with the data: either is fine here
-        reference_shapes(Case(arrays, 1.0, fan_in_fan_out=False))
+        reference_shapes(Case(arrays, scaling, fan_in_fan_out=False, block=block))
     except ValueError:
-        reference_shapes(Case(arrays, 1.0, fan_in_fan_out=True))
+        if block not in (None, "multi"):
+            raise
+        reference_shapes(Case(arrays, scaling, fan_in_fan_out=True, block=block))
 
 
 def load_case(path):
     """Read and validate a case file; OracleInputError names what is wrong."""
     tensors, meta = read_tensors(path, check=_check_case_shapes)
-    try:
-        scaling = float(meta.get("scaling", "nan"))
-    except ValueError:
-        scaling = float("nan")
-    if not np.isfinite(scaling):
-        raise OracleInputError(f"{path}: metadata lacks a finite 'scaling'")
+    block = block_of(tensors)
+    op = str(meta.get("op", block or "lora"))
+    if (block or "lora") != op and not (block is None and op == "dora"):
+        raise OracleInputError(f"{path}: metadata op={op!r} but the tensors are a "
+                               f"{block or 'single layer'}'s")
+    scaling = _scaling(path, meta.get("scaling", "nan"), block,
+                       len(block_cases.indexed(tensors, "A")))
+    activation = str(meta.get("activation", "silu"))
+    if activation not in ACTIVATIONS:
+        raise OracleInputError(f"{path}: metadata activation={activation!r} is not one of "
+                               f"{ACTIVATIONS}")
     flags = {}
     for key, default in (("fan_in_fan_out", "False"), ("detach_norm", "True")):
         value = str(meta.get(key, default))
@@ -137,21 +159,41 @@ def load_case(path):
             raise OracleInputError(f"{path}: metadata {key}={value!r} is not a boolean")
         flags[key] = value.lower() == "true"
     for name, a in tensors.items():
-        if not np.all(np.isfinite(a)):
+        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
             raise OracleInputError(f"{path}: tensor {name} holds non-finite values")
     try:
         input_precision = precision(str(meta.get("dtype", "fp32"))).name
     except ValueError as e:
         raise OracleInputError(f"{path}: {e}") from None
     common = np.float64 if any(a.dtype == np.float64 for a in tensors.values()) else np.float32
-    tensors = {k: v.astype(common) for k, v in tensors.items()}
+    tensors = {k: v.astype(common) if v.dtype.kind == "f" else v.astype(np.int64)
+               for k, v in tensors.items()}
     case = Case(tensors, scaling, flags["fan_in_fan_out"], flags["detach_norm"],
-                input_precision, _layer(path, meta.get("layer")))
+                input_precision, _layer(path, meta.get("layer")), block, activation)
     try:
         reference_shapes(case)
     except ValueError as e:
         raise OracleInputError(f"{path}: {e}") from None
     return case
+
+
+def _scaling(path, text, block, count):
+    """The case's scaling from its metadata: a finite float, or for a block a JSON list of
+    ``count`` finite floats."""
+    try:
+        value = float(text) if block is None else json.loads(str(text))
+    except (ValueError, RecursionError):
+        value = None
+    if block is None:
+        if value is None or not np.isfinite(value):
+            raise OracleInputError(f"{path}: metadata lacks a finite 'scaling'")
+        return value
+    if not isinstance(value, list) or len(value) != count or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v)
+            for v in value):
+        raise OracleInputError(f"{path}: metadata 'scaling' must be a JSON list of {count} "
+                               f"finite numbers (one per projection or adapter)")
+    return tuple(float(v) for v in value)
 
 
 def _layer(path, text):
@@ -177,11 +219,12 @@ def load_outputs(path, case):
     shapes = reference_shapes(case)
 
     def check(declared):
-        unknown = sorted(set(declared) - set(OUTPUTS))
+        known = OUTPUTS if case.block is None else tuple(shapes)
+        unknown = sorted(set(declared) - set(known))
         if unknown:
-            raise OracleInputError(f"unknown tensors {unknown}; outputs are {OUTPUTS}")
+            raise OracleInputError(f"unknown tensors {unknown}; outputs are {known}")
         if not declared:
-            raise OracleInputError(f"holds none of the outputs {OUTPUTS}")
+            raise OracleInputError(f"holds none of the outputs {tuple(shapes)}")
         for name, (shape, dtype) in declared.items():
             if name not in shapes:
                 raise OracleInputError(f"{name} given but this case has no {name[1:]}")

@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from minilora.oracle import emulation
-from minilora.oracle.cases import OUTPUTS, OracleInputError, reference, reference_shapes
+from minilora.oracle import block_cases, emulation
+from minilora.oracle.cases import OracleInputError, reference, reference_shapes
 from minilora.precision import DEFAULT_ACCUMULATION, PRECISIONS, precision
 from minilora.tolerance import dora_magnitudes, gamma, lora_magnitudes, lora_reduction_lengths
 
@@ -124,6 +124,9 @@ class Report:
 def magnitudes(case):
     """mag of every output, each output's reduction length K, and (DoRA) the magnitudes of what
     the norms' own error moves with the norms' K: ``(mags, K, norm_mags, norm_K)``."""
+    if case.block is not None:
+        mags, K = block_cases.magnitudes(case)
+        return mags, K, None, 0
     t = {k: v.astype(np.float64) for k, v in case.tensors.items()}
     kw = dict(scaling=case.scaling, dy=t["dy"], bias=t.get("bias"),
               dropout_mask=t.get("dropout_mask"), fan_in_fan_out=case.fan_in_fan_out)
@@ -149,7 +152,9 @@ REQUIRED = ("y", "dx", "dA", "dB")  # every case defines these, DoRA cases dm to
 
 def required_outputs(case):
     """The outputs a candidate must give unless the caller names a subset: y, dx, dA, dB, and
-    dm for DoRA (dW and dbias are judged when given)."""
+    dm for DoRA (dW and dbias are judged when given); for a block every y.j, dA.j and dB.j."""
+    if case.block is not None:
+        return tuple(block_cases.required(case))
     return REQUIRED + (("dm",) if case.dora else ())
 
 
@@ -165,11 +170,11 @@ def check_candidate(case, candidate, outputs=None):
     names = list(candidate.keys())
     unknown = sorted(str(k) for k in names if k not in shapes)
     if unknown:
-        known = [k for k in OUTPUTS if k in shapes]
         raise OracleInputError(f"the candidate has outputs {unknown} that this case does not "
-                               f"define; its outputs are {known}")
+                               f"define; its outputs are {list(shapes)}")
     if outputs is None:
-        wanted = [k for k in OUTPUTS if k in names or k in required_outputs(case)]
+        required = required_outputs(case)
+        wanted = [k for k in shapes if k in names or k in required]
     else:
         if isinstance(outputs, str):
             outputs = [o for o in outputs.split(",") if o]
@@ -177,7 +182,7 @@ def check_candidate(case, candidate, outputs=None):
         bad = sorted(str(k) for k in wanted if k not in shapes)
         if bad or not wanted:
             raise OracleInputError(f"outputs= names {bad or 'nothing'}; this case's outputs are "
-                                   f"{[k for k in OUTPUTS if k in shapes]}")
+                                   f"{list(shapes)}")
     missing = [k for k in wanted if k not in names]
     if missing:
         hint = "" if outputs is not None else \
@@ -199,7 +204,7 @@ def check_candidate(case, candidate, outputs=None):
             raise OracleInputError(f"candidate {name} has shape {a.shape}, the case's {name} "
                                    f"is {shapes[name]}")
         arrays[name] = a
-    not_judged = [k for k in OUTPUTS if k in shapes and k not in wanted]
+    not_judged = [k for k in shapes if k not in wanted]
     return arrays, not_judged
 
 
@@ -362,8 +367,8 @@ def _random_runs(case, prec, accum):
     """``RANDOM_RUNS`` honest candidates drawn from the model (``emulation.perturbed_type``),
     seeded by the precision, so that a verdict is reproducible. Inputs that ``prec`` holds
     exactly are not perturbed."""
-    exact = [k for k, v in case.tensors.items()
-             if np.array_equal(prec.round(v).astype(np.float64), v.astype(np.float64))]
+    exact = [k for k, v in case.tensors.items() if v.dtype.kind != "f"
+             or np.array_equal(prec.round(v).astype(np.float64), v.astype(np.float64))]
     rng = np.random.default_rng(list(PRECISIONS).index(prec.name))
     kind = emulation.perturbed_type(prec, accum, rng)
     norms_kind = emulation.perturbed_type(accum, accum, rng)
@@ -375,10 +380,10 @@ def _scaling_rounding(case, ref, formats):
     ``formats`` gives (0 where s is exact in them): an honest candidate may hold s in p."""
     shifts = {name: 0.0 for name in ref}
     for fmt in formats:
-        s = float(fmt.round(np.float64(case.scaling)))
-        if s == case.scaling:
+        s = tuple(float(fmt.round(np.float64(v))) for v in case.scalings)
+        if s == case.scalings:
             continue
-        moved = reference(case.with_scaling(s))
+        moved = reference(case.with_scaling(s if case.block else s[0]))
         for name, r in ref.items():
             unit = _unit(r)
             norm2 = float(np.sum((r / unit)**2))
