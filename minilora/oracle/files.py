@@ -132,10 +132,13 @@ def _check_case_shapes(shapes):
     scaling = 1.0 if block is None else (1.0,) * len(block_cases.indexed(arrays, "A"))
     try:  # the layout of W is in the metadata, read with the data: either is fine here
         reference_shapes(Case(arrays, scaling, fan_in_fan_out=False, block=block))
-    except ValueError:
+    except ValueError as first:
         if block not in (None, "multi"):
             raise
-        reference_shapes(Case(arrays, scaling, fan_in_fan_out=True, block=block))
+        try:
+            reference_shapes(Case(arrays, scaling, fan_in_fan_out=True, block=block))
+        except ValueError as second:  # the error about W's layout names the other layout
+            raise (second if str(first).startswith("W must be") else first) from None
 
 
 def load_case(path):
