@@ -216,6 +216,146 @@ def run(quick=False, with_torch=True, json_path=None, out=print):
     return results
 
 
+# ``minilora bench --blocks``: the fused blocks against their floors and torch + PEFT.
+BLOCK_CASES = {"mlp": dict(N=2048, d=1024, hidden=2816, r=16),
+               "qkv": dict(N=2048, d=1024, r=16),
+               "multi": dict(N=2048, d=1024, r=16, adapters=8)}
+QUICK_BLOCK_CASES = {"mlp": dict(N=64, d=64, hidden=176, r=4), "qkv": dict(N=64, d=64, r=4),
+                     "multi": dict(N=64, d=64, r=4, adapters=8)}
+
+
+def _block_contenders(block, N, d, r, hidden=None, adapters=8, with_torch=True, seed=0):
+    """name -> a zero-argument forward + backward (dx, dA, dB) of a block, fp32; "floor" its
+    large products alone (MLP: gate, up, down forward and their three dx products; QKV: the
+    three projections and their dx products; multi: the single-adapter op on the same tokens,
+    the baseline its target is stated against)."""
+    rng = np.random.default_rng(seed)
+
+    def arr(*shape, scale=1.0):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    x = arr(N, d)
+    if block == "multi":
+        W, dy = arr(d, d, scale=d**-0.5), arr(N, d)
+        A = [arr(r, d, scale=d**-0.5) for _ in range(adapters)]
+        B = [arr(d, r, scale=0.1) for _ in range(adapters)]
+        index = rng.integers(0, adapters, N)
+
+        def single():
+            _, cache = ml.lora_forward(x, W, A[0], B[0], scaling=2.0)
+            ml.lora_backward(dy, cache)
+
+        def multi(backend):
+            def step():
+                _, cache = ml.multi_lora_forward(x, W, A, B, index, scaling=2.0,
+                                                 backend=backend)
+                ml.multi_lora_backward(dy, cache)
+            return step
+
+        return {"floor": single, "numba": multi("numba"), "numpy": multi("numpy")}
+    if block == "mlp":
+        shapes = [(hidden, d), (hidden, d), (d, hidden)]
+    else:
+        shapes = [(d, d), (d, d), (d, d)]
+    W = [arr(*s, scale=s[1] ** -0.5) for s in shapes]
+    A = [arr(r, s[1], scale=s[1] ** -0.5) for s in shapes]
+    B = [arr(s[0], r, scale=0.1) for s in shapes]
+    dy = arr(N, d)
+    dys = [arr(N, s[0]) for s in shapes]
+    z = arr(N, hidden) if block == "mlp" else None
+
+    def floor():
+        if block == "mlp":
+            x @ W[0].T, x @ W[1].T, z @ W[2].T
+            dys[0] @ W[0], dys[1] @ W[1], dy @ W[2]
+        else:
+            for j in range(3):
+                x @ W[j].T
+                dys[j] @ W[j]
+
+    def step(backend):
+        if block == "mlp":
+            def run():
+                _, cache = ml.lora_mlp_forward(x, W, A, B, scaling=2.0, backend=backend)
+                ml.lora_mlp_backward(dy, cache)
+        else:
+            def run():
+                _, cache = ml.lora_qkv_forward(x, W, A, B, scaling=2.0, backend=backend)
+                ml.lora_qkv_backward(dys, cache)
+        return run
+
+    out = {"floor": floor, "numba": step("numba"), "numpy": step("numpy")}
+    if with_torch:
+        torch_step = _torch_peft_block_step(block, x, W, A, B, dy if block == "mlp" else dys)
+        if torch_step is not None:
+            out["torch+peft"] = torch_step
+    return out
+
+
+def _torch_peft_block_step(block, x, W, A, B, dy):
+    """PEFT's LoRA on a LLaMA-style MLP or on three attention projections (None without
+    torch and peft)."""
+    try:
+        import peft
+        import torch
+    except ImportError:
+        return None
+    names = ["gate_proj", "up_proj", "down_proj"] if block == "mlp" else \
+        ["q_proj", "k_proj", "v_proj"]
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for name, w in zip(names, W, strict=True):
+                setattr(self, name, torch.nn.Linear(w.shape[1], w.shape[0], bias=False))
+            self.act = torch.nn.SiLU()
+
+        def forward(self, x):
+            if block == "mlp":
+                return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    config = peft.LoraConfig(r=A[0].shape[0], lora_alpha=2 * A[0].shape[0],
+                             target_modules=names, lora_dropout=0.0)
+    model = peft.get_peft_model(Block(), config)
+    with torch.no_grad():
+        for name, w, a, b in zip(names, W, A, B, strict=True):
+            layer = model.base_model.model.get_submodule(name)
+            layer.base_layer.weight.copy_(torch.from_numpy(w))
+            layer.lora_A["default"].weight.copy_(torch.from_numpy(a))
+            layer.lora_B["default"].weight.copy_(torch.from_numpy(b))
+    xt = torch.from_numpy(x).requires_grad_(True)
+    dyt = [torch.from_numpy(d) for d in (dy if isinstance(dy, list) else [dy])]
+
+    def step():
+        xt.grad = None
+        model.zero_grad(set_to_none=True)
+        out = model(xt)
+        torch.autograd.backward(list(out) if isinstance(out, tuple) else [out], dyt)
+
+    return step
+
+
+def blocks_run(quick=False, with_torch=True, json_path=None, out=print):
+    """The blocks' ratios (see ``_block_contenders``); returns them as a dict."""
+    repeats, inner = (3, 3) if quick else (7, 3)
+    results = {}
+    out(f"{'block (fp32)':<44} {'numba/floor':>11} {'numpy/floor':>11} {'numba/numpy':>11} "
+        f"{'torch/floor':>11} {'numba/torch':>11} {'floor ms':>9}")
+    for block, kw in (QUICK_BLOCK_CASES if quick else BLOCK_CASES).items():
+        res = time_case(_block_contenders(block, with_torch=with_torch, **kw), repeats, inner)
+        name = f"{block} " + " ".join(f"{k}={v}" for k, v in kw.items())
+        if block == "multi":
+            name += " (floor: one adapter)"
+        results[name] = res
+        cells = " ".join(f"{res[k]:>11.3f}" if k in res else f"{'-':>11}" for k in (
+            "numba/floor", "numpy/floor", "numba/numpy", "torch+peft/floor", "numba/torch+peft"))
+        out(f"{name:<44} {cells} {res['floor_ms']:>9.3f}")
+    if json_path:
+        write_atomic(json_path, json.dumps(results, indent=2).encode())
+    return results
+
+
 # ``minilora bench --sweep``: one size varied around N=4096, 1024->1024, r=16, fp32.
 SWEEPS = {"r": [1, 2, 4, 8, 16, 32, 64, 128, 256, 512],
           "N": [16, 64, 256, 1024, 4096, 16384],

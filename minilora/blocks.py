@@ -414,6 +414,25 @@ def _adapter_rows(adapter_index, lead_shape, K):
     return tuple(order[bounds[k]:bounds[k + 1]] for k in range(K))
 
 
+RUN = 16  # an adapter whose tokens form runs this long on average is done run by run
+
+
+def _pieces(rows):
+    """How to visit one adapter's rows (sorted): ``(at, part)`` pairs, ``at`` indexing x's rows
+    and ``part`` the same rows' place in the adapter's own arrays. Runs of consecutive tokens
+    (each sample with its adapter, as PEFT's mixed batches give) are slices, with no copies;
+    scattered tokens are gathered at once."""
+    if rows.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1  # where a run of consecutive rows ends
+    if breaks.size + 1 > max(1, rows.size // RUN):
+        return [(rows, slice(None))]
+    starts = np.concatenate(([0], breaks))
+    stops = np.concatenate((breaks, [rows.size]))
+    return [(slice(int(rows[a]), int(rows[b - 1]) + 1), slice(int(a), int(b)))
+            for a, b in zip(starts, stops, strict=True)]
+
+
 def multi_lora_forward(x, W, A, B, adapter_index, *, scaling, bias=None, dropout_mask=None,
                        fan_in_fan_out=False, backend=None):
     """K LoRA adapters on one frozen layer, each token with its own, forward.
@@ -467,11 +486,12 @@ def multi_lora_forward(x, W, A, B, adapter_index, *, scaling, bias=None, dropout
         y += v["bias"]
     hs = []
     for k in range(K):
-        x_d = x2[rows[k]]  # (n_k, d_in), adapter k's tokens, gathered
-        if mask is not None:
-            x_d *= mask[rows[k]]
-        h = x_d @ A[k].T  # (n_k, r_k)
-        y[rows[k]] += scalings[k] * (h @ B[k].T)  # (n_k, d_out)
+        h = np.empty((rows[k].size, A[k].shape[0]), y.dtype)  # (n_k, r_k)
+        sB = scalings[k] * B[k]  # (d_out, r_k)
+        for at, part in _pieces(rows[k]):  # adapter k's tokens: runs of rows, or all gathered
+            x_d = x2[at] if mask is None else x2[at] * mask[at]  # (n, d_in)
+            h[part] = x_d @ A[k].T  # (n, r_k)
+            y[at] += h[part] @ sB.T  # (n, d_out)
         hs.append(h)
     cache = MultiLoRACache(x2, W, mask, A, B, scalings, rows, tuple(hs), x.shape,
                            bias is not None, fan_in_fan_out)
@@ -531,16 +551,20 @@ def multi_lora_backward(dy, cache, *, need_dx=True, need_dW=False, need_dbias=Fa
     dA, dB = [], []
     for A, B, s, rows, h in zip(cache.A, cache.B, cache.scalings, cache.rows, cache.h,
                                 strict=True):
-        dy_k = dy2[rows]  # (n_k, d_out)
-        x_d = x2[rows]  # (n_k, d_in)
-        if mask is not None:
-            x_d *= mask[rows]
-        g = dy_k @ B  # (n_k, r_k)
-        dB.append(s * (dy_k.T @ h))  # (d_out, r_k)
-        dA.append(s * (g.T @ x_d))  # (r_k, d_in)
-        if dx is not None:
-            lora_dx = s * (g @ A)  # (n_k, d_in)
-            dx[rows] += lora_dx if mask is None else lora_dx * mask[rows]
+        dA_k = np.zeros(A.shape, x2.dtype)  # (r_k, d_in)
+        dB_k = np.zeros(B.shape, x2.dtype)  # (d_out, r_k)
+        sA = s * A  # (r_k, d_in)
+        for at, part in _pieces(rows):
+            dy_k = dy2[at]  # (n, d_out)
+            x_d = x2[at] if mask is None else x2[at] * mask[at]  # (n, d_in)
+            g = dy_k @ B  # (n, r_k)
+            dB_k += dy_k.T @ h[part]
+            dA_k += g.T @ x_d
+            if dx is not None:
+                lora_dx = g @ sA  # (n, d_in)
+                dx[at] += lora_dx if mask is None else lora_dx * mask[at]
+        dA.append(s * dA_k)  # s · Σ_n g_nᵀ x_dn
+        dB.append(s * dB_k)  # s · Σ_n dy_nᵀ h_n
     dW, dbias = frozen_grads(dy2, x2, cache.fan_in_fan_out, need_dW, need_dbias)
     return MultiLoRAGrads(None if dx is None else dx.reshape(cache.x_shape), dA, dB, dW, dbias)
 

@@ -75,6 +75,11 @@ def _bench(args):
         raise CommandError("--plot draws a sweep: give --sweep r, N or d")
     if args.plot:
         _need_matplotlib()
+    if args.blocks and args.sweep:
+        raise CommandError("--blocks and --sweep are separate runs: give one")
+    if args.blocks:
+        bench.blocks_run(quick=args.quick, with_torch=not args.no_torch, json_path=args.json)
+        return 0
     if args.sweep:
         rows = bench.sweep(args.sweep, quick=args.quick, with_torch=not args.no_torch,
                            json_path=args.json)
@@ -125,6 +130,8 @@ def build_parser():
                    "against the floor and against the ideal")
     p.add_argument("--plot", metavar="PATH", type=output_path,
                    help="with --sweep: draw the ratios (matplotlib)")
+    p.add_argument("--blocks", action="store_true",
+                   help="the fused blocks (MLP, QKV, many adapters) against their floors")
     p.set_defaults(func=_bench)
     from minilora.oracle import cli as oracle_cli  # here: it imports this module's types
 

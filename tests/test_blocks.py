@@ -142,14 +142,18 @@ def test_multi_lora_gradients_match_finite_differences(backend, fan_in_fan_out):
     ml.gradcheck(forward, backward, inputs)
 
 
-@given(seed=st.integers(0, 2**32 - 1), N=st.integers(0, 9), K=st.integers(1, 4),
-       with_mask=st.booleans())
-def test_multi_lora_is_each_token_through_its_own_adapter(seed, N, K, with_mask):
+@given(seed=st.integers(0, 2**32 - 1), samples=st.integers(0, 9), K=st.integers(1, 4),
+       with_mask=st.booleans(), run=st.sampled_from([1, 16, 40]))
+def test_multi_lora_is_each_token_through_its_own_adapter(seed, samples, K, with_mask, run):
     """Token n's y, dx and its share of dA_k, dB_k are those of lora_forward with adapter k
-    (or of the frozen layer alone for −1); an adapter no token uses gets zero gradients."""
+    (or of the frozen layer alone for −1); an adapter no token uses gets zero gradients. With
+    ``run`` tokens per sample sharing an adapter (PEFT's mixed batches), adapters are done
+    run by run; with single scattered tokens, gathered."""
     rng = np.random.default_rng(seed)
     ranks = rng.integers(1, 4, K)
+    N = samples * run
     x, W, A, B, index, kw = multi_problem(rng, lead=(N,), ranks=tuple(ranks), dropout=with_mask)
+    index = np.repeat(rng.integers(-1, K, samples), run)
     y, cache = blocks.multi_lora_forward(x, W, A, B, index, **kw)
     dy = rng.standard_normal(y.shape)
     g = blocks.multi_lora_backward(dy, cache, need_dbias=True)

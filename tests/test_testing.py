@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import assume, given
 
-from minilora.testing import assert_matches_reference, dora_cases, lora_cases
+from minilora.testing import assert_matches_reference, block_cases, dora_cases, lora_cases
 
 
 def my_lora(x, W, A, B, scaling, dy):
@@ -81,3 +81,15 @@ def test_the_dora_reference_matches_an_independent_implementation(case):
     assert_matches_reference(candidate, case, dtype="fp32")
     with pytest.raises(AssertionError, match="dm"):
         assert_matches_reference({**candidate, "dm": 1.01 * candidate["dm"]}, case, dtype="fp32")
+
+
+@given(case=block_cases())
+def test_block_cases_are_judged_like_any_case(case):
+    """An honest float32 run of a drawn block passes; the reference with dx halved does not."""
+    from minilora.oracle.cases import emulate
+
+    honest = emulate(case, "fp32")
+    assert_matches_reference(honest, case)
+    if np.any(honest["dx"]):
+        with pytest.raises(AssertionError):
+            assert_matches_reference({**honest, "dx": honest["dx"] * 0.5}, case)

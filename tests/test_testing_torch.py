@@ -99,3 +99,63 @@ def test_an_unused_input_gets_a_zero_gradient_and_fails():
 
     with pytest.raises(AssertionError, match="dB"):
         assert_torch_matches(forgets_lora, case)
+
+
+# -- blocks ---------------------------------------------------------------------------------------
+
+def _projection(x, W, A, B, s, bias, mask):
+    x_d = x if mask is None else x * mask
+    y = x @ W.T + s * (x_d @ A.T) @ B.T
+    return y if bias is None else y + bias
+
+
+def autograd_qkv(x, W, A, B, *, scaling, bias=None, dropout_mask=None):
+    bias = bias or [None] * len(W)
+    mask = dropout_mask or [None] * len(W)
+    return tuple(_projection(x, W[j], A[j], B[j], scaling[j], bias[j], mask[j])
+                 for j in range(len(W)))
+
+
+def autograd_mlp(x, W, A, B, *, scaling, bias=None, dropout_mask=None, activation="silu",
+                 wrong_backward=False):
+    bias = bias or [None] * 3
+    mask = dropout_mask or [None] * 3
+    act = {"silu": torch.nn.functional.silu,
+           "gelu": torch.nn.functional.gelu,
+           "gelu_tanh": lambda e: torch.nn.functional.gelu(e, approximate="tanh")}[activation]
+    e = _projection(x, W[0], A[0], B[0], scaling[0], bias[0], mask[0])
+    u = _projection(x, W[1], A[1], B[1], scaling[1], bias[1], mask[1])
+    if wrong_backward:  # gate's gradient cut: a fused kernel that forgot de
+        e = e.detach()
+    return _projection(act(e) * u, W[2], A[2], B[2], scaling[2], bias[2], mask[2])
+
+
+def autograd_multi(x, W, A, B, index, *, scaling, bias=None, dropout_mask=None,
+                   off_by_one=False):
+    x_d = x if dropout_mask is None else x * dropout_mask
+    y = x @ W.T
+    if bias is not None:
+        y = y + bias
+    K = len(A)
+    for k in range(K):
+        rows = (index == ((k + 1) % K if off_by_one else k)).unsqueeze(-1)
+        y = y + rows * (scaling[k] * (x_d @ A[k].T) @ B[k].T)
+    return y
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32", "fp64"])
+def test_torch_blocks_pass_and_their_bugs_fail(dtype):
+    opts = dict(d_in=24, d_out=16, r=4, batch=2, seq=6, bias=True, dropout=0.1, dtype=dtype)
+    qkv = ml.oracle.make_case(block="qkv", **opts)
+    assert_torch_matches(autograd_qkv, qkv, need_dW=True, need_dbias=True)
+    for activation in ("silu", "gelu", "gelu_tanh"):
+        mlp = ml.oracle.make_case(block="mlp", activation=activation, **opts)
+        assert_torch_matches(autograd_mlp, mlp, need_dW=True)
+    multi = ml.oracle.make_case(block="multi", fan_in_fan_out=True, **opts)
+    assert_torch_matches(autograd_multi, multi, need_dW=True, need_dbias=True)
+    with pytest.raises(AssertionError, match="FAIL"):
+        assert_torch_matches(lambda *a, **k: autograd_mlp(*a, **k, wrong_backward=True), mlp)
+    with pytest.raises(AssertionError, match="FAIL"):
+        assert_torch_matches(lambda *a, **k: autograd_multi(*a, **k, off_by_one=True), multi)
+    with pytest.raises(OracleInputError, match="fn returned"):
+        torch_outputs(lambda *a, **k: autograd_qkv(*a, **k)[:2], qkv)

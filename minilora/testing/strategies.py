@@ -112,3 +112,25 @@ def dora_cases(draw, detach_norm=None, values=("normal", "wide"), **kwargs):
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     case.m = trained_magnitude(n, rng).astype(case.x.dtype)
     return case
+
+
+@st.composite
+def block_cases(draw, block=None, dtype="fp32", max_dim=12, min_tokens=0):
+    """A ``minilora.oracle.Case`` of a fused block (``minilora.blocks``): "qkv", "mlp" or
+    "multi" (drawn unless given), with drawn sizes, options (bias, dropout, rsLoRA, the MLP's
+    activation, the number of adapters) and leading shape (batch, seq). Judge a candidate's
+    outputs with ``assert_matches_reference(outputs, case)``; docs/oracle.md names them."""
+    from minilora.blocks import ACTIVATIONS
+    from minilora.oracle import make_case
+    from minilora.oracle.block_cases import BLOCKS
+
+    block = draw(st.sampled_from(BLOCKS)) if block is None else block
+    return make_case(block=block, d_in=draw(st.integers(1, max_dim)),
+                     d_out=draw(st.integers(1, max_dim)), r=draw(st.integers(1, 4)),
+                     batch=draw(st.integers(min_tokens, 3)), seq=draw(st.integers(1, 4)),
+                     hidden=draw(st.integers(1, max_dim)), rslora=draw(st.booleans()),
+                     dropout=draw(st.sampled_from([0.0, 0.2])), bias=draw(st.booleans()),
+                     activation=draw(st.sampled_from(ACTIVATIONS)),
+                     adapters=draw(st.integers(1, 4)),
+                     fan_in_fan_out=block == "multi" and draw(st.booleans()), dtype=dtype,
+                     seed=draw(st.integers(0, 2**32 - 1)))

@@ -49,6 +49,8 @@ def torch_outputs(fn, case, dtype=None, *, need_dW=False, need_dbias=False):
     case = _oracle_case(case)
     prec = precision(case.input_precision if dtype is None else dtype)
     tdt = TORCH_DTYPES[prec.name]
+    if case.block is not None:
+        return _block_outputs(fn, case, tdt, need_dW, need_dbias)
     t = case.tensors
 
     def tensor(name, grad=False):
@@ -82,6 +84,78 @@ def torch_outputs(fn, case, dtype=None, *, need_dW=False, need_dbias=False):
     arrays = {k: v.detach().to(torch.float64).numpy() for k, v in out.items()}
     if "dW" in arrays and case.fan_in_fan_out:
         arrays["dW"] = np.ascontiguousarray(arrays["dW"].T)  # back to the case's layout
+    return arrays
+
+
+def _block_outputs(fn, case, tdt, need_dW, need_dbias):
+    """``torch_outputs`` for a block case: fn takes lists (one tensor per projection or
+    adapter) and returns a tuple of P outputs (qkv) or one (mlp, multi):
+
+        qkv    fn(x, W, A, B, *, scaling, bias=None, dropout_mask=None) -> (y_0, ..., y_P-1)
+        mlp    fn(x, W, A, B, *, scaling, bias=None, dropout_mask=None, activation) -> y
+        multi  fn(x, W, A, B, adapter_index, *, scaling, bias=None, dropout_mask=None) -> y
+
+    with scaling a list, bias and dropout_mask None or lists (entries may be None; multi: one
+    tensor each), adapter_index an int64 tensor."""
+    from minilora.oracle.block_cases import indexed
+
+    t = case.tensors
+
+    def tensor(a, grad=False):
+        if a is None:
+            return None
+        if a.dtype.kind != "f":
+            return torch.from_numpy(np.ascontiguousarray(a))
+        out = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64)).to(tdt)
+        return out.requires_grad_(grad)
+
+    def listed(name, grad=False, optional=False):
+        n = len(indexed(t, "A"))
+        values = [tensor(t.get(f"{name}.{j}"), grad) for j in range(n)]
+        return None if optional and all(v is None for v in values) else values
+
+    x = tensor(t["x"], True)
+    A, B = listed("A", True), listed("B", True)
+    kwargs = dict(scaling=list(case.scaling))
+    if case.block == "multi":
+        W, bias = tensor(t["W"].T if case.fan_in_fan_out else t["W"], need_dW), \
+            tensor(t.get("bias"), need_dbias)
+        kwargs |= dict(bias=bias, dropout_mask=tensor(t.get("dropout_mask")))
+        y = fn(x, W, A, B, tensor(t["adapter_index"]), **kwargs)
+        ys, dys, Ws, biases = [y], [t["dy"]], [W], [bias]
+    else:
+        Ws, given = listed("W", need_dW), listed("bias", need_dbias, optional=True)
+        biases = given or [None] * len(Ws)
+        kwargs |= dict(bias=given, dropout_mask=listed("dropout_mask", optional=True))
+        if case.block == "mlp":
+            kwargs["activation"] = case.activation
+        y = fn(x, Ws, A, B, **kwargs)
+        ys = list(y) if case.block == "qkv" else [y]
+        dys = indexed(t, "dy") if case.block == "qkv" else [t["dy"]]
+    if len(ys) != len(dys) or any(not isinstance(v, torch.Tensor) or tuple(v.shape) != d.shape
+                                  for v, d in zip(ys, dys, strict=False)):
+        raise OracleInputError(f"fn returned {[getattr(v, 'shape', type(v).__name__) for v in ys]}"
+                               f"; the case's outputs are {[d.shape for d in dys]}")
+    torch.autograd.backward(ys, [tensor(d).to(v.dtype) for v, d in zip(ys, dys, strict=True)])
+
+    def grad(leaf):
+        return leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+
+    out = {"dx": grad(x)}
+    if case.block == "qkv":
+        out |= {f"y.{j}": v.detach() for j, v in enumerate(ys)}
+    else:
+        out["y"] = ys[0].detach()
+    out |= {f"dA.{j}": grad(a) for j, a in enumerate(A)}
+    out |= {f"dB.{j}": grad(b) for j, b in enumerate(B)}
+    suffix = (lambda j: "") if case.block == "multi" else (lambda j: f".{j}")
+    if need_dW:
+        out |= {f"dW{suffix(j)}": grad(w) for j, w in enumerate(Ws)}
+    if need_dbias:
+        out |= {f"dbias{suffix(j)}": grad(b) for j, b in enumerate(biases) if b is not None}
+    arrays = {k: v.detach().to(torch.float64).numpy() for k, v in out.items()}
+    if "dW" in arrays and case.fan_in_fan_out:
+        arrays["dW"] = np.ascontiguousarray(arrays["dW"].T)
     return arrays
 
 
