@@ -32,6 +32,8 @@ def torch_candidate(case, dtype):
         return None
     if dtype == "tf32":
         return None
+    if case.block is not None:
+        return _torch_block_candidate(case, dtype)
     tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
            "fp64": torch.float64}[dtype]
     t = {k: torch.from_numpy(v.astype(np.float64)).to(tdt) for k, v in case.tensors.items()}
@@ -131,3 +133,38 @@ def bf16_summed_dB(case, dtype):
         total = bf16.round(total + np.outer(dy[n], h[n]).astype(np.float32))
     dB = bf16.round(np.float32(case.scaling) * total)
     return {**numba_candidate(case, dtype), "dB": dB.astype(np.float64)}
+
+
+def _torch_block_candidate(case, dtype):
+    """A block in plain torch autograd, run by minilora.testing.torch's harness."""
+    import torch
+
+    from minilora.testing.torch import torch_outputs
+
+    def projection(x, W, A, B, s, bias, mask):
+        x_d = x if mask is None else x * mask
+        y = x @ W.T + s * (x_d @ A.T) @ B.T
+        return y if bias is None else y + bias
+
+    def qkv(x, W, A, B, *, scaling, bias=None, dropout_mask=None):
+        bias, mask = bias or [None] * len(W), dropout_mask or [None] * len(W)
+        return tuple(projection(x, W[j], A[j], B[j], scaling[j], bias[j], mask[j])
+                     for j in range(len(W)))
+
+    def mlp(x, W, A, B, *, scaling, bias=None, dropout_mask=None, activation):
+        bias, mask = bias or [None] * 3, dropout_mask or [None] * 3
+        act = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu,
+               "gelu_tanh": lambda e: torch.nn.functional.gelu(e, approximate="tanh")}
+        e, u = (projection(x, W[j], A[j], B[j], scaling[j], bias[j], mask[j]) for j in (0, 1))
+        return projection(act[activation](e) * u, W[2], A[2], B[2], scaling[2], bias[2],
+                          mask[2])
+
+    def multi(x, W, A, B, index, *, scaling, bias=None, dropout_mask=None):
+        x_d = x if dropout_mask is None else x * dropout_mask
+        y = x @ W.T if bias is None else x @ W.T + bias
+        for k in range(len(A)):
+            y = y + (index == k).unsqueeze(-1) * (scaling[k] * (x_d @ A[k].T) @ B[k].T)
+        return y
+
+    fn = {"qkv": qkv, "mlp": mlp, "multi": multi}[case.block]
+    return torch_outputs(fn, case, dtype, need_dW=True, need_dbias=True)

@@ -94,6 +94,38 @@ def power_rows(shape, seeds):
     return rows
 
 
+BLOCK_SHAPE = dict(d_in=64, d_out=64, hidden=128, r=8, batch=4, seq=32)
+
+
+def block_rows(seeds):
+    """Per block: honest candidates pass, and the smallest scale error caught in every output
+    (the worst output), at each precision."""
+    rows = {}
+    for block in ("qkv", "mlp", "multi"):
+        for dtype in DTYPES:
+            honest, worst = {}, {}
+            for seed in range(seeds):
+                case = oracle.make_case(block=block, dtype=dtype, seed=seed, **BLOCK_SHAPE,
+                                        activation=("silu", "gelu", "gelu_tanh")[seed % 3],
+                                        bias=seed % 2 == 1, dropout=0.1 if seed % 4 < 2 else 0.0)
+                judge = oracle.Judge(case, dtype)
+                for name, cand in honest_candidates(case, dtype, seed):
+                    if cand is None:
+                        continue
+                    counts = honest.setdefault(name, [0, 0])
+                    counts[0] += judge.compare(cand).passed
+                    counts[1] += 1
+                base = numba_candidate(case, dtype)
+                for name in oracle.required_outputs(case):
+                    eps = smallest_caught(judge, name, base, scaled)
+                    worst[name] = max(worst.get(name, 0.0), eps if eps else np.inf)
+            rows[f"{block} {dtype}"] = {
+                "honest_passed": {k: f"{p}/{n}" for k, (p, n) in honest.items()},
+                "scale_error_caught_always_from": max(worst.values()),
+                "worst_output": max(worst, key=worst.get)}
+    return rows
+
+
 def bug_rows(seeds, quick):
     """How often the two named bugs are caught (LoRA cases, judged as bf16)."""
     rows = {}
@@ -125,6 +157,7 @@ def main():
     result = {"small": power_rows("small", 2 if args.quick else args.seeds),
               "realistic": power_rows("realistic", 1 if args.quick else args.seeds)}
     result["bugs"] = bug_rows(2 if args.quick else args.seeds, args.quick)
+    result["blocks"] = block_rows(1 if args.quick else args.seeds)
     for shape in ("small", "realistic"):
         print(f"{shape} shape ({SHAPES[shape]})")
         print(f"{'dtype':<6}{'honest passed':>40}{'scale error (worst output)':>30}"
@@ -137,6 +170,12 @@ def main():
                   f"{'ε ≥ ' + format(row['scale_error_caught_always_from'], '.0e'):>22}"
                   f"{' (' + worst + ')':>8}"
                   f"{'ε ≥ ' + format(row['single_element_caught_always_from'], '.0e'):>14}")
+    print(f"blocks ({BLOCK_SHAPE}, activation and options varied by seed)")
+    for name, row in result["blocks"].items():
+        honest = ", ".join(f"{k} {v}" for k, v in row["honest_passed"].items())
+        print(f"  {name:<12}{honest:>40}"
+              f"{'ε ≥ ' + format(row['scale_error_caught_always_from'], '.0e'):>14}"
+              f"  ({row['worst_output']})")
     print("bugs caught (bf16):")
     for name, value in result["bugs"].items():
         print(f"  {name:<36}{value}")
