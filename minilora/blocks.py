@@ -20,8 +20,8 @@ docs/math.md derives each backward.
                dx = gate's dx (upstream de) + up's dx (upstream du)
 
 The forward keeps e and u (N, hidden each) and not z: the backward recomputes z = act(e) ⊙ u
-with act'(e) in one pass (``activation_backward``), so the block holds two hidden-sized arrays
-between the passes, not three.
+(``gated_product``) before down's backward, then forms de and du in one pass over dz, e and u
+(``gated_backward``), so the block holds two hidden-sized arrays between the passes, not three.
 
 **K adapters on one layer, per token** (multi-tenant training, punica's SGMV, PEFT's
 ``adapter_names=``): token n uses adapter k = adapter_index[n], or none for k = −1:
@@ -100,14 +100,20 @@ def activation_derivative(e, activation):
     return 0.5 * e * (1 + t), 0.5 * (1 + t) + 0.5 * e * dt
 
 
-def activation_backward(dz, e, u, activation, backend="numpy"):
-    """The gated product's backward: with z = act(e) ⊙ u, returns (z, de, du) =
-    (act(e) ⊙ u, dz ⊙ u ⊙ act'(e), dz ⊙ act(e)), all (N, hidden); the numba backend makes one
-    pass over the three inputs (``lora_numba.gated_backward``)."""
+def gated_product(e, u, activation, backend="numpy"):
+    """z = act(e) ⊙ u, (N, hidden); the numba backend makes one pass (``lora_numba``)."""
+    if backend == "numba":
+        return lora_numba.gated_forward(e, u, ACTIVATIONS.index(activation))
+    return activation_forward(e, activation) * u
+
+
+def gated_backward(dz, e, u, activation, backend="numpy"):
+    """The gated product's backward: (de, du) = (dz ⊙ u ⊙ act'(e), dz ⊙ act(e)), (N, hidden)
+    each; the numba backend makes one pass over dz, e and u (``lora_numba``)."""
     if backend == "numba":
         return lora_numba.gated_backward(dz, e, u, ACTIVATIONS.index(activation))
     act, dact = activation_derivative(e, activation)
-    return act * u, dz * u * dact, dz * act
+    return dz * u * dact, dz * act
 
 
 # -- validation --------------------------------------------------------------------------------
@@ -319,7 +325,9 @@ def lora_mlp_forward(x, W, A, B, *, scaling, activation="silu", bias=None, dropo
     if e.shape != u.shape:
         raise ValueError(f"gate and up must have one output size (hidden), got gate "
                          f"{e.shape[-1]} and up {u.shape[-1]}")
-    z = activation_forward(e, activation) * u  # (..., hidden)
+    hidden = e.shape[-1]
+    z = gated_product(e.reshape(-1, hidden), u.reshape(-1, hidden), activation,
+                      backend).reshape(e.shape)  # (..., hidden)
     try:
         y, down = lora_forward(z, W[2], A[2], B[2], scaling=scalings[2], bias=biases[2],
                                dropout_mask=masks[2], backend=backend)  # (..., d_out)
@@ -355,11 +363,11 @@ def lora_mlp_backward(dy, cache, *, need_dx=True, need_dW=False, need_dbias=Fals
     e2, u2 = e.reshape(-1, hidden), u.reshape(-1, hidden)  # (N, hidden)
     backend = cache.down.backend
     # down's backward needs z (its input) and gives dz; the activation's pass needs dz
-    z2 = activation_forward(e2, cache.activation) * u2  # (N, hidden), recomputed
+    z2 = gated_product(e2, u2, cache.activation, backend)  # (N, hidden), recomputed
     down = cache.down._replace(x=z2)
     g_down = _projection_backward(dy, down, True, need_dW, need_dbias, 2)
     dz2 = g_down.dx.reshape(-1, hidden)  # (N, hidden)
-    _, de, du = activation_backward(dz2, e2, u2, cache.activation, backend)
+    de, du = gated_backward(dz2, e2, u2, cache.activation, backend)
     g_gate = _projection_backward(de.reshape(e.shape), cache.gate_up.caches[0], need_dx,
                                   need_dW, need_dbias, 0)
     g_up = _projection_backward(du.reshape(e.shape), cache.gate_up.caches[1], need_dx, need_dW,
@@ -569,7 +577,7 @@ def multi_lora_backward(dy, cache, *, need_dx=True, need_dW=False, need_dbias=Fa
     return MultiLoRAGrads(None if dx is None else dx.reshape(cache.x_shape), dA, dB, dW, dbias)
 
 
-__all__ = ["ACTIVATIONS", "BlockGrads", "MLPCache", "MultiLoRACache",
-           "MultiLoRAGrads", "QKVCache", "activation_backward", "activation_derivative",
-           "activation_forward", "lora_mlp_backward", "lora_mlp_forward", "lora_qkv_backward",
+__all__ = ["ACTIVATIONS", "BlockGrads", "MLPCache", "MultiLoRACache", "MultiLoRAGrads",
+           "QKVCache", "activation_derivative", "activation_forward", "gated_backward",
+           "gated_product", "lora_mlp_backward", "lora_mlp_forward", "lora_qkv_backward",
            "lora_qkv_forward", "multi_lora_backward", "multi_lora_forward"]

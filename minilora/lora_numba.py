@@ -316,24 +316,43 @@ def _activation(e, kind):
 
 
 @jit
-def _gated_backward(dz, e, u, kind, z, de, du):
-    """z = act(e) ⊙ u, de = dz ⊙ u ⊙ act'(e), du = dz ⊙ act(e), all (N, H), in one pass."""
+def _gated_forward(e, u, kind, z):
+    """z = act(e) ⊙ u, all (N, H), in one pass."""
     N, H = e.shape
-    for a in (dz, u, z, de, du):
+    if u.shape[0] != N or u.shape[1] != H or z.shape[0] != N or z.shape[1] != H:
+        raise ValueError("_gated_forward: every array must be (N, H) like e")
+    for n in range(N):
+        for i in range(H):
+            z[n, i] = _activation(e[n, i], kind)[0] * u[n, i]
+
+
+@jit
+def _gated_backward(dz, e, u, kind, de, du):
+    """de = dz ⊙ u ⊙ act'(e), du = dz ⊙ act(e), all (N, H), in one pass."""
+    N, H = e.shape
+    for a in (dz, u, de, du):
         if a.shape[0] != N or a.shape[1] != H:
             raise ValueError("_gated_backward: every array must be (N, H) like e")
     for n in range(N):
         for i in range(H):
             act, dact = _activation(e[n, i], kind)
-            z[n, i] = act * u[n, i]
             de[n, i] = dz[n, i] * u[n, i] * dact
             du[n, i] = dz[n, i] * act
 
 
+def gated_forward(e, u, kind):
+    """z = act(e) ⊙ u for the gated MLP (``blocks.gated_product``): a new (N, H) array of e's
+    dtype; e and u are (N, H) arrays of one float dtype (checked by the kernel)."""
+    e, u = (np.ascontiguousarray(a) for a in (e, u))
+    z = np.empty_like(e)
+    _gated_forward(e, u, kind, z)
+    return z
+
+
 def gated_backward(dz, e, u, kind):
-    """(z, de, du) for the gated MLP (``blocks.activation_backward``): new (N, H) arrays of e's
-    dtype; dz, e, u are (N, H) arrays of one float dtype (checked by the kernel)."""
+    """(de, du) for the gated MLP (``blocks.gated_backward``): new (N, H) arrays of e's dtype;
+    dz, e, u are (N, H) arrays of one float dtype (checked by the kernel)."""
     dz, e, u = (np.ascontiguousarray(a) for a in (dz, e, u))
-    z, de, du = (np.empty_like(e) for _ in range(3))
-    _gated_backward(dz, e, u, kind, z, de, du)
-    return z, de, du
+    de, du = np.empty_like(e), np.empty_like(e)
+    _gated_backward(dz, e, u, kind, de, du)
+    return de, du

@@ -406,3 +406,29 @@ def test_multi_lora_matches_peft_mixed_batch(backend):
     index = np.repeat(index[:, None], 3, axis=1)  # one adapter per sample, for every token
     y, _ = blocks.multi_lora_forward(x, W, A, B, index, scaling=s, bias=bias, backend=backend)
     np.testing.assert_allclose(y, yt, rtol=1e-12, atol=1e-12)
+
+
+@given(seed=st.integers(0, 2**32 - 1), N=st.integers(0, 7), H=st.integers(0, 9),
+       activation=st.sampled_from(blocks.ACTIVATIONS),
+       dtype=st.sampled_from([np.float32, np.float64]))
+def test_the_gated_kernels_match_their_numpy_reference(seed, N, H, activation, dtype):
+    rng = np.random.default_rng(seed)
+    e, u, dz = (rng.standard_normal((N, H)).astype(dtype) * 4 for _ in range(3))
+    tol = 1e-5 if dtype == np.float32 else 1e-13
+    z = blocks.gated_product(e, u, activation, "numba")
+    assert z.dtype == dtype
+    np.testing.assert_allclose(z, blocks.gated_product(e, u, activation), rtol=tol, atol=tol)
+    for a, b in zip(blocks.gated_backward(dz, e, u, activation, "numba"),
+                    blocks.gated_backward(dz, e, u, activation), strict=True):
+        assert a.dtype == dtype
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol * 10)
+
+
+def test_the_gated_kernels_check_shapes():
+    from minilora import lora_numba
+
+    e = np.ones((3, 4))
+    with pytest.raises(ValueError, match="every array must be"):
+        lora_numba.gated_forward(e, np.ones((3, 5)), 0)
+    with pytest.raises(ValueError, match="every array must be"):
+        lora_numba.gated_backward(np.ones((2, 4)), e, e, 1)
