@@ -67,6 +67,15 @@ def honest_candidates(case, dtype, seed):
     yield "emulated", emulated_candidate(case, dtype, order, stored)
 
 
+def judge_honest(judge, case, dtype, seed, counts):
+    """Judge each honest candidate; ``counts[name]`` becomes [passed, judged]."""
+    for name, cand in honest_candidates(case, dtype, seed):
+        if cand is not None:
+            tally = counts.setdefault(name, [0, 0])
+            tally[0] += judge.compare(cand).passed
+            tally[1] += 1
+
+
 def power_rows(shape, seeds):
     rows = {}
     for dtype in DTYPES:
@@ -75,12 +84,7 @@ def power_rows(shape, seeds):
         for seed in range(seeds):
             case = oracle.make_case(dtype=dtype, **SHAPES[shape], **options(seed))
             judge = oracle.Judge(case, dtype)
-            for name, cand in honest_candidates(case, dtype, seed):
-                if cand is None:
-                    continue
-                counts = honest.setdefault(name, [0, 0])
-                counts[0] += judge.compare(cand).passed
-                counts[1] += 1
+            judge_honest(judge, case, dtype, seed, honest)
             base = numba_candidate(case, dtype)
             for name in oracle.required_outputs(case):
                 scale.setdefault(name, []).append(smallest_caught(judge, name, base, scaled))
@@ -109,12 +113,7 @@ def block_rows(seeds):
                                         activation=("silu", "gelu", "gelu_tanh")[seed % 3],
                                         bias=seed % 2 == 1, dropout=0.1 if seed % 4 < 2 else 0.0)
                 judge = oracle.Judge(case, dtype)
-                for name, cand in honest_candidates(case, dtype, seed):
-                    if cand is None:
-                        continue
-                    counts = honest.setdefault(name, [0, 0])
-                    counts[0] += judge.compare(cand).passed
-                    counts[1] += 1
+                judge_honest(judge, case, dtype, seed, honest)
                 base = numba_candidate(case, dtype)
                 for name in oracle.required_outputs(case):
                     eps = smallest_caught(judge, name, base, scaled)

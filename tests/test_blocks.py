@@ -319,6 +319,13 @@ def _peft(module, names, r=4, alpha=6, seed=0):
     return model, layers
 
 
+def _assert_adapters_match(grads, layers):
+    for j, layer in enumerate(layers):
+        for mine, theirs in ((grads.dA[j], layer.lora_A), (grads.dB[j], layer.lora_B)):
+            np.testing.assert_allclose(mine, theirs["default"].weight.grad.numpy(),
+                                       rtol=1e-11, atol=1e-11)
+
+
 def _weights(layer, name="default"):
     t = lambda p: p.detach().numpy().copy()  # noqa: E731
     bias = layer.base_layer.bias
@@ -345,11 +352,7 @@ def test_mlp_matches_peft(activation, act, backend):
     g = blocks.lora_mlp_backward(dy, cache)
     np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(g.dx, xt.grad.numpy(), rtol=1e-11, atol=1e-11)
-    for j, layer in enumerate(layers):
-        np.testing.assert_allclose(g.dA[j], layer.lora_A["default"].weight.grad.numpy(),
-                                   rtol=1e-11, atol=1e-11)
-        np.testing.assert_allclose(g.dB[j], layer.lora_B["default"].weight.grad.numpy(),
-                                   rtol=1e-11, atol=1e-11)
+    _assert_adapters_match(g, layers)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -369,11 +372,7 @@ def test_qkv_matches_peft(backend):
     np.testing.assert_allclose(np.concatenate(ys, -1), yt.detach().numpy(), rtol=1e-12,
                                atol=1e-12)
     np.testing.assert_allclose(g.dx, xt.grad.numpy(), rtol=1e-11, atol=1e-11)
-    for j, layer in enumerate(layers):
-        np.testing.assert_allclose(g.dA[j], layer.lora_A["default"].weight.grad.numpy(),
-                                   rtol=1e-11, atol=1e-11)
-        np.testing.assert_allclose(g.dB[j], layer.lora_B["default"].weight.grad.numpy(),
-                                   rtol=1e-11, atol=1e-11)
+    _assert_adapters_match(g, layers)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
