@@ -10,12 +10,16 @@ fp32 cases also against a TF32 candidate (inputs rounded to TF32), judged as tf3
 must pass. The table gives the judgments, the false verdicts, the rate's 95% upper bound
 (Clopper-Pearson), and, per rule, the largest share of its limit an honest candidate used.
 
-Usage: python benchmarks/oracle_panel.py [--cases N] [--quick] [--json PATH]
+A case the oracle refuses as unusable at the precision (a DoRA row of W + s·B A that cancels
+below the precision's resolution, common with d_in = 1) is counted and replaced.
+
+Usage: python benchmarks/oracle_panel.py [--cases N] [--quick] [--dtypes bf16,fp16] [--json PATH]
 """
 
 import argparse
 import json
 import math
+import sys
 import time
 
 import numpy as np
@@ -85,11 +89,20 @@ def upper_95(failures, n):
 
 def panel(dtype, cases, big_every, seed):
     rng = np.random.default_rng([seed, DTYPES.index(dtype)])
-    judged = failed = 0
+    judged = failed = unusable = 0
     worst = {rule: 0.0 for rule in RULES}
     failures = []
-    for i in range(cases):
+    i = 0
+    while i < cases:
         case = random_case(rng, dtype, big=big_every and i % big_every == big_every - 1)
+        try:  # a case the oracle refuses at this precision (a DoRA row that cancels below its
+            oracle.Judge(case, dtype)  # resolution) is counted, not judged; the next is drawn
+        except oracle.OracleInputError:
+            unusable += 1
+            continue
+        i += 1
+        if i % 200 == 0:
+            print(f"  {dtype}: {i} cases", file=sys.stderr, flush=True)
         judges = {}
         for name, judged_as, cand in candidates(case, dtype, rng):
             if cand is None:
@@ -107,7 +120,8 @@ def panel(dtype, cases, big_every, seed):
                                  "shape": list(case.tensors["x"].shape),
                                  "d_out": case.tensors["dy"].shape[-1], "dora": case.dora,
                                  "report": str(report)})
-    return {"cases": cases, "judgments": judged, "false_verdicts": failed,
+    return {"cases": cases, "unusable_cases_skipped": unusable, "judgments": judged,
+            "false_verdicts": failed,
             "rate": failed / judged, "upper_95": upper_95(failed, judged),
             "largest_share_used": worst, "failures": failures}
 
@@ -118,6 +132,7 @@ def main():
     parser.add_argument("--big-every", type=int, default=250)
     parser.add_argument("--quick", action="store_true", help="50 small cases per precision")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--json")
     args = parser.parse_args()
     if args.quick:
@@ -126,7 +141,7 @@ def main():
     rows = {}
     print(f"{'dtype':<6}{'cases':>7}{'judged':>8}{'false':>7}{'95% bound':>11}  "
           f"largest share of each rule's limit used (derived, baseline, normwise, scale)")
-    for dtype in DTYPES:
+    for dtype in args.dtypes.split(","):
         row = rows[dtype] = panel(dtype, args.cases, args.big_every, args.seed)
         used = ", ".join(f"{row['largest_share_used'][rule]:.2f}" for rule in RULES)
         print(f"{dtype:<6}{row['cases']:>7}{row['judgments']:>8}{row['false_verdicts']:>7}"

@@ -27,7 +27,6 @@ statistic the oracle computes. The runs are seeded, so a verdict is reproducible
 
 import numpy as np
 
-from minilora import dora
 from minilora._checks import EMULATED
 from minilora.functional import dora_backward, dora_forward
 from minilora.oracle.cases import evaluate
@@ -140,10 +139,11 @@ def run(case, kind, norms_kind=None, inputs_exact=()):
     """Every output of ``case`` computed by minilora's own ops (the NumPy backend) on arrays of
     type ``kind`` (from ``stored_type``): a dict of float64 arrays like ``cases.reference``'s.
     The inputs are stored first (rounded or perturbed) unless named in ``inputs_exact`` (those
-    the candidate's precision represents exactly). DoRA's row norms n (and W Aᵀ, A Aᵀ) are
-    computed on arrays of type ``norms_kind`` (default ``kind``), then stored in ``kind``:
-    kernels compute a norm in their accumulation format and store the result (PEFT forms
-    W + s·B A in p and takes its norm in fp32; none rounds the terms of a sum of squares to p)."""
+    the candidate's precision represents exactly). DoRA's row norms are computed as PEFT does:
+    V = W + s·B A formed and stored in p, ‖V_j‖ summed on arrays of type ``norms_kind``
+    (default ``kind``: the accumulation format, as torch.linalg.norm sums bf16 in fp32) and
+    stored in p. Where W_j and s·B_j A cancel, V_j's rounding makes n_j relatively off by about
+    u_p·‖terms‖/n_j, and the runs show it."""
     t = {}
     for name, value in case.tensors.items():
         a = np.asarray(value)
@@ -155,10 +155,12 @@ def run(case, kind, norms_kind=None, inputs_exact=()):
     if not case.dora:
         out = evaluate(case.with_tensors(t), backend="numpy")
     else:
-        as_norms = (norms_kind or kind).wrap
-        n, WA, AA, _ = dora.row_norms(*(as_norms(np.asarray(t[k])) for k in "WAB"),
-                                      case.scaling, case.fan_in_fan_out)
-        n, WA, AA = (kind.wrap(kind.store(np.asarray(a), 0, None)) for a in (n, WA, AA))
+        W, A, B = t["W"], t["A"], t["B"]
+        Wr = W.T if case.fan_in_fan_out else W  # (d_out, d_in)
+        V = (norms_kind or kind).wrap(np.asarray(Wr + case.scaling * (B @ A)))  # stored in p
+        n = np.sqrt(np.einsum("ji,ji->j", V, V))  # (d_out,) summed in a
+        n = kind.wrap(kind.store(np.asarray(n), 0, None))  # and stored in p
+        WA, AA = Wr @ A.T, A @ A.T  # (d_out, r), (r, r): the gradient through n
         y, cache = dora_forward(t["x"], t["W"], t["A"], t["B"], t["m"], scaling=case.scaling,
                                 bias=t.get("bias"), dropout_mask=t.get("dropout_mask"),
                                 fan_in_fan_out=case.fan_in_fan_out, detach_norm=True,

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from minilora.dora import inverse_norms, norm_bounds, row_norms
 from minilora.oracle import block_cases, emulation
 from minilora.oracle.cases import OracleInputError, reference, reference_shapes
 from minilora.precision import DEFAULT_ACCUMULATION, PRECISIONS, precision
@@ -42,7 +43,7 @@ BASELINE_FACTOR = 2.0
 BASELINE_FLOOR_U = 4  # times u_p at the tensor's largest |ref|
 BASELINE_FLOOR_SQRT_K = 2.0  # times √K·u_a·max(mag), another summation order's typical error
 RANDOM_RUNS = 16  # honest candidates drawn from the rounding model, for the whole-tensor rules
-NORM_FACTOR = 1.5  # ‖error‖ ≤ (NORM_FACTOR + NORM_TAIL/√n_eff) × the honest error's norm
+NORM_FACTOR = 2.0  # ‖error‖ ≤ (NORM_FACTOR + NORM_TAIL/√n_eff) × the honest error's norm
 NORM_TAIL = 6.0
 SCALE_Z = 8.0  # |scale ratio − 1| ≤ SCALE_Z·σ + the scaling's own rounding
 
@@ -289,6 +290,8 @@ class Judge:
                         f"case unusable at {prec.name}: an honest {prec.name} computation of "
                         f"{name} overflows (values beyond {prec.name}'s range); make a case "
                         f"with smaller values")
+            if case.dora:
+                _check_norms_resolve(case, prec)
             runs = _random_runs(case, prec, accum)
             systematic = _scaling_rounding(case, ref, (prec, accum))
         self.limits = {}
@@ -361,6 +364,22 @@ def _unit(a):
     sums of squares far from overflow and underflow, exactly."""
     top = float(np.max(np.abs(a), initial=0.0))
     return float(2.0 ** np.frexp(top)[1]) if 0 < top < np.inf else 1.0
+
+
+def _check_norms_resolve(case, prec):
+    """OracleInputError if a row of W + s·B A cancels so far that its norm has no correct bit
+    in ``prec`` (n_j below u_p times the size of the terms summed into V_j): every honest
+    computation of c = m/n there is noise, and PEFT's is 0/0 where V_j rounds to zero."""
+    t = {k: v.astype(np.float64) for k, v in case.tensors.items() if k in ("W", "A", "B")}
+    args = (t["W"], t["A"], t["B"], case.scaling, case.fan_in_fan_out)
+    ratio = norm_bounds(*args) * inverse_norms(row_norms(*args)[0])  # (d_out,) t_j / n_j
+    rows = np.flatnonzero(ratio * prec.u >= 0.5)
+    if rows.size:
+        raise OracleInputError(
+            f"case unusable at {prec.name}: row {int(rows[0])} of W + s·B A cancels to "
+            f"{1 / ratio[rows[0]]:.2g} of its terms' size ({rows.size} such row(s)), below "
+            f"{prec.name}'s resolution: no honest {prec.name} computation of its norm has a "
+            f"correct bit; make a case without such rows")
 
 
 def _random_runs(case, prec, accum):
