@@ -590,3 +590,18 @@ def test_tf32_candidates_pass_when_judged_as_tf32_and_fail_as_fp32():
     tf32 = emulate(case, "tf32")
     assert oracle.compare(case, tf32, dtype="tf32").passed
     assert not oracle.compare(case, tf32, dtype="fp32").passed
+
+
+def test_a_dora_case_whose_row_cancels_below_the_precision_is_unusable_there():
+    """With d_in = 1 a row of W + s·B A is one number, and W_j = −s·B_j A makes it 0 up to the
+    inputs' rounding: its norm has no correct bit in bf16 (PEFT's bf16 run divides by zero
+    there), so the case is refused at bf16 and judged at fp64."""
+    t = dict(x=np.array([[1.5], [-0.5]]), A=np.array([[1.0], [0.5]]), B=np.array([[2.0, 1.0],
+                                                                                  [1.0, -3.0]]),
+             dy=np.array([[1.0, 2.0], [0.5, -1.0]]), m=np.array([1.0, 2.0]))
+    s = 1.5
+    t["W"] = np.array([[-s * 2.5 + 1e-9], [0.75]])  # row 0 cancels to 1e-9 of its terms
+    case = oracle.Case(t, s, input_precision="fp64")
+    with pytest.raises(oracle.OracleInputError, match="row 0 of W \\+ s·B A cancels"):
+        oracle.compare(case, oracle.reference(case), dtype="bf16")
+    assert oracle.compare(case, oracle.reference(case), dtype="fp64").passed
