@@ -15,9 +15,9 @@ and accumulates in precision a (u_a). Each output tensor z must pass four rules
   honest candidates pass it; loose, so three tighter rules follow, built on the
   operation-by-operation model of an honest candidate in ``minilora.oracle.emulation``;
 * **baseline max**: the largest error at most twice the **baseline**'s (the model with every
-  result rounded to p), plus a floor for another summation order, 2·√K·u_a·max(mag) +
-  4·u_p·max|ref| (and the norms' share for DoRA);
-* **normwise**: ‖z − ref‖ at most (1.5 + 6/√n_eff) times the honest error's norm (the larger of
+  result rounded to p) or the random runs', plus a floor for another summation order,
+  2·√K·u_a·max(mag) + 4·u_p·max|ref|;
+* **normwise**: ‖z − ref‖ at most (2 + 6/√n_eff) times the honest error's norm (the larger of
   the baseline's and the RMS over ``RANDOM_RUNS`` random honest candidates);
 * **scale**: the scale ratio − 1, ⟨z − ref, ref⟩/‖ref‖², within 8σ (σ that of the random runs)
   of [0, the baseline's], widened by the shift that storing the scaling s in p or a gives.
