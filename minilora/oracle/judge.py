@@ -282,6 +282,8 @@ class Judge:
             _finite_or_unusable(ref, "its float64 reference")
             mags, K, norm_mags, norm_K = magnitudes(case)
             _finite_or_unusable(mags, "the magnitudes of its sums (float64 overflow)")
+            if case.dora:
+                _check_norms_resolve(case, prec)
             base = emulation.run(case, emulation.rounded_type(prec, accum),
                                  emulation.rounded_type(accum, accum))  # the baseline
             for name, value in base.items():
@@ -290,16 +292,13 @@ class Judge:
                         f"case unusable at {prec.name}: an honest {prec.name} computation of "
                         f"{name} overflows (values beyond {prec.name}'s range); make a case "
                         f"with smaller values")
-            if case.dora:
-                _check_norms_resolve(case, prec)
-            runs = _random_runs(case, prec, accum)
+            runs = _run_statistics(case, prec, accum, ref)
             systematic = _scaling_rounding(case, ref, (prec, accum))
         self.limits = {}
         for name in ref:
             self.limits[name] = self._limits(name, ref[name], base[name], mags[name], K[name],
                                              None if norm_mags is None else norm_mags[name],
-                                             norm_K, [r[name] for r in runs],
-                                             systematic[name])
+                                             norm_K, runs[name], systematic[name])
 
     def _limits(self, name, ref, base, mag, K, norm_mag, norm_K, runs, systematic):
         prec, accum = self.prec, self.accum
@@ -313,27 +312,20 @@ class Judge:
             if norm_mag is not None:  # DoRA: the norms' error, larger where rows cancel
                 tol = tol + (NORM_ROUNDINGS * prec.u + gamma(norm_K, accum.u)) * norm_mag
             base_err = float(np.max(np.abs(base - ref), initial=0.0))
-            runs_err = max((float(np.max(np.abs(run - ref), initial=0.0)) for run in runs),
-                           default=0.0)  # (where DoRA's rows cancel, n's error varies widely
-            #                                between honest candidates: the runs show by how much)
-            limit = BASELINE_FACTOR * max(base_err, runs_err) + floor
+            limit = BASELINE_FACTOR * max(base_err, runs.max_err) + floor  # (where DoRA's rows
+            #   cancel, n's error varies widely between honest candidates: the runs show it)
         if not np.isfinite(limit) or (np.isfinite(g) and not np.all(np.isfinite(tol))):
             raise OracleInputError(f"case unusable: the tolerance of {name} overflows float64 "
                                    f"(values too close to float64's range)")
         unit = _unit(ref)
         r = ref / unit
         ref_norm2 = float(np.sum(r * r))
-        square = np.zeros(ref.shape)  # each element's mean square error over the runs
-        scales = []  # each run's scale ratio − 1, times ‖r‖²
-        for run in runs:
-            e = (run - ref) / unit
-            square += e * e / len(runs)
-            scales.append(float(np.sum(e * r)))
-        total = float(np.sum(square))
-        n_eff = total**2 / float(np.sum(square * square)) if total > 0 else 1.0
+        total = float(np.sum(runs.square))
+        n_eff = total**2 / float(np.sum(runs.square**2)) if total > 0 else 1.0
         norm_model = max(np.sqrt(total), float(np.linalg.norm((base - ref) / unit)))
         norm_limit = (NORM_FACTOR + NORM_TAIL / np.sqrt(n_eff)) * norm_model
-        sigma = float(np.sqrt(np.mean(np.square(scales)))) / ref_norm2 if ref_norm2 > 0 else 0.0
+        sigma = float(np.sqrt(np.mean(np.square(runs.scales)))) / ref_norm2 \
+            if ref_norm2 > 0 else 0.0
         base_shift = float(np.sum((base - ref) / unit * r)) / ref_norm2 if ref_norm2 > 0 else 0.0
         margin = SCALE_Z * sigma + systematic  # around [0, the baseline's]: rounding a product
         band = (min(0.0, base_shift) - margin, max(0.0, base_shift) + margin)  # by a constant
@@ -382,16 +374,35 @@ def _check_norms_resolve(case, prec):
             f"correct bit; make a case without such rows")
 
 
-def _random_runs(case, prec, accum):
+@dataclass
+class RunStatistics:
+    """What the random runs say of one output, in units of ``_unit(ref)``: each element's mean
+    square error, each run's scale ratio − 1 times ‖ref‖², and the largest error (absolute)."""
+
+    square: np.ndarray
+    scales: list
+    max_err: float = 0.0
+
+
+def _run_statistics(case, prec, accum, ref):
     """``RANDOM_RUNS`` honest candidates drawn from the model (``emulation.perturbed_type``),
-    seeded by the precision, so that a verdict is reproducible. Inputs that ``prec`` holds
-    exactly are not perturbed."""
+    seeded by the precision so that a verdict is reproducible, summarized per output as they
+    come (a run's arrays are not kept). Inputs that ``prec`` holds exactly are not perturbed."""
     exact = [k for k, v in case.tensors.items() if v.dtype.kind != "f"
              or np.array_equal(prec.round(v).astype(np.float64), v.astype(np.float64))]
     rng = np.random.default_rng(list(PRECISIONS).index(prec.name))
     kind = emulation.perturbed_type(prec, accum, rng)
     norms_kind = emulation.perturbed_type(accum, accum, rng)
-    return [emulation.run(case, kind, norms_kind, exact) for _ in range(RANDOM_RUNS)]
+    stats = {name: RunStatistics(np.zeros(r.shape), []) for name, r in ref.items()}
+    for _ in range(RANDOM_RUNS):
+        run = emulation.run(case, kind, norms_kind, exact)
+        for name, r in ref.items():
+            unit, st = _unit(r), stats[name]
+            e = (run[name] - r) / unit
+            st.square += e * e / RANDOM_RUNS
+            st.scales.append(float(np.sum(e * (r / unit))))
+            st.max_err = max(st.max_err, float(np.max(np.abs(e), initial=0.0)) * unit)
+    return stats
 
 
 def _scaling_rounding(case, ref, formats):
