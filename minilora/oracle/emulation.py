@@ -3,9 +3,10 @@
 The oracle needs two things from a model of an honest candidate computing in precision p and
 accumulating in precision a: a **baseline** (one honest result, to compare the candidate's
 largest error with) and the **spread** of honest results (to know how large a whole-tensor
-statistic such as the scale ratio can be by rounding alone). Both come from running the NumPy
-reference (``lora_numpy`` and ``minilora.dora``, unchanged) on arrays whose every arithmetic
-result is *stored*, as an autograd framework stores each operation's output:
+statistic such as the scale ratio can be by rounding alone). Both come from running minilora's
+own ops on the NumPy backend (the reference, unchanged: LoRA, DoRA and the fused blocks) on
+arrays whose every arithmetic result is *stored*, as an autograd framework stores each
+operation's output:
 
     baseline (``Rounded``)  every result rounded to a, then to p: the intermediates h = x_d Aᵀ,
                             g = dy B, the scaled products, c = m/n and the outputs are all held
