@@ -158,7 +158,9 @@ def run(case, kind, norms_kind=None, inputs_exact=()):
     else:
         W, A, B = t["W"], t["A"], t["B"]
         Wr = W.T if case.fan_in_fan_out else W  # (d_out, d_in)
-        V = (norms_kind or kind).wrap(np.asarray(Wr + case.scaling * (B @ A)))  # stored in p
+        V = (norms_kind or kind).wrap(np.asarray(Wr + (case.scaling * B) @ A))  # stored in p
+        #   ((s·B) A, as torch code writes it: each term rounded, so that where V_j cancels its
+        #   error is u_p times the terms' size, the most an honest order gives)
         n = np.sqrt(np.einsum("ji,ji->j", V, V))  # (d_out,) summed in a
         n = kind.wrap(kind.store(np.asarray(n), 0, None))  # and stored in p
         WA, AA = Wr @ A.T, A @ A.T  # (d_out, r), (r, r): the gradient through n
