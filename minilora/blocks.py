@@ -138,17 +138,16 @@ def _per_projection(value, P, name, *, required=False):
     return (value,) * P
 
 
-def _projections(W, A, B, *, least=1):
-    """The number of projections, checking that W, A and B are sequences of one length."""
+def _projections(W, A, B):
+    """The number of projections (at least one), checking that W, A and B are sequences of
+    one length."""
     counts = {"W": _count(W, "W"), "A": _count(A, "A"), "B": _count(B, "B")}
     if len(set(counts.values())) != 1:
         raise ValueError(f"W, A and B must have one entry per projection, got "
                          f"{', '.join(f'{k} {v}' for k, v in counts.items())}")
-    P = counts["W"]
-    if P < least:
-        raise ValueError(f"W, A and B need at least {least} entr{'y' if least == 1 else 'ies'}, "
-                         f"got {P}")
-    return P
+    if counts["W"] < 1:
+        raise ValueError("W, A and B need at least one entry")
+    return counts["W"]
 
 
 def _upstream(dys, P, shapes, dtype, names):
@@ -156,11 +155,11 @@ def _upstream(dys, P, shapes, dtype, names):
     forward's outputs."""
     if _count(dys, "dys") != P:
         raise ValueError(f"dys has {len(dys)} entries but the forward pass made {P} outputs")
-    return tuple(check_dy_named(dy, shape, dtype, name)
+    return tuple(_check_dy_named(dy, shape, dtype, name)
                  for dy, shape, name in zip(dys, shapes, names, strict=True))
 
 
-def check_dy_named(dy, shape, dtype, name):
+def _check_dy_named(dy, shape, dtype, name):
     try:
         return check_dy(dy, shape, dtype)
     except (TypeError, ValueError) as e:
@@ -207,11 +206,10 @@ def lora_qkv_forward(x, W, A, B, *, scaling, bias=None, dropout_mask=None, backe
     """
     P = _projections(W, A, B)
     scalings = _per_projection(scaling, P, "scaling", required=True)
-    biases = bias if isinstance(bias, (list, tuple)) else (None,) * P if bias is None else None
-    if biases is None:
+    if bias is not None and not isinstance(bias, (list, tuple)):
         raise TypeError("bias must be None or a list or tuple of one array (or None) per "
                         "projection")
-    biases = _per_projection(biases, P, "bias")
+    biases = _per_projection(bias, P, "bias")
     masks = _per_projection(dropout_mask, P, "dropout_mask")
     backend = resolve_backend(backend)
     ys, caches = [], []
@@ -511,25 +509,28 @@ def _check_multi_cache(cache):
     if type(cache) is not MultiLoRACache:
         raise TypeError(f"cache must be the MultiLoRACache from multi_lora_forward, got "
                         f"{type(cache).__name__}")
-    x = cache.x
+    x, W = cache.x, cache.W
     fields = (cache.A, cache.B, cache.rows, cache.h)
-    if not is_plain(x) or x.ndim != 2 or x.dtype not in FLOAT_DTYPES \
+    if type(cache.scalings) is not tuple or len(cache.scalings) != len(cache.A) \
+            or not is_plain(x) or x.ndim != 2 or x.dtype not in FLOAT_DTYPES \
+            or not is_plain(W) or W.ndim != 2 or type(cache.fan_in_fan_out) is not bool \
             or any(type(f) is not tuple or len(f) != len(cache.A) for f in fields) \
             or type(cache.x_shape) is not tuple or math.prod(cache.x_shape[:-1]) != x.shape[0]:
         raise ValueError("the cache was modified after the forward pass")
     N, d_in = x.shape
-    d_out = cache.W.shape[0 if not cache.fan_in_fan_out else 1] if \
-        is_plain(cache.W) and cache.W.ndim == 2 else -1
+    d_out = W.shape[1] if cache.fan_in_fan_out else W.shape[0]
     expected = [(cache.W, (d_in, d_out) if cache.fan_in_fan_out else (d_out, d_in))]
     if cache.mask is not None:
         expected.append((cache.mask, (N, d_in)))
     seen = 0
-    for A, B, rows, h in zip(*fields, strict=True):
-        r = A.shape[0] if is_plain(A) and A.ndim == 2 else -1
-        expected += [(A, (r, d_in)), (B, (d_out, r)), (h, (len(rows), r))]
+    for A, B, rows, h, s in zip(*fields, cache.scalings, strict=True):
         if not is_plain(rows) or rows.dtype != np.int64 or rows.ndim != 1 \
-                or (rows.size and (rows.min() < 0 or rows.max() >= N)):
-            raise ValueError("the cache's rows were modified after the forward pass")
+                or (rows.size and (rows.min() < 0 or rows.max() >= N)) \
+                or type(s) is not float or not math.isfinite(s):
+            raise ValueError("the cache's rows or scalings were modified after the forward "
+                             "pass")
+        r = A.shape[0] if is_plain(A) and A.ndim == 2 else -1
+        expected += [(A, (r, d_in)), (B, (d_out, r)), (h, (rows.size, r))]
         seen += rows.size
     for a, shape in expected:
         if not is_plain(a) or a.shape != shape or a.dtype != x.dtype or -1 in shape:
