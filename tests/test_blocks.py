@@ -431,3 +431,60 @@ def test_the_gated_kernels_check_shapes():
         lora_numba.gated_forward(e, np.ones((3, 5)), 0)
     with pytest.raises(ValueError, match="every array must be"):
         lora_numba.gated_backward(np.ones((2, 4)), e, e, 1)
+
+
+@given(seed=st.integers(0, 2**32 - 1), block=st.sampled_from(["qkv", "mlp", "multi"]),
+       backend=st.sampled_from(BACKENDS), lead=st.sampled_from([(3,), (2, 2), (1, 1, 2)]),
+       d_in=st.integers(1, 5), d_out=st.integers(1, 5), activation=st.sampled_from(
+           blocks.ACTIVATIONS), dropout=st.booleans(), bias=st.booleans())
+def test_every_block_gradient_matches_finite_differences(seed, block, backend, lead, d_in, d_out,
+                                                         activation, dropout, bias):
+    """Drawn shapes and options: every gradient of every block (dx, each dA, dB, dW) against
+    central differences, on both backends."""
+    rng = np.random.default_rng(seed)
+    if block == "multi":
+        x, W, A, B, index, kw = multi_problem(rng, lead=lead, d_in=d_in, d_out=d_out,
+                                              dropout=dropout, bias=bias)
+        K = len(A)
+
+        def forward(x, W, **p):
+            return blocks.multi_lora_forward(x, W, [p[f"A{k}"] for k in range(K)],
+                                             [p[f"B{k}"] for k in range(K)], index,
+                                             backend=backend, **kw)
+
+        def backward(dy, cache):
+            g = blocks.multi_lora_backward(dy, cache, need_dW=True)
+            return {"x": g.dx, "W": g.dW} | {f"A{k}": g.dA[k] for k in range(K)} \
+                | {f"B{k}": g.dB[k] for k in range(K)}
+
+        inputs = {"x": x, "W": W} | {f"A{k}": A[k] for k in range(K)} \
+            | {f"B{k}": B[k] for k in range(K)}
+    else:
+        if block == "qkv":
+            x, W, A, B, kw = qkv_problem(rng, lead=lead, d_in=d_in, bias=bias, dropout=dropout)
+        else:
+            x, W, A, B, kw = mlp_problem(rng, lead=lead, d_in=d_in, d_out=d_out, dropout=dropout,
+                                         bias=bias)
+            kw["activation"] = activation
+        forward_op, backward_op = ((blocks.lora_qkv_forward, blocks.lora_qkv_backward)
+                                   if block == "qkv" else
+                                   (blocks.lora_mlp_forward, blocks.lora_mlp_backward))
+        P = len(W)
+
+        def forward(x, **p):
+            out, cache = forward_op(x, [p[f"W{j}"] for j in range(P)],
+                                    [p[f"A{j}"] for j in range(P)],
+                                    [p[f"B{j}"] for j in range(P)], backend=backend, **kw)
+            if isinstance(out, tuple):
+                return np.concatenate(out, axis=-1), (cache, [y.shape[-1] for y in out])
+            return out, (cache, None)
+
+        def backward(dy, state):
+            cache, sizes = state
+            up = np.split(dy, np.cumsum(sizes)[:-1], axis=-1) if sizes else dy
+            g = backward_op(up, cache, need_dW=True)
+            return {"x": g.dx} | {f"{n}{j}": getattr(g, f"d{n}")[j] for j in range(P)
+                                  for n in "WAB"}
+
+        inputs = {"x": x} | _named(W, A, B)
+    ml.gradcheck(forward, backward, inputs)
