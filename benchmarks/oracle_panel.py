@@ -101,8 +101,9 @@ def panel(dtype, cases, big_every, seed):
             unusable += 1
             continue
         i += 1
-        if i % 200 == 0:
-            print(f"  {dtype}: {i} cases", file=sys.stderr, flush=True)
+        if i % 100 == 0:
+            print(f"  {dtype}: {i} cases, {judged} judgments, {failed} false, {unusable} "
+                  f"unusable", file=sys.stderr, flush=True)
         judges = {}
         for name, judged_as, cand in candidates(case, dtype, rng):
             if cand is None:
@@ -120,6 +121,8 @@ def panel(dtype, cases, big_every, seed):
                 for rule in RULES:
                     worst[rule] = max(worst[rule], getattr(t, rule))
             if not report.passed:
+                print(f"  FALSE VERDICT {dtype} case {i}: {name} {case.layer}\n{report}",
+                      file=sys.stderr, flush=True)
                 failed += 1
                 failures.append({"candidate": name, "case": case.layer,
                                  "shape": list(case.tensors["x"].shape),

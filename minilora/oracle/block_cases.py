@@ -174,7 +174,7 @@ def make(block, *, d_in, d_out, r, batch, seq, alpha, rslora, dropout, bias, fan
         A = rng.uniform(-1, 1, (rank, d_i)) / np.sqrt(d_i)  # (r, d_i)
         B = rng.standard_normal((d_o, rank))  # (d_o, r)
         s = scaling_of(rank)
-        B *= np.linalg.norm(W) / max(np.linalg.norm(s * B @ A), 1e-300)  # ‖s·B A‖ = ‖W‖
+        B *= 1.25 * np.linalg.norm(W) / max(np.linalg.norm(s * B @ A), 1e-300)  # as make_case
         return A, B, s
 
     def mask(shape):

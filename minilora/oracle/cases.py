@@ -94,16 +94,17 @@ def make_case(*, d_in, d_out, r, batch=4, seq=None, alpha=None, rslora=False, do
     (bf16, fp16, tf32, fp32 or fp64) so that a candidate computing in that format reads them
     exactly; they are stored as float32 (float64 for fp64).
 
-    W ~ N(0, 1/d_in) (W's rows as (d_out, d_in), stored (d_in, d_out) with fan_in_fan_out), or
-    W = 0 with ``lora_only``; A Kaiming-uniform; B normal, scaled so that the LoRA branch s·B A
-    is as large as W (Frobenius norms): the LoRA terms of y and dx are then the size of the base
-    terms, so a bug in them shows in y and dx, not only in dA and dB; B is never zero (with
-    B = 0, dA = 0 and a wrong dA would pass). The scaling is alpha/r (alpha/√r for rsLoRA) with
-    alpha = 2r by default; an alpha that makes |s| = 1 is refused (a scaling applied twice, or
-    not at all, would be invisible). x and dy ~ N(0, 1), bias ~ N(0, 0.1²), m the row norms of
-    W + s·B A times factors in [0.5, 2], the dropout mask 0 or 1/(1−p) with both values present
-    (whenever it has two entries or more). ``case.layer`` (and the file's metadata) records r,
-    alpha, use_rslora, the dropout p, the leading shape and lora_only; the mask itself is
+    W ~ N(0, 1/d_in) (W's rows as (d_out, d_in), stored (d_in, d_out) with fan_in_fan_out), or W
+    = 0 with ``lora_only``; A Kaiming-uniform; B normal, scaled so that the LoRA branch s·B A is
+    as large as W (1.25 times, Frobenius norms): the LoRA terms of y and dx are then the size of
+    the base terms, so a bug in them shows in y and dx, not only in dA and dB; B is never zero
+    (with B = 0, dA = 0 and a wrong dA would pass). The scaling is alpha/r (alpha/√r for rsLoRA)
+    with alpha = 2r by default; an alpha that makes |s| = 1 is refused (a scaling applied twice,
+    or not at all, would be invisible). x and dy ~ N(0, 1), bias ~ N(0, 0.1²), m the row norms
+    of W + s·B A times factors in [0.5, 2], the dropout mask 0 or 1/(1−p) with both values
+    present (whenever it has two entries or more). ``case.layer`` (and the file's metadata)
+    records r, alpha, use_rslora, the dropout p, the leading shape and lora_only; the mask
+    itself is
     rounded to ``dtype`` like every input: use the mask, not p, to reproduce it.
 
     ``block`` draws a fused block's case instead (``minilora.oracle.block_cases``): "qkv"
@@ -154,7 +155,8 @@ def make_case(*, d_in, d_out, r, batch=4, seq=None, alpha=None, rslora=False, do
     W = rng.standard_normal((d_out, d_in)) / np.sqrt(d_in)  # (d_out, d_in)
     A = rng.uniform(-1, 1, (r, d_in)) / np.sqrt(d_in)  # (r, d_in)
     B = rng.standard_normal((d_out, r))  # (d_out, r)
-    B *= np.linalg.norm(W) / max(np.linalg.norm(scaling * B @ A), 1e-300)  # ‖s·B A‖ = ‖W‖
+    B *= 1.25 * np.linalg.norm(W) / max(np.linalg.norm(scaling * B @ A), 1e-300)  # ‖s·B A‖
+    #   = 1.25·‖W‖: comparable, and a 1×1 layer's W + s·B A is never exactly 0
     if lora_only:
         W[...] = 0.0
     t = {"x": draw(rng.standard_normal((*lead, d_in))),

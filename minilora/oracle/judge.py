@@ -371,8 +371,9 @@ def _check_norms_resolve(case, prec):
     computation of c = m/n there is noise, and PEFT's is 0/0 where V_j rounds to zero."""
     t = {k: v.astype(np.float64) for k, v in case.tensors.items() if k in ("W", "A", "B")}
     args = (t["W"], t["A"], t["B"], case.scaling, case.fan_in_fan_out)
-    ratio = norm_bounds(*args) * inverse_norms(row_norms(*args)[0])  # (d_out,) t_j / n_j
-    rows = np.flatnonzero(ratio * prec.u >= 0.5)
+    n = row_norms(*args)[0]
+    ratio = np.where(n > 0, norm_bounds(*args) * inverse_norms(n), np.inf)  # (d_out,) t_j/n_j
+    rows = np.flatnonzero(ratio * prec.u >= 0.5)  # (a zero row: no direction at all)
     if rows.size:
         raise OracleInputError(
             f"case unusable at {prec.name}: row {int(rows[0])} of W + s·B A cancels to "
@@ -392,6 +393,26 @@ class RunStatistics:
     max_err: float = 0.0
 
 
+def _merged_sizes(case):
+    """For every frozen weight, the size of W + s·B A in W's layout (for multi, W plus the
+    largest adapter's update): an honest kernel may merge the adapter into W and round that
+    (minilora's numba backend does, and PEFT's merged inference), whose rounding moves every
+    row of y or dx alike; the random runs give W that rounding."""
+    t = {k: v.astype(np.float64) for k, v in case.tensors.items() if v.dtype.kind == "f"}
+    if case.block is None:
+        updates = {"W": [(case.scaling, t["B"], t["A"])]}
+    elif case.block == "multi":
+        updates = {"W": [(s, t[f"B.{k}"], t[f"A.{k}"]) for k, s in enumerate(case.scaling)]}
+    else:
+        updates = {f"W.{j}": [(s, t[f"B.{j}"], t[f"A.{j}"])] for j, s in enumerate(case.scaling)}
+    sizes = {}
+    for name, terms in updates.items():
+        W = np.abs(t[name])
+        update = np.max([np.abs(s * B @ A) for s, B, A in terms], axis=0)  # (d_out, d_in)
+        sizes[name] = W + (update.T if case.fan_in_fan_out else update)
+    return sizes
+
+
 def _run_statistics(case, prec, accum, ref):
     """``RANDOM_RUNS`` honest candidates drawn from the model (``emulation.perturbed_type``),
     seeded by the precision so that a verdict is reproducible, summarized per output as they
@@ -402,8 +423,12 @@ def _run_statistics(case, prec, accum, ref):
     kind = emulation.perturbed_type(prec, accum, rng)
     norms_kind = emulation.perturbed_type(accum, accum, rng)
     stats = {name: RunStatistics(np.zeros(r.shape), [], []) for name, r in ref.items()}
+    merged = _merged_sizes(case)
     for _ in range(RANDOM_RUNS):
-        run = emulation.run(case, kind, norms_kind, exact)
+        weights = {k: case.tensors[k] + emulation.half_ulp(v, prec) * rng.uniform(-1, 1, v.shape)
+                   for k, v in merged.items()}  # each run's merged-weight rounding
+        run = emulation.run(case.with_tensors({**case.tensors, **weights}), kind, norms_kind,
+                            exact + list(weights))
         for name, r in ref.items():
             unit, st = _unit(r), stats[name]
             e = (run[name] - r) / unit
