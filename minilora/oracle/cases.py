@@ -94,8 +94,8 @@ def make_case(*, d_in, d_out, r, batch=4, seq=None, alpha=None, rslora=False, do
     (bf16, fp16, tf32, fp32 or fp64) so that a candidate computing in that format reads them
     exactly; they are stored as float32 (float64 for fp64).
 
-    W ~ N(0, 1/d_in) (W's rows as (d_out, d_in), stored (d_in, d_out) with fan_in_fan_out), or W
-    = 0 with ``lora_only``; A Kaiming-uniform; B normal, scaled so that the LoRA branch s·B A is
+    W ~ N(0, 1/d_in) (W's rows as (d_out, d_in), stored (d_in, d_out) with fan_in_fan_out), or
+    W = 0 with ``lora_only``; A Kaiming-uniform; B normal, scaled so that the LoRA branch s·B A is
     as large as W (1.25 times, Frobenius norms): the LoRA terms of y and dx are then the size of
     the base terms, so a bug in them shows in y and dx, not only in dA and dB; B is never zero
     (with B = 0, dA = 0 and a wrong dA would pass). The scaling is alpha/r (alpha/√r for rsLoRA)
@@ -104,8 +104,7 @@ def make_case(*, d_in, d_out, r, batch=4, seq=None, alpha=None, rslora=False, do
     of W + s·B A times factors in [0.5, 2], the dropout mask 0 or 1/(1−p) with both values
     present (whenever it has two entries or more). ``case.layer`` (and the file's metadata)
     records r, alpha, use_rslora, the dropout p, the leading shape and lora_only; the mask
-    itself is
-    rounded to ``dtype`` like every input: use the mask, not p, to reproduce it.
+    itself is rounded to ``dtype`` like every input: use the mask, not p, to reproduce it.
 
     ``block`` draws a fused block's case instead (``minilora.oracle.block_cases``): "qkv"
     (three projections of x, to d_out, d_out/2, d_out/2), "mlp" (gate and up to ``hidden``,
