@@ -328,12 +328,12 @@ class Judge:
         # that is as large as the candidate's (fp64), the difference of two honest results
         # spreads √2 times as wide
         both = np.sqrt(1 + (PRECISIONS["fp64"].u / prec.u) ** 2)
-        total = float(np.sum(runs.square)) * both**2
-        n_eff = total**2 / float(np.sum((runs.square * both**2) ** 2)) if total > 0 else 1.0
+        total = float(np.sum(runs.square))
+        n_eff = total**2 / float(np.sum(runs.square**2)) if total > 0 else 1.0
         spread = float(np.var(runs.norms2))  # errors that share a few sources (g's r values
         if spread > 0:  # make all of a 1-token dA) count as few: ‖e‖² ~ χ²_ν with ν = 2m²/v
             n_eff = min(n_eff, 2 * float(np.mean(runs.norms2)) ** 2 / spread)
-        norm_model = max(np.sqrt(total), float(np.linalg.norm((base - ref) / unit)))
+        norm_model = max(both * np.sqrt(total), float(np.linalg.norm((base - ref) / unit)))
         norm_limit = (NORM_FACTOR + NORM_TAIL / np.sqrt(n_eff)) * norm_model
         sigma = both * float(np.sqrt(np.mean(np.square(runs.scales)))) / ref_norm2 \
             if ref_norm2 > 0 else 0.0
