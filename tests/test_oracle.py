@@ -600,7 +600,7 @@ def test_a_dora_case_whose_row_cancels_below_the_precision_is_unusable_there():
                                                                                   [1.0, -3.0]]),
              dy=np.array([[1.0, 2.0], [0.5, -1.0]]), m=np.array([1.0, 2.0]))
     s = 1.5
-    t["W"] = np.array([[-s * 2.5 + 1e-9], [0.75]])  # row 0 cancels to 1e-9 of its terms
+    t["W"] = np.array([[-s * 2.5 + 1e-9], [0.8]])  # row 0 cancels to 1e-9 of its terms
     case = oracle.Case(t, s, input_precision="fp64")
     with pytest.raises(oracle.OracleInputError, match="row 0 of W \\+ s·B A cancels"):
         oracle.compare(case, oracle.reference(case), dtype="bf16")
