@@ -22,6 +22,11 @@ and accumulates in precision a (u_a). Each output tensor z must pass four rules
 * **scale**: the scale ratio − 1, ⟨z − ref, ref⟩/‖ref‖², within 8σ (σ that of the random runs)
   of [0, the baseline's], widened by the shift that storing the scaling s in p or a gives.
 
+For fp16 the derived bound also takes four times its measured underflow share (the baseline
+against the same computation without fp16's narrow exponent range); at fp64 the runs' spread is
+taken √2 wider (the float64 reference rounds as much as the candidate). A DoRA case with a row
+that cancels below p's resolution is refused as unusable at p.
+
 A tensor passes when every rule holds and it has no NaN or infinity. Cosine similarity is
 reported but never decides: a 0.5× scale bug has cosine 1.
 """
