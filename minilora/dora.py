@@ -143,8 +143,8 @@ def forward(backend, x, W, A, B, m, *, scaling, bias=None, mask=None, fan_in_fan
     inv_n = inverse_norms(n)  # (d_out,)
     c = m * inv_n  # (d_out,)
     x_d = x if mask is None else x * mask  # (N, d_in)
-    u, h = backend.forward(x_d, W, A, B, scaling=scaling,
-                           fan_in_fan_out=fan_in_fan_out)  # (N, d_out), (N, r)
+    u, h, _ = backend.forward(x_d, W, A, B, scaling=scaling,
+                              fan_in_fan_out=fan_in_fan_out)  # (N, d_out), (N, r)
     y = c * u  # (N, d_out)
     if mask is not None:
         dropped = x - x_d  # (N, d_in), what dropout removed from the LoRA branch's input

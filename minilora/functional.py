@@ -27,9 +27,11 @@ from minilora._checks import (
 from minilora.backends import resolve_backend
 
 # The backend contract: each module has
-#   forward(x, W, A, B, *, scaling, bias, mask, fan_in_fan_out) -> (y, h)
-#   backward(dy, x, W, A, B, h, *, scaling, mask, fan_in_fan_out, need_dx, need_dW, need_dbias)
-#       -> (dx, dA, dB, dW, dbias)
+#   forward(x, W, A, B, *, scaling, bias, mask, fan_in_fan_out) -> (y, h, kept)
+#   backward(dy, x, W, A, B, h, *, scaling, mask, fan_in_fan_out, need_dx, need_dW, need_dbias,
+#            kept) -> (dx, dA, dB, dW, dbias)
+# where kept is whatever else the backend's backward reuses from its forward (lora_numba's
+# merged weight), or None
 # on two-dimensional arrays that this module has validated.
 BACKEND_MODULES = {"numpy": lora_numpy, "numba": lora_numba}
 
@@ -108,6 +110,8 @@ def _check_cache(cache, cache_type, saved_fields=()):
                 ("W", cache.W, (d_in, d_out) if cache.fan_in_fan_out else (d_out, d_in))]
     if cache.mask is not None:
         expected.append(("mask", cache.mask, (N, d_in)))
+    if getattr(cache, "kept", None) is not None:
+        expected.append(("kept", cache.kept, (d_out + r, d_in + r)))
     if saved_fields:
         saved = cache.saved
         expected += [("saved.u", saved.u, (N, d_out)), ("saved.c", saved.c, (d_out,)),
@@ -156,6 +160,7 @@ class LoRACache(NamedTuple):
     has_bias: bool
     backend: str
     fingerprints: dict | None = None  # checksums of x, W, A, B, mask (check_unchanged=True)
+    kept: np.ndarray | None = None  # (d_out + r, d_in + r) the numba backend's merged weight
 
 
 class LoRAGrads(NamedTuple):
@@ -190,7 +195,8 @@ def lora_forward(x, W, A, B, *, scaling, bias=None, dropout_mask=None, fan_in_fa
 
     Returns
     -------
-    y : (..., d_out), a new array of x's dtype
+    y : (..., d_out), a new array of x's dtype; not always C-contiguous (the numba backend's
+        merged route computes y and h in one product, y being the first d_out columns of it)
     cache : LoRACache for ``lora_backward``
 
     Notes
@@ -204,11 +210,11 @@ def lora_forward(x, W, A, B, *, scaling, bias=None, dropout_mask=None, fan_in_fa
     scaling, d_out, backend, v = _prepare(x, W, A, B, None, scaling, bias, dropout_mask,
                                           fan_in_fan_out, backend)
     fan_in_fan_out = bool(fan_in_fan_out)
-    y, h = BACKEND_MODULES[backend].forward(v["x"], v["W"], v["A"], v["B"], scaling=scaling,
-                                            bias=v["bias"], mask=v["mask"],
-                                            fan_in_fan_out=fan_in_fan_out)
+    y, h, kept = BACKEND_MODULES[backend].forward(v["x"], v["W"], v["A"], v["B"],
+                                                  scaling=scaling, bias=v["bias"],
+                                                  mask=v["mask"], fan_in_fan_out=fan_in_fan_out)
     cache = LoRACache(v["x"], v["W"], v["A"], v["B"], scaling, v["mask"], h, fan_in_fan_out,
-                      x.shape, bias is not None, backend)
+                      x.shape, bias is not None, backend, kept=kept)
     if check_unchanged:
         cache = cache._replace(fingerprints=_fingerprints(cache))
     return y.reshape(x.shape[:-1] + (d_out,)), cache
@@ -226,7 +232,8 @@ def lora_backward(dy, cache, *, need_dx=True, need_dW=False, need_dbias=False):
     Returns
     -------
     LoRAGrads with dx (..., d_in), dA (r, d_in), dB (d_out, r), and when asked for dW (W's
-    layout) and dbias (d_out,). Fields not asked for are None. Every array is new.
+    layout) and dbias (d_out,). Fields not asked for are None. Every array is new (dx, like
+    the forward's y, not always C-contiguous).
 
     Notes
     -----
@@ -238,7 +245,7 @@ def lora_backward(dy, cache, *, need_dx=True, need_dW=False, need_dbias=False):
     dx, dA, dB, dW, dbias = BACKEND_MODULES[cache.backend].backward(
         dy2, cache.x, cache.W, cache.A, cache.B, cache.h, scaling=cache.scaling, mask=cache.mask,
         fan_in_fan_out=cache.fan_in_fan_out, need_dx=bool(need_dx), need_dW=bool(need_dW),
-        need_dbias=bool(need_dbias))
+        need_dbias=bool(need_dbias), kept=cache.kept)
     if dx is not None:
         dx = dx.reshape(cache.x_shape)  # (..., d_in)
     return LoRAGrads(dx, dA, dB, dW, dbias)

@@ -21,19 +21,24 @@ routes, chosen by size:
   With dropout, x_d = x ⊙ mask is formed one block at a time too.
 
 * **Large layers without dropout whose weight is small next to their activations**
-  (d_out·d_in ≤ N·(d_in + d_out)/8): x Wᵀ + s·(x Aᵀ) Bᵀ = x (W + s·B A)ᵀ, so each pass merges the
-  weight once (a (d_out, d_in) temporary, at most an eighth of y and dx) and does one large
-  product instead of a large product plus a low-rank update:
+  (d_out·d_in ≤ N·(d_in + d_out)/8): x Wᵀ + s·(x Aᵀ) Bᵀ = x (W + s·B A)ᵀ, so the forward pass
+  merges the weight once, bordered by the adapter, K = [[W + s·B A, B], [A, 0]]
+  ((d_out + r, d_in + r), at most about an eighth of y and dx), and each pass is one large
+  product that also gives the skinny one, at the large product's rate:
 
-      forward:   y  = x (W + s·B A)ᵀ;   h = x Aᵀ
-      backward:  dx = dy (W + s·B A);   g, dB, dA as above
+      forward:   [y | h]  = x [W + s·B A; A]ᵀ        (K's left columns)
+      backward:  [dx | g] = dy [W + s·B A | B]       (K's top rows, K kept from the forward)
+                 dB = s·dyᵀ h;   dA = s·gᵀ x
 
+  y and dx are views of those products (their rows d_out + r and d_in + r apart), h a copy, so
+  the cache does not keep y's buffer alive.
   With B = 0 the merged weight is W exactly, so a fresh adapter still gives the base layer's bits.
   The merge changes where a NaN arises: the reference's s·(x_d Aᵀ) Bᵀ turns an infinite x into
-  NaN even where B = 0, the merged product leaves it infinite. So a pass merges only when the
-  merged weight and h = x Aᵀ (or g = dy B) are finite, which every non-finite value of x, W, A,
-  B or dy makes them not (a sum over a row or column it enters), and otherwise takes the blocked
-  route, which follows the reference's arithmetic. Two sums of h or g, O(N·r), decide it.
+  NaN even where B = 0, the merged product leaves it infinite. So a pass keeps the merged result
+  only when the merged weight and h = x Aᵀ (or g = dy B) are finite, which every non-finite value
+  of x, W, A, B or dy makes them not (a sum over a row or column it enters), and otherwise takes
+  the blocked route, which follows the reference's arithmetic. Sums of K once and of h or g,
+  O(N·r), decide it.
 
 Why not Numba kernels for the large low-rank work: measured on this project's 2-core machine
 (docs/performance.md), row-parallel Numba kernels for it ran at 1.47x the two-GEMM floor against
@@ -211,11 +216,20 @@ def _route(N, d_in, d_out, mask):
     return "merged" if _merges(N, d_in, d_out, mask) else "blocked"
 
 
-def _merged_weight(W, A, B, scaling, fan_in_fan_out):
-    """W + s·B A as a new (d_out, d_in) array (one temporary of that size)."""
-    merged = (scaling * B) @ A  # (d_out, d_in)
+def _bordered_weight(W, A, B, scaling, fan_in_fan_out):
+    """The merged weight bordered by the adapter, K = [[W + s·B A, B], [A, 0]], a new
+    (d_out + r, d_in + r) array (one temporary about the size of W). Its top rows hold
+    [W + s·B A | B], whose product with dy gives dx and g together; its left columns
+    [W + s·B A; A], whose product with x gives y and h together."""
+    (r, d_in), d_out = A.shape, B.shape[0]
+    K = np.empty((d_out + r, d_in + r), A.dtype)  # (d_out + r, d_in + r)
+    merged = K[:d_out, :d_in]  # (d_out, d_in), rows d_in + r apart: BLAS takes it as it is
+    np.matmul(scaling * B, A, out=merged)  # s·B A
     merged += W.T if fan_in_fan_out else W
-    return merged
+    K[:d_out, d_in:] = B
+    K[d_out:, :d_in] = A
+    K[d_out:, d_in:] = 0
+    return K
 
 
 def _finite(*arrays):
@@ -225,21 +239,25 @@ def _finite(*arrays):
 
 
 def forward(x, W, A, B, *, scaling, bias=None, mask=None, fan_in_fan_out=False):
-    """``lora_numpy.forward``: y (N, d_out) and h (N, r)."""
+    """``lora_numpy.forward``: y (N, d_out), h (N, r), and as ``kept`` the bordered weight K
+    when the merged route ran (the backward pass takes it back instead of forming it again)."""
     N, (r, d_in), d_out = x.shape[0], A.shape, B.shape[0]
     route = _route(N, d_in, d_out, mask)
     if route == "merged":
-        h = x @ A.T  # (N, r)
-        merged = _merged_weight(W, A, B, scaling, fan_in_fan_out)  # (d_out, d_in)
-        if _finite(h, merged):
-            y = x @ merged.T  # (N, d_out), BLAS
-            if bias is not None:
-                y += bias
-            return y, h
-        del merged
+        K = _bordered_weight(W, A, B, scaling, fan_in_fan_out)  # (d_out + r, d_in + r)
+        if _finite(K[:d_out, :d_in]):
+            yh = x @ K[:, :d_in].T  # (N, d_out + r) = [x (W + s·B A)ᵀ | x Aᵀ], one BLAS call
+            h = yh[:, d_out:].copy()  # (N, r): the cache keeps h alone, not y's buffer
+            if _finite(h):
+                y = yh[:, :d_out]  # (N, d_out), a view whose rows are d_out + r apart
+                if bias is not None:
+                    y += bias
+                return y, h, K
+            del yh, h
+        del K
     y = x @ W if fan_in_fan_out else x @ W.T  # (N, d_out), BLAS
     if route == "small":
-        return y, _forward_small(x, A, B, x.dtype.type(scaling), bias, mask, y)
+        return y, _forward_small(x, A, B, x.dtype.type(scaling), bias, mask, y), None
     sBt = (scaling * B).T  # (r, d_out), a transposed view: BLAS reads it as it is
     if mask is None:
         h = x @ A.T  # (N, r)
@@ -251,12 +269,13 @@ def forward(x, W, A, B, *, scaling, bias=None, mask=None, fan_in_fan_out=False):
         y[rows] += h[rows] @ sBt  # s·h Bᵀ, a (block, d_out) temporary in cache
     if bias is not None:
         y += bias
-    return y, h
+    return y, h, None
 
 
 def backward(dy, x, W, A, B, h, *, scaling, mask=None, fan_in_fan_out=False, need_dx=True,
-             need_dW=False, need_dbias=False):
-    """``lora_numpy.backward``: dx, dA, dB, dW, dbias (None where not asked for)."""
+             need_dW=False, need_dbias=False, kept=None):
+    """``lora_numpy.backward``: dx, dA, dB, dW, dbias (None where not asked for). ``kept`` is
+    the bordered weight K the forward pass returned, or None to form it again."""
     N, (r, d_in), d_out = x.shape[0], A.shape, B.shape[0]
     dW, dbias = frozen_grads(dy, x, fan_in_fan_out, need_dW, need_dbias)
     route = _route(N, d_in, d_out, mask)
@@ -265,15 +284,21 @@ def backward(dy, x, W, A, B, h, *, scaling, mask=None, fan_in_fan_out=False, nee
         dA, dB = _backward_small(dy, x, A, B, h, x.dtype.type(scaling), mask,
                                  dx if need_dx else np.empty((0, d_in), x.dtype))
         return dx, dA, dB, dW, dbias
-    g = dy @ B  # (N, r)
-    dx = None
+    g = dx = None
     if need_dx and route == "merged":
-        merged = _merged_weight(W, A, B, scaling, fan_in_fan_out)  # (d_out, d_in)
-        if _finite(g, merged):
-            dx = dy @ merged  # (N, d_in), BLAS
-        else:
+        K = kept
+        if K is None:
+            K = _bordered_weight(W, A, B, scaling, fan_in_fan_out)  # (d_out + r, d_in + r)
+        if kept is not None or _finite(K[:d_out, :d_in]):  # the forward checked the one it kept
+            dxg = dy @ K[:d_out]  # (N, d_in + r) = [dy (W + s·B A) | dy B], one BLAS call
+            g = dxg[:, d_in:]  # (N, r)
+            if _finite(g):
+                dx = dxg[:, :d_in]  # (N, d_in), a view whose rows are d_in + r apart
+        del K
+        if dx is None:
             route = "blocked"  # the reference's NaN and infinities (see the module docstring)
-        del merged
+    if g is None:
+        g = dy @ B  # (N, r)
     if need_dx and dx is None:
         dx = dy @ W.T if fan_in_fan_out else dy @ W  # (N, d_in), BLAS
     dB = dy.T @ h  # (d_out, r)

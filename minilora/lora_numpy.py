@@ -38,6 +38,7 @@ def forward(x, W, A, B, *, scaling, bias=None, mask=None, fan_in_fan_out=False):
     -------
     y : (N, d_out), a new array
     h : (N, r), x_d Aᵀ, kept for the backward pass
+    kept : None: nothing else to keep (the numba backend keeps its merged weight here)
 
     Notes
     -----
@@ -49,11 +50,11 @@ def forward(x, W, A, B, *, scaling, bias=None, mask=None, fan_in_fan_out=False):
     y = base + scaling * (h @ B.T)  # (N, d_out)
     if bias is not None:
         y = y + bias  # (N, d_out)
-    return y, h
+    return y, h, None
 
 
 def backward(dy, x, W, A, B, h, *, scaling, mask=None, fan_in_fan_out=False, need_dx=True,
-             need_dW=False, need_dbias=False):
+             need_dW=False, need_dbias=False, kept=None):
     """LoRA backward on two-dimensional inputs.
 
     Parameters
@@ -63,6 +64,7 @@ def backward(dy, x, W, A, B, h, *, scaling, mask=None, fan_in_fan_out=False, nee
     h : (N, r), x_d Aᵀ from ``forward``
     scaling, mask, fan_in_fan_out : as passed to ``forward``
     need_dx, need_dW, need_dbias : bool
+    kept : what ``forward`` returned as kept (None here; unused)
 
     Returns
     -------

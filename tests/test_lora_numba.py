@@ -81,6 +81,23 @@ def test_large_batch_takes_the_blocked_and_merged_routes_and_matches():
             np.testing.assert_array_equal(first[k], second[k])
 
 
+def test_merged_route_keeps_its_weight_for_the_backward_and_not_y():
+    """The merged route's backward takes the forward's bordered weight back (the same bits as
+    forming it again), and the cache's h is its own array: dropping y frees y's buffer."""
+    rng = np.random.default_rng(4)
+    N, d_in, d_out, r = 1500, 96, 80, 6
+    case = _Case(rng, N, d_in, d_out, r, None)
+    y, cache = ml.lora_forward(case.x, case.W, case.A, case.B, backend="numba", **case.kwargs())
+    assert cache.kept is not None and cache.kept.shape == (d_out + r, d_in + r)
+    assert cache.h.base is None and not np.shares_memory(cache.h, y)
+    kept = ml.lora_backward(case.dy, cache, need_dbias=True)
+    again = ml.lora_backward(case.dy, cache._replace(kept=None), need_dbias=True)
+    for a, b in zip(kept, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match=r"cache\.kept"):
+        ml.lora_backward(case.dy, cache._replace(kept=cache.kept[:-1]))
+
+
 class _Case:
     def __init__(self, rng, N, d_in, d_out, r, mask):
         self.x = rng.standard_normal((N, d_in))
