@@ -24,6 +24,10 @@ CASES = [
     ("fp32 N=4096 1024->1024 r=16", 4096, 1024, 1024, 16, np.float32, False, "lora"),
     ("fp32 N=4096 1024->1024 r=16 dropout", 4096, 1024, 1024, 16, np.float32, True, "lora"),
     ("fp64 N=2048 1024->1024 r=16", 2048, 1024, 1024, 16, np.float64, False, "lora"),
+    ("fp32 N=4096 1024->1024 r=64", 4096, 1024, 1024, 64, np.float32, False, "lora"),
+    ("fp32 N=4096 1024->1024 r=256", 4096, 1024, 1024, 256, np.float32, False, "lora"),
+    ("fp32 N=4096 4096->1024 r=16", 4096, 4096, 1024, 16, np.float32, False, "lora"),
+    ("fp32 N=16384 512->512 r=16", 16384, 512, 512, 16, np.float32, False, "lora"),
     ("fp32 N=10 128->64 r=4", 10, 128, 64, 4, np.float32, False, "lora"),
     ("fp32 N=64 128->64 r=4", 64, 128, 64, 4, np.float32, False, "lora"),
     ("fp32 N=256 128->64 r=4", 256, 128, 64, 4, np.float32, False, "lora"),
@@ -157,15 +161,63 @@ def peak_extra_bytes(fn):
 
 
 def memory_figures(backend="numba"):
-    """LoRA: N=4096, 2048->2048, r=16 fp32 against the bytes of y, dx, dA, dB.
-    DoRA: d=4096, N=64, r=16 fp32 against the bytes of W."""
+    """LoRA: N=4096, 2048->2048, r=16 fp32 against the bytes of y, dx, dA, dB, as the peak
+    resident set of a fresh process (``peak_rss_extra``) and as NumPy's peak allocation
+    (tracemalloc). DoRA: d=4096, N=64, r=16 fp32 against the bytes of W (tracemalloc)."""
     p = _problem(4096, 2048, 2048, 16, np.float32, False)
     step = _contenders(p, "lora", False)[backend]
     outputs = 2 * p["dy"].nbytes + p["A"].nbytes + p["B"].nbytes
     lora = peak_extra_bytes(step) / outputs
+    del p, step
+    rss = {f"{who}_peak_rss_{mode}_over_outputs":
+           peak_rss_extra(4096, 2048, 2048, 16, backend if who == "lora" else "floor",
+                          warm=mode == "warm") / outputs
+           for who, mode in (("lora", "warm"), ("lora", "cold"), ("floor", "cold"))}
     p = _problem(64, 4096, 4096, 16, np.float32, False)
     dora = peak_extra_bytes(_contenders(p, "dora", False)[backend]) / p["W"].nbytes
-    return {"lora_peak_over_outputs": lora, "dora_peak_over_W": dora}
+    return {"lora_peak_over_outputs": lora, **rss, "dora_peak_over_W": dora}
+
+
+_RSS_PROBE = """
+import sys, numpy as np, minilora as ml
+N, d_in, d_out, r = (int(a) for a in sys.argv[1:5])
+rng = np.random.default_rng(0)
+def arr(*shape, scale):  # made in place: no temporary above the inputs' own bytes
+    a = rng.standard_normal(shape, dtype=np.float32)
+    a *= scale
+    return a
+x, dy = arr(N, d_in, scale=1.0), arr(N, d_out, scale=1.0)
+W, A = arr(d_out, d_in, scale=d_in ** -0.5), arr(r, d_in, scale=d_in ** -0.5)
+B = arr(d_out, r, scale=0.1)
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+if sys.argv[6] == "warm":  # BLAS's own buffers, touched by its first products, not counted
+    x @ W.T, dy @ W
+before = status("VmRSS:")
+with open("/proc/self/clear_refs", "w") as f:  # peak := now (Linux >= 4.0)
+    f.write("5")
+if sys.argv[5] == "floor":
+    y, dx = x @ W.T, dy @ W
+else:
+    _, cache = ml.lora_forward(x, W, A, B, scaling=2.0, backend=sys.argv[5])
+    ml.lora_backward(dy, cache)
+print(status("VmHWM:") - before)
+"""
+
+
+def peak_rss_extra(N, d_in, d_out, r, backend="numba", warm=True):
+    """Bytes the peak resident set (VmHWM) of a fresh process rises during one LoRA forward and
+    backward (fp32) above its level just before (Linux: read from /proc/self/status).
+
+    ``backend`` "floor" runs the floor's two products instead. With ``warm`` the process first
+    runs the floor's products once (and frees them), so that OpenBLAS's packing buffers, which
+    its first large product touches (about 0.13x the outputs' bytes here, floor included), are
+    not counted as the step's."""
+    out = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(N), str(d_in), str(d_out),
+                          str(r), backend, "warm" if warm else "cold"],
+                         check=True, capture_output=True, text=True)
+    return int(out.stdout.split()[-1])
 
 
 def startup_seconds(runs=3):
@@ -203,11 +255,15 @@ def run(quick=False, with_torch=True, json_path=None, out=print):
             "numba/floor", "numpy/floor", "numba/numpy", "torch+peft/floor", "numba/torch+peft"))
         out(f"{name:<36} {cells} {res['floor_ms']:>9.3f}")
     if not quick:
-        results["memory"] = memory_figures()
+        mem = results["memory"] = memory_figures()
         out(f"extra peak memory, LoRA fwd+bwd N=4096 2048->2048 r=16 fp32: "
-            f"{results['memory']['lora_peak_over_outputs']:.3f}x the bytes of y, dx, dA, dB")
+            f"{mem['lora_peak_rss_warm_over_outputs']:.3f}x the bytes of y, dx, dA, dB "
+            f"(peak resident set of a fresh process, BLAS warmed; cold "
+            f"{mem['lora_peak_rss_cold_over_outputs']:.3f}x, the floor's products alone cold "
+            f"{mem['floor_peak_rss_cold_over_outputs']:.3f}x; NumPy's allocations "
+            f"{mem['lora_peak_over_outputs']:.3f}x)")
         out(f"extra peak memory, DoRA fwd+bwd d=4096 N=64 r=16 fp32: "
-            f"{results['memory']['dora_peak_over_W']:.3f}x the bytes of W")
+            f"{mem['dora_peak_over_W']:.3f}x the bytes of W")
         results["startup_s"] = startup_seconds()
         out(f"fresh process, import + first small fwd+bwd (JIT cache warm): "
             f"{results['startup_s']:.2f} s")
