@@ -111,6 +111,7 @@ class DoRASaved(NamedTuple):
     WA: np.ndarray | None  # (d_out, r) W Aᵀ, for the gradient through n (None with fixed norms)
     AA: np.ndarray | None  # (r, r) A Aᵀ, likewise
     x_d: np.ndarray  # (N, d_in) x ⊙ mask
+    kept: np.ndarray | None = None  # what the LoRA backend's forward kept for its backward
 
 
 def forward(backend, x, W, A, B, m, *, scaling, bias=None, mask=None, fan_in_fan_out=False,
@@ -143,15 +144,15 @@ def forward(backend, x, W, A, B, m, *, scaling, bias=None, mask=None, fan_in_fan
     inv_n = inverse_norms(n)  # (d_out,)
     c = m * inv_n  # (d_out,)
     x_d = x if mask is None else x * mask  # (N, d_in)
-    u, h, _ = backend.forward(x_d, W, A, B, scaling=scaling,
-                              fan_in_fan_out=fan_in_fan_out)  # (N, d_out), (N, r)
+    u, h, kept = backend.forward(x_d, W, A, B, scaling=scaling,
+                                 fan_in_fan_out=fan_in_fan_out)  # (N, d_out), (N, r)
     y = c * u  # (N, d_out)
     if mask is not None:
         dropped = x - x_d  # (N, d_in), what dropout removed from the LoRA branch's input
         y = y + (dropped @ W if fan_in_fan_out else dropped @ W.T)  # (N, d_out)
     if bias is not None:
         y = y + bias  # (N, d_out)
-    return y, DoRASaved(u, h, c, inv_n, WA, AA, x_d)
+    return y, DoRASaved(u, h, c, inv_n, WA, AA, x_d, kept)
 
 
 def backward(backend, dy, x, W, A, B, saved, *, scaling, mask=None, fan_in_fan_out=False,
@@ -166,10 +167,10 @@ def backward(backend, dy, x, W, A, B, saved, *, scaling, mask=None, fan_in_fan_o
     u, c, inv_n, x_d = saved.u, saved.c, saved.inv_n, saved.x_d
     dc = np.einsum("nj,nj->j", dy, u)  # (d_out,) Σ_n dy ⊙ u
     dm = dc * inv_n  # (d_out,)
-    dy_c = c * dy  # (N, d_out)
-    du_dx, dA, dB, dW, _ = backend.backward(dy_c, x_d, W, A, B, saved.h, scaling=scaling,
+    du_dx, dA, dB, dW, _ = backend.backward(dy, x_d, W, A, B, saved.h, scaling=scaling,
                                             fan_in_fan_out=fan_in_fan_out, need_dx=need_dx,
-                                            need_dW=need_dW)
+                                            need_dW=need_dW, kept=saved.kept,
+                                            dy_scale=c)  # upstream dy_c = c ⊙ dy
     dx = du_dx
     if mask is not None:
         if need_dx:

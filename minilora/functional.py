@@ -110,8 +110,9 @@ def _check_cache(cache, cache_type, saved_fields=()):
                 ("W", cache.W, (d_in, d_out) if cache.fan_in_fan_out else (d_out, d_in))]
     if cache.mask is not None:
         expected.append(("mask", cache.mask, (N, d_in)))
-    if getattr(cache, "kept", None) is not None:
-        expected.append(("kept", cache.kept, (d_out + r, d_in + r)))
+    kept = cache.saved.kept if saved_fields else cache.kept
+    if kept is not None:
+        expected.append(("saved.kept" if saved_fields else "kept", kept, (d_out + r, d_in + r)))
     if saved_fields:
         saved = cache.saved
         expected += [("saved.u", saved.u, (N, d_out)), ("saved.c", saved.c, (d_out,)),

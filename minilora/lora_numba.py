@@ -273,12 +273,18 @@ def forward(x, W, A, B, *, scaling, bias=None, mask=None, fan_in_fan_out=False):
 
 
 def backward(dy, x, W, A, B, h, *, scaling, mask=None, fan_in_fan_out=False, need_dx=True,
-             need_dW=False, need_dbias=False, kept=None):
+             need_dW=False, need_dbias=False, kept=None, dy_scale=None):
     """``lora_numpy.backward``: dx, dA, dB, dW, dbias (None where not asked for). ``kept`` is
-    the bordered weight K the forward pass returned, or None to form it again."""
+    the bordered weight K the forward pass returned, or None to form it again. On the merged
+    route a ``dy_scale`` c scales K's rows, dy (diag(c) K), a weight-sized product, instead of
+    dy's (N, d_out)."""
     N, (r, d_in), d_out = x.shape[0], A.shape, B.shape[0]
-    dW, dbias = frozen_grads(dy, x, fan_in_fan_out, need_dW, need_dbias)
     route = _route(N, d_in, d_out, mask)
+    fold = dy_scale is not None and need_dx and route == "merged" and not need_dW \
+        and not need_dbias
+    if dy_scale is not None and not fold:
+        dy = dy * dy_scale  # (N, d_out), the upstream gradient c ⊙ dy
+    dW, dbias = frozen_grads(dy, x, fan_in_fan_out, need_dW, need_dbias)
     if route == "small":
         dx = (dy @ W.T if fan_in_fan_out else dy @ W) if need_dx else None  # (N, d_in), BLAS
         dA, dB = _backward_small(dy, x, A, B, h, x.dtype.type(scaling), mask,
@@ -286,23 +292,26 @@ def backward(dy, x, W, A, B, h, *, scaling, mask=None, fan_in_fan_out=False, nee
         return dx, dA, dB, dW, dbias
     g = dx = None
     if need_dx and route == "merged":
-        K = kept
-        if K is None:
-            K = _bordered_weight(W, A, B, scaling, fan_in_fan_out)  # (d_out + r, d_in + r)
-        if kept is not None or _finite(K[:d_out, :d_in]):  # the forward checked the one it kept
-            dxg = dy @ K[:d_out]  # (N, d_in + r) = [dy (W + s·B A) | dy B], one BLAS call
+        K = kept if kept is not None else _bordered_weight(W, A, B, scaling, fan_in_fan_out)
+        top = K[:d_out]  # (d_out, d_in + r) = [W + s·B A | B]
+        if fold:
+            top = dy_scale[:, None] * top  # (d_out, d_in + r) diag(c) [W + s·B A | B]
+        if (kept is not None and not fold) or _finite(top[:, :d_in]):  # the forward checked K
+            dxg = dy @ top  # (N, d_in + r) = [dy (W + s·B A) | dy B], one BLAS call
             g = dxg[:, d_in:]  # (N, r)
             if _finite(g):
                 dx = dxg[:, :d_in]  # (N, d_in), a view whose rows are d_in + r apart
-        del K
+        del K, top
         if dx is None:
             route = "blocked"  # the reference's NaN and infinities (see the module docstring)
+            if fold:  # the blocked route scales dy itself
+                dy, g, fold = dy * dy_scale, None, False
     if g is None:
         g = dy @ B  # (N, r)
     if need_dx and dx is None:
         dx = dy @ W.T if fan_in_fan_out else dy @ W  # (N, d_in), BLAS
     dB = dy.T @ h  # (d_out, r)
-    dB *= scaling
+    dB *= (scaling * dy_scale)[:, None] if fold else scaling  # (c ⊙ dy)ᵀ h = diag(c) dyᵀ h
     if mask is None:
         dA = g.T @ x  # (r, d_in)
     else:

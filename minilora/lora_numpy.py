@@ -54,7 +54,7 @@ def forward(x, W, A, B, *, scaling, bias=None, mask=None, fan_in_fan_out=False):
 
 
 def backward(dy, x, W, A, B, h, *, scaling, mask=None, fan_in_fan_out=False, need_dx=True,
-             need_dW=False, need_dbias=False, kept=None):
+             need_dW=False, need_dbias=False, kept=None, dy_scale=None):
     """LoRA backward on two-dimensional inputs.
 
     Parameters
@@ -65,6 +65,8 @@ def backward(dy, x, W, A, B, h, *, scaling, mask=None, fan_in_fan_out=False, nee
     scaling, mask, fan_in_fan_out : as passed to ``forward``
     need_dx, need_dW, need_dbias : bool
     kept : what ``forward`` returned as kept (None here; unused)
+    dy_scale : (d_out,) or None, a factor c of each column of the upstream gradient: the
+        gradients are those for upstream c ⊙ dy (DoRA's)
 
     Returns
     -------
@@ -80,6 +82,8 @@ def backward(dy, x, W, A, B, h, *, scaling, mask=None, fan_in_fan_out=False, nee
     dbias = Σ_n dy. x_d is recomputed from x and the mask rather than cached: it costs one
     elementwise product and saves an (N, d_in) array between the passes.
     """
+    if dy_scale is not None:
+        dy = dy * dy_scale  # (N, d_out), the upstream gradient c ⊙ dy
     x_d = x if mask is None else x * mask  # (N, d_in)
     g = dy @ B  # (N, r)
     dB = scaling * (dy.T @ h)  # (d_out, r)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import minilora as ml
 from minilora import lora_numba
-from minilora.testing import lora_cases
+from minilora.testing import assert_matches_reference, dora_cases, lora_cases
 from minilora.tolerance import UNIT_ROUNDOFF, lora_error_bounds
 
 
@@ -64,6 +64,18 @@ def test_non_contiguous_and_fortran_inputs(route, case, order):
         x = wide[..., ::2]
         W = np.repeat(case.W, 2, axis=1)[:, ::2]
     _assert_close_to_reference(case, _run(case, "numba", x=x, W=W), _run(case, "numpy"))
+
+
+@same_route
+@given(case=dora_cases(dtypes=(np.float64,), max_dim=12), need_dW=st.booleans())
+def test_dora_through_each_route_matches_the_reference(route, case, need_dW):
+    """DoRA's LoRA part through each route: on the merged one its backward scales the kept
+    weight's rows by c instead of dy (unless dW is asked for, which needs c ⊙ dy itself)."""
+    y, cache = ml.dora_forward(case.x, case.W, case.A, case.B, case.m, backend="numba",
+                               detach_norm=case.detach_norm, **case.kwargs())
+    grads = ml.dora_backward(case.dy, cache, need_dW=need_dW, need_dbias=case.bias is not None)
+    outputs = {"y": y, **{k: v for k, v in grads._asdict().items() if v is not None}}
+    assert_matches_reference(outputs, case, dtype="fp64")
 
 
 def test_large_batch_takes_the_blocked_and_merged_routes_and_matches():
