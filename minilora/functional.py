@@ -29,10 +29,10 @@ from minilora.backends import resolve_backend
 # The backend contract: each module has
 #   forward(x, W, A, B, *, scaling, bias, mask, fan_in_fan_out) -> (y, h, kept)
 #   backward(dy, x, W, A, B, h, *, scaling, mask, fan_in_fan_out, need_dx, need_dW, need_dbias,
-#            kept) -> (dx, dA, dB, dW, dbias)
-# where kept is whatever else the backend's backward reuses from its forward (lora_numba's
-# merged weight), or None
-# on two-dimensional arrays that this module has validated.
+#            kept, dy_scale) -> (dx, dA, dB, dW, dbias)
+# on two-dimensional arrays that this module has validated; kept is whatever else the backend's
+# backward reuses from its forward (lora_numba's merged weight) or None, and dy_scale (d_out,)
+# or None a factor of each column of dy (DoRA's c).
 BACKEND_MODULES = {"numpy": lora_numpy, "numba": lora_numba}
 
 

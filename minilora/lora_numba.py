@@ -31,7 +31,9 @@ routes, chosen by size:
                  dB = s·dyᵀ h;   dA = s·gᵀ x
 
   y and dx are views of those products (their rows d_out + r and d_in + r apart), h a copy, so
-  the cache does not keep y's buffer alive.
+  the cache does not keep y's buffer alive; the cache keeps K between the passes. DoRA's
+  backward, whose upstream gradient is c ⊙ dy, scales K's rows by c instead (a weight-sized
+  product, not an (N, d_out) one).
   With B = 0 the merged weight is W exactly, so a fresh adapter still gives the base layer's bits.
   The merge changes where a NaN arises: the reference's s·(x_d Aᵀ) Bᵀ turns an infinite x into
   NaN even where B = 0, the merged product leaves it infinite. So a pass keeps the merged result
