@@ -240,7 +240,7 @@ def run(quick=False, with_torch=True, json_path=None, out=print):
     repeats, inner = (3, 3) if quick else (7, 5)
     results = {"cases": {}, "blas": _blas_info()}
     header = f"{'case':<36} {'numba/floor':>11} {'numpy/floor':>11} {'numba/numpy':>11} " \
-             f"{'torch/floor':>11} {'numba/torch':>11} {'floor ms':>9}"
+             f"{'torch/floor':>11} {'numba/torch':>11} {'floor ms':>9} {'route':>8}"
     out(header)
     for name, N, d_in, d_out, r, dtype, dropout, op in CASES:
         if quick and name not in QUICK:
@@ -249,11 +249,12 @@ def run(quick=False, with_torch=True, json_path=None, out=print):
         p = _problem(N, d_in, d_out, r, dtype, dropout)
         res = time_case(_contenders(p, op, with_torch), repeats,
                         inner if big else 20 * inner)
+        res["route"] = lora_numba._route(N, d_in, d_out, p["mask"])  # the numba backend's
         results["cases"][name] = res
 
         cells = " ".join(f"{res[k]:>11.3f}" if k in res else f"{'-':>11}" for k in (
             "numba/floor", "numpy/floor", "numba/numpy", "torch+peft/floor", "numba/torch+peft"))
-        out(f"{name:<36} {cells} {res['floor_ms']:>9.3f}")
+        out(f"{name:<36} {cells} {res['floor_ms']:>9.3f} {res['route']:>8}")
     if not quick:
         mem = results["memory"] = memory_figures()
         out(f"extra peak memory, LoRA fwd+bwd N=4096 2048->2048 r=16 fp32: "
