@@ -265,10 +265,15 @@ def forward(x, W, A, B, *, scaling, bias=None, mask=None, fan_in_fan_out=False):
         h = x @ A.T  # (N, r)
     else:
         h = np.empty((N, r), x.dtype)  # (N, r)
-        for rows in _blocks(N):
-            h[rows] = (x[rows] * mask[rows]) @ A.T  # x_d Aᵀ, a block at a time
-    for rows in _blocks(N):
-        y[rows] += h[rows] @ sBt  # s·h Bᵀ, a (block, d_out) temporary in cache
+        x_d = np.empty((min(N, ROW_BLOCK), d_in), x.dtype)  # one block of x ⊙ mask, in cache
+        for rows, n in _blocks(N):
+            np.multiply(x[rows], mask[rows], out=x_d[:n])
+            np.matmul(x_d[:n], A.T, out=h[rows])  # x_d Aᵀ, a block at a time
+    t = np.empty((min(N, ROW_BLOCK), d_out), x.dtype)  # one block of s·h Bᵀ, in cache
+    for rows, n in _blocks(N):
+        np.matmul(h[rows], sBt, out=t[:n])
+        y_rows = y[rows]  # a view: += on it adds in place, with no copy back
+        y_rows += t[:n]
     if bias is not None:
         y += bias
     return y, h, None
@@ -314,24 +319,31 @@ def backward(dy, x, W, A, B, h, *, scaling, mask=None, fan_in_fan_out=False, nee
         dx = dy @ W.T if fan_in_fan_out else dy @ W  # (N, d_in), BLAS
     dB = dy.T @ h  # (d_out, r)
     dB *= (scaling * dy_scale)[:, None] if fold else scaling  # (c ⊙ dy)ᵀ h = diag(c) dyᵀ h
+    t = None if mask is None and route != "blocked" else \
+        np.empty((min(N, ROW_BLOCK), d_in), x.dtype)  # one block of rows, in cache
     if mask is None:
         dA = g.T @ x  # (r, d_in)
     else:
         dA = np.zeros((r, d_in), x.dtype)
-        for rows in _blocks(N):  # in block order: fixed bits
-            dA += g[rows].T @ (x[rows] * mask[rows])  # gᵀ x_d
+        for rows, n in _blocks(N):  # in block order: fixed bits
+            np.multiply(x[rows], mask[rows], out=t[:n])  # x_d
+            dA += g[rows].T @ t[:n]  # gᵀ x_d
     dA *= scaling
     if need_dx and route == "blocked":
         sg = scaling * g  # (N, r)
-        for rows in _blocks(N):
-            lora_dx = sg[rows] @ A  # (block, d_in) (s·g) A, in cache
-            dx[rows] += lora_dx if mask is None else lora_dx * mask[rows]
+        for rows, n in _blocks(N):
+            np.matmul(sg[rows], A, out=t[:n])  # (block, d_in) (s·g) A
+            if mask is not None:
+                t[:n] *= mask[rows]
+            dx_rows = dx[rows]  # a view: += on it adds in place, with no copy back
+            dx_rows += t[:n]
     return dx, dA, dB, dW, dbias
 
 
 def _blocks(N):
-    """Slices of ``ROW_BLOCK`` rows covering N rows."""
-    return [slice(lo, lo + ROW_BLOCK) for lo in range(0, N, ROW_BLOCK)]
+    """(rows, n): slices of ``ROW_BLOCK`` rows (n of them, fewer in the last) covering N rows."""
+    return [(slice(lo, min(lo + ROW_BLOCK, N)), min(ROW_BLOCK, N - lo))
+            for lo in range(0, N, ROW_BLOCK)]
 
 
 # -- the gated MLP's elementwise pass (minilora.blocks) -------------------------------------------
