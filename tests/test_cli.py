@@ -1,5 +1,7 @@
 """The command line."""
 
+import os
+
 import pytest
 
 from minilora.cli import main
@@ -54,6 +56,19 @@ def test_bench_sweep_prints_ratios_against_floor_and_ideal(tmp_path, capsys, nam
         assert row["numba/ideal"] == pytest.approx(row["numba/floor"] / row["ideal"])
         assert row["route"] in ("small", "merged", "blocked")
     assert main(["bench", "--plot", str(png)]) == 2  # --plot without --sweep
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux's /proc only")
+def test_peak_resident_set_counts_at_least_the_outputs():
+    """The fresh-process memory probe sees y and dx, which are alive together at its end (a
+    probe that missed the call's allocations would read about 0)."""
+    from minilora.bench import peak_rss_extra
+
+    N, d, r = 2048, 512, 8
+    outputs = 2 * N * d * 4
+    assert peak_rss_extra(N, d, d, r, "floor", warm=True) >= 0.9 * outputs
+    for backend in ("numba", "numpy"):
+        assert peak_rss_extra(N, d, d, r, backend, warm=True) >= 0.9 * outputs
 
 
 def test_the_ideal_counts_the_low_rank_products_at_the_floors_rate():
