@@ -269,11 +269,7 @@ def forward(x, W, A, B, *, scaling, bias=None, mask=None, fan_in_fan_out=False):
         for rows, n in _blocks(N):
             np.multiply(x[rows], mask[rows], out=x_d[:n])
             np.matmul(x_d[:n], A.T, out=h[rows])  # x_d Aᵀ, a block at a time
-    t = np.empty((min(N, ROW_BLOCK), d_out), x.dtype)  # one block of s·h Bᵀ, in cache
-    for rows, n in _blocks(N):
-        np.matmul(h[rows], sBt, out=t[:n])
-        y_rows = y[rows]  # a view: += on it adds in place, with no copy back
-        y_rows += t[:n]
+    _add_product(y, h, sBt)  # y += s·h Bᵀ
     if bias is not None:
         y += bias
     return y, h, None
@@ -319,25 +315,37 @@ def backward(dy, x, W, A, B, h, *, scaling, mask=None, fan_in_fan_out=False, nee
         dx = dy @ W.T if fan_in_fan_out else dy @ W  # (N, d_in), BLAS
     dB = dy.T @ h  # (d_out, r)
     dB *= (scaling * dy_scale)[:, None] if fold else scaling  # (c ⊙ dy)ᵀ h = diag(c) dyᵀ h
-    t = None if mask is None and route != "blocked" else \
-        np.empty((min(N, ROW_BLOCK), d_in), x.dtype)  # one block of rows, in cache
     if mask is None:
         dA = g.T @ x  # (r, d_in)
     else:
         dA = np.zeros((r, d_in), x.dtype)
+        x_d = np.empty((min(N, ROW_BLOCK), d_in), x.dtype)  # one block of x ⊙ mask, in cache
         for rows, n in _blocks(N):  # in block order: fixed bits
-            np.multiply(x[rows], mask[rows], out=t[:n])  # x_d
-            dA += g[rows].T @ t[:n]  # gᵀ x_d
+            np.multiply(x[rows], mask[rows], out=x_d[:n])
+            dA += g[rows].T @ x_d[:n]  # gᵀ x_d
     dA *= scaling
     if need_dx and route == "blocked":
-        sg = scaling * g  # (N, r)
-        for rows, n in _blocks(N):
-            np.matmul(sg[rows], A, out=t[:n])  # (block, d_in) (s·g) A
-            if mask is not None:
-                t[:n] *= mask[rows]
-            dx_rows = dx[rows]  # a view: += on it adds in place, with no copy back
-            dx_rows += t[:n]
+        _add_product(dx, scaling * g, A, mask)  # dx += ((s·g) A) ⊙ mask
     return dx, dA, dB, dW, dbias
+
+
+def _add_product(out, a, b, mask=None):
+    """out += (a b) ⊙ mask (no mask when None), in place: out (N, d), a (N, k), b (k, d), mask
+    (N, d). ``ROW_BLOCK`` rows at a time, so that the product's temporary is one block, in cache."""
+    N = out.shape[0]
+    if N <= ROW_BLOCK:  # one block: no slicing
+        t = a @ b
+        if mask is not None:
+            t *= mask
+        out += t
+        return
+    t = np.empty((ROW_BLOCK, out.shape[1]), out.dtype)  # (block, d)
+    for rows, n in _blocks(N):
+        np.matmul(a[rows], b, out=t[:n])
+        if mask is not None:
+            t[:n] *= mask[rows]
+        out_rows = out[rows]  # a view: += on it adds in place, with no copy back
+        out_rows += t[:n]
 
 
 def _blocks(N):
