@@ -30,6 +30,7 @@ def test_bench_quick_writes_ratios_as_json(tmp_path, capsys):
     assert set(cases) == {"fp32 N=10 128->64 r=4", "fp32 N=256 512->256 r=8"}
     for ratios in cases.values():
         assert {"numba/floor", "numpy/floor", "numba/numpy", "floor_ms"} <= set(ratios)
+        assert ratios.pop("route") in ("small", "merged", "blocked")
         assert all(v > 0 for v in ratios.values())
     assert "numba/floor" in capsys.readouterr().out
 
