@@ -50,6 +50,16 @@ def _peft(module, names, r=4, alpha=6, seed=0):
     return model, layers
 
 
+def _torch_step(model, x, rng):
+    """PEFT's forward and backward on x with a random upstream gradient: (xt, yt, dy), xt.grad
+    and the adapters' .grad filled."""
+    xt = torch.from_numpy(x).requires_grad_(True)
+    yt = model(xt)
+    dy = rng.standard_normal(yt.shape)
+    yt.backward(torch.from_numpy(dy))
+    return xt, yt, dy
+
+
 def _assert_adapters_match(grads, layers):
     for j, layer in enumerate(layers):
         for mine, theirs in ((grads.dA[j], layer.lora_A), (grads.dB[j], layer.lora_B)):
@@ -74,10 +84,7 @@ def test_mlp_matches_peft(activation, act, backend):
     W, A, B, _, s = zip(*map(_weights, layers), strict=True)
     rng = np.random.default_rng(8)
     x = rng.standard_normal((2, 5, 6))
-    xt = torch.from_numpy(x).requires_grad_(True)
-    yt = model(xt)
-    dy = rng.standard_normal(yt.shape)
-    yt.backward(torch.from_numpy(dy))
+    xt, yt, dy = _torch_step(model, x, rng)
     y, cache = blocks.lora_mlp_forward(x, list(W), list(A), list(B), scaling=list(s),
                                        activation=activation, backend=backend)
     g = blocks.lora_mlp_backward(dy, cache)
@@ -92,10 +99,7 @@ def test_qkv_matches_peft(backend):
     W, A, B, bias, s = zip(*map(_weights, layers), strict=True)
     rng = np.random.default_rng(9)
     x = rng.standard_normal((3, 4, 8))
-    xt = torch.from_numpy(x).requires_grad_(True)
-    yt = model(xt)
-    dy = rng.standard_normal(yt.shape)
-    yt.backward(torch.from_numpy(dy))
+    xt, yt, dy = _torch_step(model, x, rng)
     ys, cache = blocks.lora_qkv_forward(x, list(W), list(A), list(B), scaling=list(s),
                                         bias=list(bias), backend=backend)
     sizes = [y.shape[-1] for y in ys]
