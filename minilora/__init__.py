@@ -5,7 +5,8 @@
     grads = ml.lora_backward(dy, cache)          # grads.dx, grads.dA, grads.dB
 """
 
-from minilora import oracle, peft
+import importlib
+
 from minilora.blocks import (
     lora_mlp_backward,
     lora_mlp_forward,
@@ -29,6 +30,23 @@ from minilora.gradcheck import GradcheckError, gradcheck
 from minilora.layer import LoRALinear
 
 __version__ = "0.1.0"
+
+# Subpackages imported on first use, not by ``import minilora``: the gradient oracle and the
+# PEFT adapter files are tools around the core (which imports neither), the models a layer
+# above it. ``ml.oracle`` and ``import minilora.oracle`` both work.
+_LAZY = ("models", "oracle", "peft")
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        module = importlib.import_module(f"minilora.{name}")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'minilora' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "DoRACache",

@@ -6,8 +6,12 @@ Nothing here copies or modifies an input.
 
 Arrays must be plain ``numpy.ndarray``: subclasses change what the operators mean (``*`` is a
 matrix product for ``np.matrix``, a masked array's mask is ignored by ``@``), so they are refused
-with ``TypeError`` rather than converted (``np.asarray`` would silently drop a mask). The one
-exception is ``np.memmap``, whose arithmetic is ndarray's: it is taken as a plain view.
+with ``TypeError`` rather than converted (``np.asarray`` would silently drop a mask). Two
+exceptions: ``np.memmap``, whose arithmetic is ndarray's, is taken as a plain view; and a subclass
+whose class sets ``__minilora_ndarray_arithmetic__ = True`` vouches that its operators compute
+what ndarray's do (it may round or perturb their results, as a model of a narrower format does)
+and is taken as it is. That is a protocol, not a registry: this module imports nothing and keeps
+no list of such classes.
 """
 
 import math
@@ -18,14 +22,14 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _F32, _F64 = FLOAT_DTYPES
 
 
-EMULATED = []  # ndarray subclasses whose arithmetic is ndarray's rounded to a narrower format:
-#               the oracle's emulation of a candidate (minilora.oracle.emulation) registers its
-#               base class, so that the public ops run on its arrays operation by operation
+NDARRAY_ARITHMETIC = "__minilora_ndarray_arithmetic__"  # the class attribute of the protocol
 
 
 def is_plain(a):
-    """True for a plain ndarray (or one of the oracle's emulated arrays)."""
-    return type(a) is np.ndarray or (bool(EMULATED) and isinstance(a, tuple(EMULATED)))
+    """True for a plain ndarray, or an ndarray subclass whose class declares ndarray's
+    arithmetic (``NDARRAY_ARITHMETIC`` set to True, see the module docstring)."""
+    return type(a) is np.ndarray or (isinstance(a, np.ndarray)
+                                     and getattr(type(a), NDARRAY_ARITHMETIC, False) is True)
 
 
 def plain_array(a, name):

@@ -115,7 +115,7 @@ class DoRASaved(NamedTuple):
 
 
 def forward(backend, x, W, A, B, m, *, scaling, bias=None, mask=None, fan_in_fan_out=False,
-            norms=None):
+            norms=None, norm_products=None):
     """DoRA forward on two-dimensional inputs, the LoRA part run by the ``backend`` module.
 
     Parameters
@@ -127,6 +127,9 @@ def forward(backend, x, W, A, B, m, *, scaling, bias=None, mask=None, fan_in_fan
     norms : (d_out,) row norms n to use instead of computing them (for example n at a fixed
         point: a finite-difference check of the detached gradient holds n fixed that way); the
         gradient through n is then not available (WA and AA are not computed)
+    norm_products : (WA, AA) = (W Aᵀ (d_out, r), A Aᵀ (r, r)) or None, with ``norms`` only:
+        kept for the gradient through the given n (the oracle's emulation computes n, WA and
+        AA in its own arithmetic and asks for the full gradient)
 
     Returns
     -------
@@ -140,7 +143,8 @@ def forward(backend, x, W, A, B, m, *, scaling, bias=None, mask=None, fan_in_fan
     if norms is None:
         n, WA, AA, _ = row_norms(W, A, B, scaling, fan_in_fan_out)  # (d_out,), (d_out, r), (r, r)
     else:
-        n, WA, AA = norms, None, None  # (d_out,)
+        n = norms  # (d_out,)
+        WA, AA = (None, None) if norm_products is None else norm_products  # (d_out, r), (r, r)
     inv_n = inverse_norms(n)  # (d_out,)
     c = m * inv_n  # (d_out,)
     x_d = x if mask is None else x * mask  # (N, d_in)

@@ -28,8 +28,7 @@ statistic the oracle computes. The runs are seeded, so a verdict is reproducible
 
 import numpy as np
 
-from minilora._checks import EMULATED
-from minilora.functional import dora_backward, dora_forward
+from minilora import dora, lora_numpy
 from minilora.oracle.cases import evaluate
 
 # NumPy functions the reference calls that only move or select values (no rounding happens)
@@ -46,8 +45,11 @@ def stored_type(name, store, product=np.matmul):
 
 
 class _Stored(np.ndarray):
-    """The base of ``stored_type``'s classes."""
+    """The base of ``stored_type``'s classes. Its operators compute ndarray's results and then
+    store them, so it declares ndarray's arithmetic (``minilora._checks.NDARRAY_ARITHMETIC``):
+    minilora's public ops accept its arrays, and run on them operation by operation."""
 
+    __minilora_ndarray_arithmetic__ = True  # minilora._checks.NDARRAY_ARITHMETIC
     store = None
     product = None
 
@@ -101,9 +103,6 @@ class _Stored(np.ndarray):
             result = func(*plain_args, **kwargs)
             return self.wrap(result) if isinstance(result, np.ndarray) else result
         raise TypeError(f"the emulation does not model numpy.{func.__name__}")
-
-
-EMULATED.append(_Stored)  # minilora's ops accept these arrays (and no other ndarray subclass)
 
 
 def rounded_type(prec, accum):
@@ -164,13 +163,21 @@ def run(case, kind, norms_kind=None, inputs_exact=()):
         n = np.sqrt(np.einsum("ji,ji->j", V, V))  # (d_out,) summed in a
         n = kind.wrap(kind.store(np.asarray(n), 0, None))  # and stored in p
         WA, AA = Wr @ A.T, A @ A.T  # (d_out, r), (r, r): the gradient through n
-        y, cache = dora_forward(t["x"], t["W"], t["A"], t["B"], t["m"], scaling=case.scaling,
-                                bias=t.get("bias"), dropout_mask=t.get("dropout_mask"),
-                                fan_in_fan_out=case.fan_in_fan_out, detach_norm=True,
-                                norms=n, backend="numpy")
-        cache = cache._replace(detach_norm=case.detach_norm,  # n was computed above, so the
-                               saved=cache.saved._replace(WA=WA, AA=AA))  # full gradient too
-        grads = dora_backward(t["dy"], cache, need_dx=True, need_dW=True,
-                              need_dbias="bias" in t)
-        out = {"y": y, **{k: v for k, v in grads._asdict().items() if v is not None}}
+        x, dy, mask = t["x"], t["dy"], t.get("dropout_mask")
+        x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])  # (N, d_in), (N, d_out)
+        mask2 = None if mask is None else np.broadcast_to(mask, x.shape).reshape(x2.shape)
+        #   minilora's DoRA (the reference module, on the NumPy backend) given n, W Aᵀ and A Aᵀ
+        #   as computed here: the forward with these norms, the backward through them or not
+        y, saved = dora.forward(lora_numpy, x2, W, A, B, t["m"], scaling=case.scaling,
+                                bias=t.get("bias"), mask=mask2,
+                                fan_in_fan_out=case.fan_in_fan_out, norms=n,
+                                norm_products=(WA, AA))  # (N, d_out)
+        dx, dA, dB, dm, dW, dbias = dora.backward(
+            lora_numpy, dy2, x2, W, A, B, saved, scaling=case.scaling, mask=mask2,
+            fan_in_fan_out=case.fan_in_fan_out, detach_norm=case.detach_norm, need_dx=True,
+            need_dW=True, need_dbias="bias" in t)
+        grads = {"dx": dx.reshape(x.shape), "dA": dA, "dB": dB, "dm": dm, "dW": dW,
+                 "dbias": dbias}
+        y = y.reshape(dy.shape)
+        out = {"y": y, **{k: v for k, v in grads.items() if v is not None}}
     return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
