@@ -37,6 +37,9 @@ MAX_UNBOUNDED_REPEATS = 3  # per pattern: with PEFT's own .* they bound matching
 
 # Config keys whose non-default value changes what the adapter computes in ways minilora does not
 # represent: refused rather than ignored.
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS",
+              "FEATURE_EXTRACTION")  # PEFT's TaskType values (task_type may also be null)
+
 UNSUPPORTED = {"lora_bias": False, "layer_replication": None, "target_parameters": None,
                "trainable_token_indices": None, "alora_invocation_tokens": None,
                "use_qalora": False, "layers_to_transform": None}
@@ -171,6 +174,12 @@ def _read_config(config_path):
         config = json.loads(text, parse_constant=_no_constant)
     except (ValueError, RecursionError) as e:
         raise AdapterError(f"{config_path}: not valid JSON ({e})") from None
+    return _check_config(config, config_path)
+
+
+def _check_config(config, config_path):
+    """The config's values that minilora uses, each checked for its JSON type and value (the
+    one check of a config, for ``load_adapter`` and ``save_adapter`` alike)."""
     if not isinstance(config, dict):
         raise AdapterError(f"{config_path}: must hold a JSON object, got {type(config).__name__}")
 
@@ -192,6 +201,11 @@ def _read_config(config_path):
         raise AdapterError(f"{config_path}: r must be a positive integer, got {out['r']}")
     if not math.isfinite(out["alpha"]):
         raise AdapterError(f"{config_path}: lora_alpha must be finite, got {out['alpha']}")
+    task_type = get("task_type", (str,), None, f"null or one of {TASK_TYPES}")
+    if task_type is not None and task_type not in TASK_TYPES:
+        raise AdapterError(f"{config_path}: task_type must be null or one of {TASK_TYPES}, "
+                           f"got {task_type!r}")
+    out["task_type"] = task_type
     bias = get("bias", (str,), "none", 'a string ("none")')
     if bias != "none":
         raise AdapterError(f"{config_path}: bias={bias!r} trains the base layers' biases, "
@@ -244,6 +258,13 @@ def load_adapter(path):
         tensors, _ = safetensors.load(weights_path)
     except safetensors.SafetensorsError as e:
         raise AdapterError(str(e)) from None
+    return _check_tensors(config, tensors, weights_path)
+
+
+def _check_tensors(config, tensors, weights_path):
+    """``{module_name: Adapter}`` from a checked config and ``{key: array}`` named as PEFT
+    names them; AdapterError naming the key for anything PEFT would read differently or
+    minilora cannot represent (the one check of the tensors, for loading and saving)."""
     parts = {}
     for key, value in tensors.items():
         match = _KEY.match(key)
@@ -254,9 +275,9 @@ def load_adapter(path):
                     "(base_model.model.<module>.lora_A.weight, .lora_B.weight, "
                     ".lora_magnitude_vector)")
             raise AdapterError(f"{weights_path}: tensor {key!r} is {what}")
-        if value.dtype.kind != "f":
-            raise AdapterError(f"{weights_path}: tensor {key!r} has dtype {value.dtype}, "
-                               f"not a float")
+        if not isinstance(value, np.ndarray) or value.dtype.kind != "f":
+            raise AdapterError(f"{weights_path}: tensor {key!r} has dtype "
+                               f"{getattr(value, 'dtype', type(value).__name__)}, not a float")
         if not np.all(np.isfinite(value)):
             raise AdapterError(f"{weights_path}: tensor {key!r} holds NaN or infinity")
         parts.setdefault(match["module"], {})[match["part"].split(".")[0]] = value
@@ -293,14 +314,20 @@ def load_adapter(path):
     return adapters
 
 
-def save_adapter(path, adapters, *, base_model_name_or_path=None):
+def save_adapter(path, adapters, *, base_model_name_or_path=None, task_type=None):
     """Write ``{module_name: Adapter or LoRALinear}`` as a PEFT adapter folder.
+
+    ``task_type`` is written to the config: None, or one of PEFT's task types ``TASK_TYPES``
+    (``"CAUSAL_LM"``, ...).
 
     All adapters must agree on use_rslora, use_dora and fan_in_fan_out (PEFT keeps one value per
     config); ranks and alphas may differ (written as rank_pattern and alpha_pattern). Everything
-    is validated and serialized before anything is written, then the folder's two files are
-    replaced in one step (``minilora._io.write_folder_atomic``): a failure at any point leaves
-    the old adapter whole.
+    is validated and serialized before anything is written: the config and the tensors go
+    through the checks ``load_adapter`` makes (AdapterError, naming the key, for a folder it
+    would refuse: a module name that is not a valid pattern, ranks that the written
+    rank_pattern would give another module, a non-finite weight, ...), so that what is saved
+    loads back equal. Then the folder's two files are replaced in one step
+    (``minilora._io.write_folder_atomic``): a failure at any point leaves the old adapter whole.
     """
     if not adapters:
         raise ValueError("no adapters to save")
@@ -328,7 +355,8 @@ def save_adapter(path, adapters, *, base_model_name_or_path=None):
         if a.use_dora:
             tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = a.m
     config = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
+        "peft_type": "LORA", "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
         "r": r, "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none",
         "target_modules": sorted(adapters), "use_rslora": bool(first.use_rslora),
         "use_dora": bool(first.use_dora), "fan_in_fan_out": bool(first.fan_in_fan_out),
@@ -337,6 +365,11 @@ def save_adapter(path, adapters, *, base_model_name_or_path=None):
                           if float(a.alpha) != alpha},
         "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
     }
+    config_text = json.dumps(config, indent=2, allow_nan=False)
+    path_text = os.fspath(path)
+    _check_tensors(_check_config(json.loads(config_text), os.path.join(
+        path_text, "adapter_config.json")), tensors, os.path.join(
+        path_text, "adapter_model.safetensors"))  # what load_adapter checks, on what it reads
     files = {"adapter_model.safetensors": safetensors.dumps(tensors, {"format": "pt"}),
-             "adapter_config.json": json.dumps(config, indent=2, allow_nan=False).encode()}
+             "adapter_config.json": config_text.encode()}
     write_folder_atomic(path, files)
