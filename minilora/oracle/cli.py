@@ -10,9 +10,15 @@ import argparse
 import json
 import os
 
+from minilora._argtypes import (
+    finite_float,
+    nonnegative_int,
+    output_path,
+    positive_int,
+    probability,
+)
 from minilora._io import refuse_overwrite, write_atomic
 from minilora.blocks import ACTIVATIONS
-from minilora.cli import finite_float, nonnegative_int, output_path, positive_int, probability
 from minilora.oracle.block_cases import BLOCKS
 from minilora.oracle.cases import make_case, reference
 from minilora.oracle.files import load_case, load_outputs, save_case, save_outputs
