@@ -72,7 +72,7 @@ class TensorVerdict:
     tolerance_used: float  # max_i |err_i| / tol_i: above 1 fails the derived bound
     tolerance_at_worst: float  # tol_i where err_i / tol_i is largest
     baseline_max_err: float  # the emulated baseline's largest error
-    baseline_limit: float  # 2 · baseline_max_err + the floor
+    baseline_limit: float  # 2 · max(baseline_max_err, the random runs' largest error) + the floor
     baseline_used: float = 0.0  # max_abs_err / baseline_limit: above 1 fails the baseline rule
     normwise_limit: float = 0.0  # the limit on ‖cand − ref‖
     normwise_used: float = 0.0  # ‖cand − ref‖ / normwise_limit
@@ -81,7 +81,8 @@ class TensorVerdict:
     scale_used: float = 0.0  # |scale_shift| / scale_limit
     decided_by: str = ""  # the rule closest to failing (or that failed): "non-finite",
     #                       "derived bound", "baseline max", "normwise" or "scale"
-    margin: float = 0.0  # that rule's use of its limit (tolerance_used or baseline_used)
+    margin: float = 0.0  # that rule's use of its limit: tolerance_used, baseline_used,
+    #                      normwise_used or scale_used (inf when decided by "non-finite")
 
 
 @dataclass
@@ -376,13 +377,15 @@ def _unit(a):
 
 def _check_norms_resolve(case, prec):
     """OracleInputError if a row of W + s·B A cancels so far that its norm has no correct bit
-    in ``prec`` (n_j below u_p times the size of the terms summed into V_j): every honest
-    computation of c = m/n there is noise, and PEFT's is 0/0 where V_j rounds to zero."""
+    in ``prec``: n_j ≤ 2·u_p·t_j, with t_j the size of the terms summed into V_j (about one ulp
+    of t_j), where the honest rounding error of n_j, up to u_p·t_j, is half of n_j or more.
+    Every honest computation of c = m/n there is noise, and PEFT's is 0/0 where V_j rounds to
+    zero."""
     t = {k: v.astype(np.float64) for k, v in case.tensors.items() if k in ("W", "A", "B")}
     args = (t["W"], t["A"], t["B"], case.scaling, case.fan_in_fan_out)
     n = row_norms(*args)[0]
     ratio = np.where(n > 0, norm_bounds(*args) * inverse_norms(n), np.inf)  # (d_out,) t_j/n_j
-    rows = np.flatnonzero(ratio * prec.u >= 0.5)  # (a zero row: no direction at all)
+    rows = np.flatnonzero(ratio * prec.u >= 0.5)  # u·t_j/n_j ≥ 1/2 (a zero row: no direction)
     if rows.size:
         raise OracleInputError(
             f"case unusable at {prec.name}: row {int(rows[0])} of W + s·B A cancels to "
