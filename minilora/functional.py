@@ -49,7 +49,8 @@ def lora_scaling(alpha, r, *, use_rslora=False):
 
 
 def _checksum(a):
-    """CRC-32 of an array's bytes (``check_unchanged``): any change to the data changes it."""
+    """CRC-32 of an array's bytes (``check_unchanged``): a change of up to 32 adjacent bits
+    always changes it, any other change with probability 1 − 2⁻³²."""
     return zlib.crc32(np.ascontiguousarray(a).view(np.uint8))
 
 
@@ -83,8 +84,11 @@ def _prepare(x, W, A, B, m, scaling, bias, dropout_mask, fan_in_fan_out, backend
 
 def _check_cache(cache, cache_type, saved_fields=()):
     """Check that a cache is the intact product of its forward pass, before any kernel reads it:
-    every array a plain ndarray of the forward's dtype and of the shape the others imply (O(1),
-    a few microseconds)."""
+    every array a plain ndarray of the forward's dtype and of the shape the others imply (O(1)
+    in the arrays' sizes, a few microseconds). A cache made with ``check_unchanged=True``
+    (``LoRALinear``'s default) is also checksummed again: a CRC-32 pass over the bytes of x, W,
+    A, B and the mask, O(N·d_in + d_out·d_in), about 4 ms for N = d_in = d_out = 1024 in
+    float32 (8 MB at ~2 GB/s; the NumPy backward there takes ~50 ms)."""
     if type(cache) is not cache_type:
         raise TypeError(f"cache must be the {cache_type.__name__} from the matching forward, "
                         f"got {type(cache).__name__}")
