@@ -159,3 +159,49 @@ def test_torch_blocks_pass_and_their_bugs_fail(dtype):
         assert_torch_matches(lambda *a, **k: autograd_multi(*a, **k, off_by_one=True), multi)
     with pytest.raises(OracleInputError, match="fn returned"):
         torch_outputs(lambda *a, **k: autograd_qkv(*a, **k)[:2], qkv)
+
+
+# -- devices --------------------------------------------------------------------------------------
+
+def test_device_cpu_builds_the_tensors_there_and_returns_float64():
+    case = ml.oracle.make_case(d_in=12, d_out=8, r=2, dropout=0.2, bias=True, seed=2)
+    seen = []
+
+    def records_device(x, W, A, B, **kw):
+        seen.append({t.device.type for t in (x, W, A, B, kw["bias"], kw["dropout_mask"])})
+        return autograd_lora()(x, W, A, B, **kw)
+
+    for device in ("cpu", torch.device("cpu")):
+        report = assert_torch_matches(records_device, case, "fp32", device=device)
+        assert report.passed
+    assert seen == [{"cpu"}, {"cpu"}]
+    out = torch_outputs(records_device, case, "bf16", device="cpu")
+    assert all(v.dtype == np.float64 and isinstance(v, np.ndarray) for v in out.values())
+
+
+def test_meta_and_an_absent_device_are_refused_clearly():
+    case = ml.oracle.make_case(d_in=6, d_out=5, r=2, seed=1)
+    with pytest.raises(ValueError, match="'meta' holds no values"):
+        torch_outputs(autograd_lora(), case, device="meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA device"):
+            assert_torch_matches(autograd_lora(), case, device="cuda")
+    with pytest.raises(ValueError, match="not a torch device"):
+        torch_outputs(autograd_lora(), case, device="no-such-device")
+
+
+def test_a_module_fn_defaults_to_its_parameters_device():
+    class Lora(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(1, device="meta"))
+
+        def forward(self, x, W, A, B, **kw):
+            return autograd_lora()(x, W, A, B, **kw)
+
+    case = ml.oracle.make_case(d_in=6, d_out=5, r=2, seed=1)
+    with pytest.raises(ValueError, match="meta"):  # the module's device was taken
+        torch_outputs(Lora(), case)
+    with pytest.raises(ValueError, match="meta"):
+        torch_outputs(Lora().forward, case)
+    assert torch_outputs(Lora(), case, device="cpu")["y"].shape == (4, 5)
