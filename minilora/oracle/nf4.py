@@ -140,8 +140,7 @@ def check_nf4_weight(q):
     if not isinstance(q.shape, tuple) or not all(isinstance(s, (int, np.integer)) and s >= 0
                                                   for s in q.shape):
         raise ValueError(f"NF4Weight.shape must be a tuple of non-negative ints, got {q.shape!r}")
-    if q.blocksize not in BLOCKSIZES:
-        raise ValueError(f"NF4Weight.blocksize must be one of {BLOCKSIZES}, got {q.blocksize!r}")
+    _check_blocksize(q.blocksize, "NF4Weight.blocksize")
     n = q.size
     _check_array(q.codes, "NF4Weight.codes", np.uint8, ((n + 1) // 2,))
     if q.double_quant:
@@ -160,6 +159,12 @@ def check_nf4_weight(q):
     if q.absmax_absmax is not None and not np.all(np.isfinite(q.absmax_absmax)
                                                   & (q.absmax_absmax >= 0)):
         raise ValueError("NF4Weight.absmax_absmax must be finite and non-negative")
+
+
+def _check_blocksize(blocksize, name):
+    if not (isinstance(blocksize, (int, np.integer)) and not isinstance(blocksize, bool)
+            and blocksize in BLOCKSIZES):
+        raise ValueError(f"{name} must be one of {BLOCKSIZES} (an int), got {blocksize!r}")
 
 
 def _check_array(a, name, dtype, shape):
@@ -187,8 +192,7 @@ def quantize_nf4(W, blocksize=64, double_quant=False):
     NF4Weight
     """
     W = _check_weight(W)
-    if blocksize not in BLOCKSIZES:
-        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+    _check_blocksize(blocksize, "blocksize")
     flat = W.reshape(-1).astype(np.float32)  # (n,) a copy: W is never modified
     n = flat.size
     full = n - n % blocksize
