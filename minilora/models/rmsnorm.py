@@ -1,0 +1,89 @@
+"""RMSNorm (Zhang & Sennrich, 2019), LLaMA's normalisation, with a frozen weight.
+
+    r = 1 / sqrt(mean(x²) + eps)          (..., 1)   one per row
+    x̂ = x ⊙ r                             (..., d)
+    y = x̂ ⊙ weight                        (..., d)
+    backward, g = dy ⊙ weight:   dx = r ⊙ (g − x̂ ⊙ mean(g ⊙ x̂))
+
+transformers' ``LlamaRMSNorm`` computes the same lines but casts x to float32 first (whatever
+the model's dtype); here every step runs in x's own dtype. docs/math.md derives dx.
+"""
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from minilora._checks import check_dtypes, plain_array
+
+
+class RMSNormCache(NamedTuple):
+    """What ``rmsnorm_backward`` needs: x̂ and r (so the backward needs neither x nor a second
+    pass over it) and the weight."""
+
+    x_hat: np.ndarray  # (..., d) = x ⊙ r
+    r: np.ndarray  # (..., 1) = 1 / sqrt(mean(x²) + eps)
+    weight: np.ndarray  # (d,)
+
+
+def rmsnorm_forward(x, weight, *, eps):
+    """RMSNorm, forward pass.
+
+    Parameters
+    ----------
+    x : (..., d) float32 or float64
+    weight : (d,) the frozen gain, x's dtype
+    eps : float ≥ 0, added to the mean square (the config's rms_norm_eps)
+
+    Returns
+    -------
+    y : (..., d), a new array
+    cache : RMSNormCache for ``rmsnorm_backward``
+
+    Notes
+    -----
+    y = x / sqrt(mean(x²) + eps) ⊙ weight, the mean over the last axis.
+    """
+    _, arrays = check_dtypes(x=x, weight=weight)
+    x, weight = arrays["x"], arrays["weight"]
+    if weight.ndim != 1 or x.ndim < 1 or x.shape[-1] != weight.shape[0]:
+        raise ValueError(f"x must be (..., d) and weight (d,), got x {x.shape} and "
+                         f"weight {weight.shape}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number ≥ 0, got {eps!r}")
+    eps = float(eps)  # a Python float never promotes float32
+    ms = np.mean(x * x, axis=-1, keepdims=True)  # (..., 1)
+    r = 1.0 / np.sqrt(ms + eps)  # (..., 1)
+    x_hat = x * r  # (..., d)
+    y = weight * x_hat  # (..., d)
+    return y, RMSNormCache(x_hat, r, weight.view())
+
+
+def rmsnorm_backward(dy, cache):
+    """RMSNorm, backward pass (the weight is frozen: no dweight).
+
+    Parameters
+    ----------
+    dy : (..., d), ∂L/∂y, the forward's shape and dtype
+    cache : RMSNormCache from ``rmsnorm_forward``
+
+    Returns
+    -------
+    dx : (..., d), a new array
+
+    Notes
+    -----
+    With g = dy ⊙ weight:  dx = r ⊙ (g − x̂ ⊙ mean(g ⊙ x̂)),  the mean over the last axis.
+    """
+    if type(cache) is not RMSNormCache:
+        raise TypeError(f"cache must be the RMSNormCache from rmsnorm_forward, "
+                        f"got {type(cache).__name__}")
+    dy = plain_array(dy, "dy")
+    if dy.shape != cache.x_hat.shape or dy.dtype != cache.x_hat.dtype:
+        raise ValueError(f"dy must be {cache.x_hat.dtype}{cache.x_hat.shape} like the forward's "
+                         f"y, got dy {dy.dtype}{dy.shape}")
+    g = dy * cache.weight  # (..., d)
+    proj = np.mean(g * cache.x_hat, axis=-1, keepdims=True)  # (..., 1)
+    dx = cache.r * (g - cache.x_hat * proj)  # (..., d)
+    return dx

@@ -1,0 +1,411 @@
+"""The transformer's ops (minilora.models: rmsnorm, rope, attention, embedding, lm_loss):
+every backward against central differences in float64 (fixed and Hypothesis-drawn shapes),
+each forward against a naive transcription of its equation, and the validation at each entry.
+torch parity lives in tests/test_models_ops_torch.py."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minilora.gradcheck import gradcheck
+from minilora.models.attention import attention_backward, attention_forward
+from minilora.models.embedding import embedding_backward, embedding_forward
+from minilora.models.lm_loss import causal_lm_loss, causal_lm_loss_backward
+from minilora.models.rmsnorm import rmsnorm_backward, rmsnorm_forward
+from minilora.models.rope import rope_backward, rope_forward, rope_tables, rotate_half
+
+FAST = settings(max_examples=25)
+
+
+def _rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+# ---- pairs in the gradcheck helper's form: forward(**inputs) -> (y, cache), backward(dy, cache)
+
+def _attn_fwd(q, k, v, q_offset):
+    return attention_forward(q, k, v, q_offset=q_offset)
+
+
+def _attn_bwd(dout, cache):
+    dq, dk, dv = attention_backward(dout, cache)
+    return {"q": dq, "k": dk, "v": dv}
+
+
+def _rope_fwd(x, cos, sin):
+    return rope_forward(x, cos, sin), (cos, sin)
+
+
+def _rope_bwd(dy, cache):
+    return {"x": rope_backward(dy, *cache)}
+
+
+def _rms_fwd(x, weight, eps):
+    return rmsnorm_forward(x, weight, eps=eps)
+
+
+def _rms_bwd(dy, cache):
+    return {"x": rmsnorm_backward(dy, cache)}
+
+
+def _emb_bwd(dh, cache):
+    return {"weight": embedding_backward(dh, cache)}
+
+
+def _loss_fwd(logits, input_ids, ignore_index):
+    loss, cache = causal_lm_loss(logits, input_ids, ignore_index=ignore_index)
+    return np.array(loss), cache
+
+
+def _loss_bwd(dloss, cache):
+    return {"logits": causal_lm_loss_backward(cache, float(dloss))}
+
+
+def attention_inputs(B, H, Hkv, T, D, q_offset, seed=0, dtype=np.float64):
+    rng = _rng(seed)
+    S = q_offset + T
+    q = rng.standard_normal((B, H, T, D)).astype(dtype)
+    k = rng.standard_normal((B, Hkv, S, D)).astype(dtype)
+    v = rng.standard_normal((B, Hkv, S, D)).astype(dtype)
+    return q, k, v
+
+
+def naive_attention(q, k, v, q_offset):
+    """Loops over batch and heads, repeat_kv by index, the mask by comparison: the equation."""
+    B, H, T, D = q.shape
+    g = H // k.shape[1]
+    out = np.empty_like(q)
+    for b in range(B):
+        for j in range(H):
+            s = q[b, j] @ k[b, j // g].T / np.sqrt(D)  # (T, S)
+            for t in range(T):
+                s[t, q_offset + t + 1:] = -np.inf
+            p = np.exp(s - s.max(axis=1, keepdims=True))
+            out[b, j] = (p / p.sum(axis=1, keepdims=True)) @ v[b, j // g]
+    return out
+
+
+# ---- attention
+
+@pytest.mark.parametrize("B,H,Hkv,T,D,q_offset", [
+    (2, 4, 2, 5, 4, 0),  # GQA, prefill
+    (1, 3, 3, 4, 6, 0),  # MHA
+    (2, 4, 1, 3, 4, 4),  # MQA, with a KV cache
+    (2, 6, 2, 1, 8, 7),  # a one-token decode step
+])
+def test_attention_gradcheck_fixed(B, H, Hkv, T, D, q_offset):
+    q, k, v = attention_inputs(B, H, Hkv, T, D, q_offset, seed=B + H + T)
+    report = gradcheck(_attn_fwd, _attn_bwd, {"q": q, "k": k, "v": v, "q_offset": q_offset},
+                       wrt=["q", "k", "v"])
+    assert report.passed and report.worst_rel_err < 1e-7
+
+
+@st.composite
+def attention_shapes(draw):
+    Hkv = draw(st.integers(1, 3))
+    g = draw(st.integers(1, 3))
+    T = draw(st.integers(1, 4))
+    return dict(B=draw(st.integers(1, 2)), H=g * Hkv, Hkv=Hkv, T=T,
+                D=2 * draw(st.integers(1, 3)), q_offset=draw(st.integers(0, 3)))
+
+
+@FAST
+@given(shape=attention_shapes(), seed=st.integers(0, 2**16))
+def test_attention_gradcheck_drawn(shape, seed):
+    q, k, v = attention_inputs(**shape, seed=seed)
+    gradcheck(_attn_fwd, _attn_bwd, {"q": q, "k": k, "v": v, "q_offset": shape["q_offset"]},
+              wrt=["q", "k", "v"], seed=seed)
+
+
+@given(shape=attention_shapes(), seed=st.integers(0, 2**16))
+def test_attention_forward_equals_naive(shape, seed):
+    q, k, v = attention_inputs(**shape, seed=seed)
+    out, cache = attention_forward(q, k, v, q_offset=shape["q_offset"])
+    np.testing.assert_allclose(out, naive_attention(q, k, v, shape["q_offset"]),
+                               rtol=1e-12, atol=1e-13)
+    P = cache.P.reshape(q.shape[:3] + (k.shape[2],))  # (B, H, T, S)
+    np.testing.assert_allclose(P.sum(axis=-1), 1.0, rtol=1e-13)
+    t, s = np.arange(q.shape[2])[:, None], np.arange(k.shape[2])[None, :]
+    assert np.all(P[..., s > shape["q_offset"] + t] == 0.0)  # exactly zero beyond the diagonal
+
+
+def test_attention_decode_step_equals_full_sequence():
+    """A KV cache step (T = 1, q_offset = S − 1) gives the full sequence's last row; a prefix
+    of queries (q_offset > 0, T > 1) gives the full sequence's last T rows."""
+    q, k, v = attention_inputs(2, 4, 2, 6, 8, 0, seed=3)
+    full, _ = attention_forward(q, k, v)
+    for T in (1, 3):
+        part, _ = attention_forward(q[:, :, -T:].copy(), k, v, q_offset=6 - T)
+        np.testing.assert_allclose(part, full[:, :, -T:], rtol=1e-13, atol=1e-14)
+
+
+def test_attention_float32_is_float32_and_close():
+    q, k, v = attention_inputs(2, 4, 2, 5, 8, 2, seed=4)
+    out64, c64 = attention_forward(q, k, v, q_offset=2)
+    q32, k32, v32 = (a.astype(np.float32) for a in (q, k, v))
+    out32, c32 = attention_forward(q32, k32, v32, q_offset=2)
+    dout = _rng(5).standard_normal(out64.shape)
+    g64 = attention_backward(dout, c64)
+    g32 = attention_backward(dout.astype(np.float32), c32)
+    assert out32.dtype == np.float32 and all(g.dtype == np.float32 for g in g32)
+    np.testing.assert_allclose(out32, out64, rtol=1e-4, atol=1e-5)
+    for a, b in zip(g32, g64, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_attention_is_stable_for_large_scores():
+    q, k, v = attention_inputs(1, 2, 1, 4, 4, 0, seed=6)
+    out, _ = attention_forward(q * 1e3, k * 1e3, v)  # exp would overflow without the max
+    assert np.all(np.isfinite(out))
+
+
+def test_attention_leaves_inputs_alone_and_returns_new_arrays():
+    q, k, v = attention_inputs(2, 4, 2, 3, 4, 1, seed=7)
+    saved = [a.copy() for a in (q, k, v)]
+    out, cache = attention_forward(q, k, v, q_offset=1)
+    grads = attention_backward(np.ones_like(out), cache)
+    for a, b in zip((q, k, v), saved, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for g in (out, *grads):
+        assert not any(np.shares_memory(g, a) for a in (q, k, v))
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(q=(1, 3, 2, 4), k=(1, 2, 2, 4)), ValueError, "multiple of Hkv"),
+    (dict(q=(1, 2, 2, 4), k=(1, 2, 3, 4)), ValueError, "q_offset \\+ T"),
+    (dict(q=(1, 2, 2, 4), k=(2, 2, 2, 4)), ValueError, "B = 1"),
+    (dict(q=(2, 2, 4), k=(1, 2, 2, 4)), ValueError, "q must be"),
+])
+def test_attention_rejects_bad_shapes(kwargs, error, match):
+    q = np.zeros(kwargs["q"])
+    k = np.zeros(kwargs["k"])
+    with pytest.raises(error, match=match):
+        attention_forward(q, k, k.copy())
+
+
+def test_attention_rejects_bad_dtypes_offsets_and_dout():
+    q, k, v = attention_inputs(1, 2, 1, 2, 4, 0)
+    with pytest.raises(TypeError, match="share one dtype"):
+        attention_forward(q, k.astype(np.float32), v)
+    with pytest.raises(TypeError, match="dtype int64"):
+        attention_forward(q.astype(np.int64), k, v)
+    with pytest.raises(ValueError, match="q_offset must be at least 0"):
+        attention_forward(q, k, v, q_offset=-1)
+    with pytest.raises(TypeError, match="q_offset must be an integer"):
+        attention_forward(q, k, v, q_offset=1.0)
+    out, cache = attention_forward(q, k, v)
+    with pytest.raises(ValueError, match="dout must be float64"):
+        attention_backward(out[:, :1], cache)
+    with pytest.raises(TypeError, match="AttentionCache"):
+        attention_backward(out, (cache.q, cache.k))
+
+
+# ---- rope
+
+def test_rope_tables_layout():
+    cos, sin = rope_tables(np.array([0, 1, 5]), 6, theta=100.0, dtype=np.float64)
+    inv_freq = 100.0 ** (-np.arange(0, 6, 2) / 6)  # theta^(−2i/D)
+    angles = np.array([0, 1, 5])[:, None] * inv_freq  # (T, D/2)
+    np.testing.assert_allclose(cos, np.cos(np.concatenate([angles, angles], 1)), rtol=1e-15)
+    np.testing.assert_allclose(sin, np.sin(np.concatenate([angles, angles], 1)), rtol=1e-15)
+    cos2, sin2 = rope_tables(np.array([0, 2, 10]), 6, theta=100.0, scaling_factor=2.0,
+                             dtype=np.float32)
+    assert cos2.dtype == np.float32 and cos2.shape == (3, 6)
+    np.testing.assert_allclose(cos2, cos, rtol=1e-6)  # linear scaling: positions / factor
+    np.testing.assert_allclose(sin2, sin, rtol=1e-6, atol=1e-7)
+
+
+def test_rope_is_a_rotation_of_relative_position():
+    """q·k after rope depends on the positions only through their difference, and position 0 is
+    the identity."""
+    rng = _rng(8)
+    q, k = rng.standard_normal((2, 1, 1, 1, 8))
+    cos, sin = rope_tables(np.arange(12), 8, theta=10000.0, dtype=np.float64)
+
+    def at(x, p):
+        return rope_forward(x, cos[p:p + 1], sin[p:p + 1])[0, 0, 0]
+
+    np.testing.assert_allclose(at(q, 0), q[0, 0, 0], rtol=1e-15)
+    np.testing.assert_allclose(at(q, 7) @ at(k, 3), at(q, 5) @ at(k, 1), rtol=1e-12)
+    np.testing.assert_allclose(np.linalg.norm(at(q, 9)), np.linalg.norm(q), rtol=1e-13)
+
+
+def test_rotate_half_squares_to_minus_one():
+    x = _rng(9).standard_normal((2, 3, 4, 6))
+    np.testing.assert_array_equal(rotate_half(rotate_half(x)), -x)
+
+
+@FAST
+@given(B=st.integers(1, 2), h=st.integers(1, 3), T=st.integers(1, 4), half=st.integers(1, 4),
+       offset=st.integers(0, 50), seed=st.integers(0, 2**16))
+def test_rope_gradcheck_drawn(B, h, T, half, offset, seed):
+    x = _rng(seed).standard_normal((B, h, T, 2 * half))
+    cos, sin = rope_tables(offset + np.arange(T), 2 * half, theta=10000.0, dtype=np.float64)
+    gradcheck(_rope_fwd, _rope_bwd, {"x": x, "cos": cos, "sin": sin}, wrt=["x"], seed=seed)
+
+
+def test_rope_gradcheck_fixed():
+    x = _rng(10).standard_normal((2, 3, 5, 8))
+    cos, sin = rope_tables(np.arange(3, 8), 8, theta=500000.0, scaling_factor=4.0,
+                           dtype=np.float64)
+    report = gradcheck(_rope_fwd, _rope_bwd, {"x": x, "cos": cos, "sin": sin}, wrt=["x"])
+    assert report.passed and report.worst_rel_err < 1e-8
+
+
+def test_rope_rejects_bad_input():
+    with pytest.raises(ValueError, match="head_dim must be even"):
+        rope_tables(np.arange(3), 5, theta=1e4, dtype=np.float64)
+    with pytest.raises(ValueError, match=r"positions\[1\] = -2"):
+        rope_tables(np.array([0, -2]), 4, theta=1e4, dtype=np.float64)
+    with pytest.raises(TypeError, match="positions must be an integer"):
+        rope_tables(np.array([0.0, 1.0]), 4, theta=1e4, dtype=np.float64)
+    with pytest.raises(ValueError, match="theta must be"):
+        rope_tables(np.arange(2), 4, theta=0.0, dtype=np.float64)
+    with pytest.raises(TypeError, match="dtype must be"):
+        rope_tables(np.arange(2), 4, theta=1e4, dtype=np.int32)
+    cos, sin = rope_tables(np.arange(3), 4, theta=1e4, dtype=np.float64)
+    with pytest.raises(ValueError, match=r"x must be \(B, h, T, D\)"):
+        rope_forward(np.zeros((1, 1, 2, 4)), cos, sin)
+    with pytest.raises(TypeError, match="share one dtype"):
+        rope_forward(np.zeros((1, 1, 3, 4), np.float32), cos, sin)
+    with pytest.raises(ValueError, match=r"dy must be"):
+        rope_backward(np.zeros((1, 3, 4)), cos, sin)
+
+
+# ---- rmsnorm
+
+@FAST
+@given(lead=st.lists(st.integers(1, 3), min_size=0, max_size=2), d=st.integers(1, 9),
+       eps=st.sampled_from([0.0, 1e-6, 0.5]), seed=st.integers(0, 2**16))
+def test_rmsnorm_gradcheck_drawn(lead, d, eps, seed):
+    rng = _rng(seed)
+    x = rng.standard_normal((*lead, d)) * rng.uniform(0.1, 10)
+    w = rng.standard_normal(d)
+    gradcheck(_rms_fwd, _rms_bwd, {"x": x, "weight": w, "eps": eps}, wrt=["x"], seed=seed)
+
+
+def test_rmsnorm_gradcheck_fixed_and_forward():
+    rng = _rng(11)
+    x, w = rng.standard_normal((2, 5, 16)), rng.standard_normal(16)
+    report = gradcheck(_rms_fwd, _rms_bwd, {"x": x, "weight": w, "eps": 1e-5}, wrt=["x"])
+    assert report.passed and report.worst_rel_err < 1e-8
+    y, _ = rmsnorm_forward(x, w, eps=1e-5)
+    expected = x / np.sqrt(np.mean(x ** 2, axis=-1, keepdims=True) + 1e-5) * w
+    np.testing.assert_allclose(y, expected, rtol=1e-14)
+    y32, c32 = rmsnorm_forward(x.astype(np.float32), w.astype(np.float32), eps=1e-5)
+    assert y32.dtype == np.float32
+    assert rmsnorm_backward(y32, c32).dtype == np.float32
+    np.testing.assert_allclose(y32, y, rtol=1e-5, atol=1e-5)
+    assert not np.shares_memory(y, x)
+
+
+def test_rmsnorm_rejects_bad_input():
+    x, w = np.ones((2, 4)), np.ones(4)
+    with pytest.raises(ValueError, match=r"weight \(d,\), got x \(2, 4\) and weight \(3,\)"):
+        rmsnorm_forward(x, np.ones(3), eps=1e-6)
+    with pytest.raises(ValueError, match="eps must be"):
+        rmsnorm_forward(x, w, eps=-1.0)
+    with pytest.raises(TypeError, match="share one dtype"):
+        rmsnorm_forward(x, w.astype(np.float32), eps=1e-6)
+    _, cache = rmsnorm_forward(x, w, eps=1e-6)
+    with pytest.raises(ValueError, match="dy must be float64"):
+        rmsnorm_backward(np.ones((2, 4), np.float32), cache)
+
+
+# ---- embedding
+
+def test_embedding_copies_rows_and_scatter_adds():
+    rng = _rng(12)
+    W = rng.standard_normal((7, 3))
+    ids = np.array([[1, 4, 1], [6, 0, 1]])
+    h, cache = embedding_forward(ids, W)
+    assert h.shape == (2, 3, 3) and not np.shares_memory(h, W)
+    np.testing.assert_array_equal(h[1, 0], W[6])
+    dh = rng.standard_normal(h.shape)
+    dW = embedding_backward(dh, cache)
+    np.testing.assert_allclose(dW[1], dh[0, 0] + dh[0, 2] + dh[1, 2], rtol=1e-15)
+    np.testing.assert_array_equal(dW[[2, 3, 5]], 0.0)
+    ids[0, 0] = 2  # the cache holds its own copy of the ids
+    np.testing.assert_array_equal(embedding_backward(dh, cache), dW)
+    report = gradcheck(embedding_forward, _emb_bwd, {"ids": ids, "weight": W}, wrt=["weight"])
+    assert report.passed and report.worst_rel_err < 1e-8
+
+
+@FAST
+@given(B=st.integers(1, 3), T=st.integers(1, 5), V=st.integers(1, 6), d=st.integers(1, 4),
+       seed=st.integers(0, 2**16))
+def test_embedding_gradcheck_drawn(B, T, V, d, seed):
+    rng = _rng(seed)
+    ids = rng.integers(0, V, (B, T))
+    W = rng.standard_normal((V, d))
+    gradcheck(embedding_forward, _emb_bwd, {"ids": ids, "weight": W}, wrt=["weight"], seed=seed)
+
+
+def test_embedding_rejects_bad_ids():
+    W = np.zeros((5, 2))
+    with pytest.raises(ValueError, match=r"ids\[1, 0\] = 5 is out of range"):
+        embedding_forward(np.array([[0, 1], [5, 2]]), W)
+    with pytest.raises(ValueError, match=r"ids\[0, 1\] = -1"):
+        embedding_forward(np.array([[0, -1]]), W)
+    with pytest.raises(TypeError, match="ids must be an integer array"):
+        embedding_forward(np.array([[0.0]]), W)
+    with pytest.raises(ValueError, match=r"ids must be \(B, T\)"):
+        embedding_forward(np.array([0, 1]), W)
+    with pytest.raises(ValueError, match=r"weight must be \(V, d\)"):
+        embedding_forward(np.array([[0]]), np.zeros(5))
+
+
+# ---- causal LM loss
+
+def naive_lm_loss(logits, ids, ignore_index):
+    total, n = 0.0, 0
+    for b in range(ids.shape[0]):
+        for t in range(ids.shape[1] - 1):
+            y = ids[b, t + 1]
+            if y != ignore_index:
+                row = logits[b, t]
+                total -= row[y] - np.log(np.sum(np.exp(row)))
+                n += 1
+    return total / n
+
+
+@FAST
+@given(B=st.integers(1, 3), T=st.integers(2, 5), V=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_lm_loss_gradcheck_and_value_drawn(B, T, V, seed):
+    rng = _rng(seed)
+    logits = rng.standard_normal((B, T, V)) * 3
+    ids = rng.integers(0, V, (B, T))
+    ids[rng.random((B, T)) < 0.3] = -100
+    ids[0, 1] = 0  # at least one target
+    loss, cache = causal_lm_loss(logits, ids)
+    assert isinstance(loss, float)
+    np.testing.assert_allclose(loss, naive_lm_loss(logits, ids, -100), rtol=1e-12, atol=1e-14)
+    dlogits = causal_lm_loss_backward(cache)
+    assert np.all(dlogits[:, -1] == 0.0)
+    gradcheck(_loss_fwd, _loss_bwd, {"logits": logits, "input_ids": ids, "ignore_index": -100},
+              wrt=["logits"], seed=seed)
+
+
+def test_lm_loss_ignore_index_and_stability():
+    logits = _rng(13).standard_normal((2, 4, 5)) * 1e3  # exp would overflow without the max
+    ids = np.array([[1, 2, 3, 4], [0, 7, 7, 2]])
+    loss, cache = causal_lm_loss(logits, ids, ignore_index=7)
+    assert np.isfinite(loss) and cache.n == 4
+    d = causal_lm_loss_backward(cache, 2.0)
+    np.testing.assert_array_equal(d[1, :2], 0.0)  # positions whose target is ignored
+    np.testing.assert_allclose(d[0, 0].sum(), 0.0, atol=1e-15)  # softmax − onehot sums to 0
+
+
+def test_lm_loss_rejects_bad_input():
+    logits = np.zeros((1, 3, 4))
+    with pytest.raises(ValueError, match="no target"):
+        causal_lm_loss(logits, np.array([[1, -100, -100]]))
+    with pytest.raises(ValueError, match="no target"):
+        causal_lm_loss(np.zeros((2, 1, 4)), np.array([[1], [2]]))
+    with pytest.raises(ValueError, match=r"input_ids\[0, 2\] = 4 is out of range"):
+        causal_lm_loss(logits, np.array([[1, 2, 4]]))
+    with pytest.raises(ValueError, match=r"input_ids must be \(B, T\)"):
+        causal_lm_loss(logits, np.array([[1, 2]]))
+    with pytest.raises(TypeError, match="input_ids must be an integer"):
+        causal_lm_loss(logits, np.array([[1.0, 2.0, 3.0]]))
