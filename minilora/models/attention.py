@@ -35,10 +35,12 @@ class AttentionCache(NamedTuple):
     q_shape: tuple  # (B, H, T, D)
 
 
-def causal_mask(T, S, q_offset):
-    """True where query t (absolute position q_offset + t) must not see key s: s > q_offset + t.
-    Returns a (T, S) boolean array."""
-    return np.arange(S)[None, :] > q_offset + np.arange(T)[:, None]  # (T, S)
+def causal_bias(T, S, q_offset, dtype):
+    """The additive causal mask M (T, S): 0 where query t (absolute position q_offset + t) may
+    see key s (s ≤ q_offset + t), −∞ where it may not. Adding it is one broadcast pass over the
+    scores (a boolean-index assignment costs several times more)."""
+    hidden = np.arange(S)[None, :] > q_offset + np.arange(T)[:, None]  # (T, S)
+    return np.where(hidden, -np.inf, 0.0).astype(dtype)  # (T, S)
 
 
 def attention_forward(q, k, v, *, q_offset=0):
@@ -83,7 +85,7 @@ def attention_forward(q, k, v, *, q_offset=0):
     qg = q.reshape(B, Hkv, g * T, D)  # (B, Hkv, g·T, D), a view when q is contiguous
     scores = (qg @ k.swapaxes(-1, -2)) * scale  # (B, Hkv, g·T, S)
     scores = scores.reshape(B, Hkv, g, T, S)  # (B, Hkv, g, T, S)
-    scores[..., causal_mask(T, S, q_offset)] = -np.inf  # masked: exp(−∞) = 0 exactly
+    scores += causal_bias(T, S, q_offset, q.dtype)  # + M (T, S): masked, exp(−∞) = 0 exactly
     scores -= scores.max(axis=-1, keepdims=True)  # (B, Hkv, g, T, S), every row's max is 0
     P = np.exp(scores, out=scores)  # (B, Hkv, g, T, S), in place of the scores
     P /= P.sum(axis=-1, keepdims=True)
