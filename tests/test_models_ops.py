@@ -300,6 +300,16 @@ def test_rmsnorm_gradcheck_fixed_and_forward():
     assert not np.shares_memory(y, x)
 
 
+def test_rmsnorm_gradient_is_orthogonal_to_x_without_eps():
+    """With eps = 0, y(c·x) = y(x): the gradient has no component along x (docs/math.md §8)."""
+    rng = _rng(14)
+    x, w, dy = rng.standard_normal((4, 9)), rng.standard_normal(9), rng.standard_normal((4, 9))
+    _, cache = rmsnorm_forward(x, w, eps=0.0)
+    dx = rmsnorm_backward(dy, cache)
+    np.testing.assert_allclose(np.sum(dx * x, axis=-1), 0.0, atol=1e-13)
+    assert np.min(np.abs(dx)) >= 0 and np.max(np.abs(dx)) > 0.1  # not zero altogether
+
+
 def test_rmsnorm_rejects_bad_input():
     x, w = np.ones((2, 4)), np.ones(4)
     with pytest.raises(ValueError, match=r"weight \(d,\), got x \(2, 4\) and weight \(3,\)"):
