@@ -176,6 +176,15 @@ def test_bad_blocksizes_are_refused(blocksize):
         nf4.quantize_nf4(np.ones(8, np.float32), blocksize)
 
 
+@pytest.mark.parametrize("a, blocksize, match", [
+    (np.ones(4), 256, "1-D float32"), (np.ones((2, 2), np.float32), 256, "1-D float32"),
+    (np.array([np.nan], np.float32), 256, "NaN"), (np.ones(4, np.float32), 0, "positive int"),
+    (np.ones(4, np.float32), True, "positive int")])
+def test_bad_blockwise_inputs_are_refused(a, blocksize, match):
+    with pytest.raises(ValueError, match=match):
+        nf4.quantize_blockwise(a, blocksize)
+
+
 def test_inconsistent_nf4_weights_are_refused():
     q = nf4.quantize_nf4(draw((4, 32), 5, 1.0), 64)
     dq = nf4.quantize_nf4(draw((4, 32), 5, 1.0), 64, double_quant=True)
@@ -260,3 +269,28 @@ def test_honest_nf4_kernel_passes_and_a_planted_error_fails(dtype):
     code_book_off = nf4.honest_case(c, dtype)  # a kernel whose table is off by 1e-2 relative
     code_book_off.tensors["W"] = code_book_off.tensors["W"] * 1.01
     assert not judge.compare(emulate(code_book_off, dtype)).passed
+
+
+def test_nf4_case_reference_gradients_match_finite_differences():
+    from minilora.functional import lora_backward, lora_forward
+    from minilora.gradcheck import gradcheck
+
+    c = nf4.make_nf4_case(d_in=64, d_out=12, r=3, batch=5, dtype="fp32", seed=4,
+                          double_quant=True, bias=True)
+    t = {k: v.astype(np.float64) for k, v in c.case.tensors.items()}
+    s = c.case.scaling
+
+    def forward(x, W, A, B, bias):
+        return lora_forward(x, W, A, B, scaling=s, bias=bias)
+
+    def backward(dy, cache):
+        return lora_backward(dy, cache, need_dx=True, need_dW=True, need_dbias=True)
+
+    report = gradcheck(forward, backward, {k: t[k] for k in ("x", "W", "A", "B", "bias")})
+    assert report.passed
+    ref = oracle.reference(c.case)  # the oracle's reference is these gradients at the exact W
+    y, cache = forward(t["x"], t["W"], t["A"], t["B"], t["bias"])
+    grads = backward(t["dy"], cache)
+    for name, value in (("y", y), ("dx", grads.dx), ("dA", grads.dA), ("dB", grads.dB),
+                        ("dW", grads.dW)):
+        assert np.allclose(ref[name], value, rtol=1e-12, atol=1e-12 * np.max(np.abs(value)))

@@ -237,6 +237,14 @@ def quantize_blockwise(a, blocksize=ABSMAX_BLOCKSIZE):
     v = fl32(a_i / a2_k); p_i = the largest j with d'_j ≤ v (d' the map with d'_0 = −1), plus
     one if |v − d_{j+1}| < |v − d_j| in float32. A block with a2 = 0 gets the index of 0.
     """
+    if not (isinstance(a, np.ndarray) and a.dtype == np.float32 and a.ndim == 1):
+        raise ValueError(f"a must be a 1-D float32 array, got "
+                         f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError("a has NaN or infinite values")
+    if isinstance(blocksize, bool) or not isinstance(blocksize, (int, np.integer)) \
+            or blocksize < 1:
+        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
     d = dynamic_map()  # (256,)
     search = d.copy()  # (256,)
     search[0] = np.float32(-1)  # the CPU kernel's d'_0 (so that v = −1 finds index 0)
@@ -345,7 +353,8 @@ class NF4Case(NamedTuple):
 def make_nf4_case(*, blocksize=64, double_quant=False, **make_case_args):
     """A case drawn as ``make_case(**make_case_args)`` draws it, whose base weight W is then
     quantized to NF4 in its stored layout ((d_out, d_in), or (d_in, d_out) with
-    fan_in_fan_out) and replaced by its exact float64 dequantization.
+    fan_in_fan_out; an fp64 case's W is rounded to float32 first, as bitsandbytes quantizes
+    16/32-bit floats) and replaced by its exact float64 dequantization.
 
     The other inputs stay rounded to the case's precision; W is not representable in it (nor
     in float32): an honest kernel holds ``honest_weight(weight, dtype)``, which
