@@ -294,3 +294,16 @@ def test_nf4_case_reference_gradients_match_finite_differences():
     for name, value in (("y", y), ("dx", grads.dx), ("dA", grads.dA), ("dB", grads.dB),
                         ("dW", grads.dW)):
         assert np.allclose(ref[name], value, rtol=1e-12, atol=1e-12 * np.max(np.abs(value)))
+
+
+@pytest.mark.parametrize("ext", ["npz", "safetensors"])
+def test_nf4_case_file_round_trip_keeps_w_exact(tmp_path, ext):
+    c = nf4.make_nf4_case(d_in=64, d_out=16, r=4, dtype="bf16", seed=0, double_quant=True)
+    oracle.save_case(tmp_path / f"case.{ext}", c.case)
+    loaded = oracle.load_case(tmp_path / f"case.{ext}")
+    assert loaded.tensors["W"].dtype == np.float64
+    assert np.array_equal(loaded.tensors["W"], c.case.tensors["W"])
+    assert loaded.layer["base"] == "nf4" and loaded.layer["double_quant"] is True
+    for dtype in ("bf16", "fp16", "fp32", "fp64"):  # the honest W without the codes
+        assert np.array_equal(nf4.honest_case(loaded, dtype).tensors["W"],
+                              nf4.honest_weight(c.weight, dtype))

@@ -378,8 +378,19 @@ def make_nf4_case(*, blocksize=64, double_quant=False, **make_case_args):
     return NF4Case(dataclasses.replace(case, tensors=tensors, layer=layer), weight)
 
 
-def honest_case(nf4_case, dtype):
+def honest_case(case, dtype):
     """The case with W as an honest kernel at ``dtype`` holds it (``honest_weight``): what the
-    judge's baseline and random runs should start from for an NF4 case."""
-    case, weight = nf4_case
-    return case.with_tensors({**case.tensors, "W": honest_weight(weight, dtype)})
+    judge's baseline and random runs should start from for an NF4 case.
+
+    ``case`` is an NF4Case, or a Case whose W is an exact NF4 dequantization (one read back
+    from a file: W = c·a exactly, so fl32(W) is the kernels' float32 product and
+    p(fl32(W)) = ``honest_weight`` without the codes)."""
+    if isinstance(case, NF4Case):
+        case, weight = case
+        W = honest_weight(weight, dtype)  # W's shape
+    else:
+        prec = precision(dtype)
+        W = case.tensors["W"].astype(np.float64)  # W's shape
+        if prec.name != "fp64":
+            W = prec.round(W.astype(np.float32)).astype(np.float64)  # W's shape
+    return case.with_tensors({**case.tensors, "W": W})
