@@ -34,9 +34,14 @@ Where the definition comes from (bitsandbytes 0.50.2, ``bitsandbytes/functional.
   rebuilt here with torch's float32 ``linspace`` rule (checked equal to bitsandbytes' tensor
   in tests/test_oracle_nf4_bnb.py);
 * the 8-bit quantization of a_b − μ (the CPU kernel ``quantize_block``): x / a2 in float32,
-  the map's largest entry ≤ it found with the map's first entry taken as −1, then the next
-  entry taken if its float32 distance is strictly smaller (ties to the lower index); a block
-  of absmax with a2 = 0 dequantizes to 0 whatever its indices (here: the index of 0).
+  the map's largest entry ≤ it found with the map's first entry taken as −1 (in the distances
+  too), then the next entry taken if its float32 distance is strictly smaller (ties to the
+  lower index); a block of absmax with a2 = 0 dequantizes to 0 whatever its indices (here: the
+  index of 0). Two things are not bit for bit with bitsandbytes' build: μ here is the float64
+  mean rounded to float32 (torch's float32 ``mean`` sums in its own order: within 2 ulp), and
+  about 0.2% of the 8-bit indices differ by one from its compiled kernel's. Neither changes
+  what a case judges: W is defined from the stored state, and dequantizing a bitsandbytes
+  state here is bit for bit (tests/test_oracle_nf4_bnb.py).
 
 torchao's NF4 (``torchao.dtypes.nf4tensor``) is another definition: its table is rounded to
 fewer digits, and it scales by a second-level int8 quantization of the per-block scalers
