@@ -1,0 +1,279 @@
+"""A transformers ``config.json`` read strictly into the model minilora builds.
+
+Three architectures share one decoder (``minilora.models.llama``): LLaMA, Qwen2 (bias on q, k
+and v) and Mistral. Every key that changes what the model computes is read and checked; a value
+minilora cannot compute exactly (a rope scaling other than none or linear, mixture-of-experts
+keys, partial rotary, dropout in attention) is a ValueError naming the file and the key, never a
+silently different model. Keys that do not change the computation (token ids, torch_dtype,
+use_cache, transformers_version, initializer_range ...) are ignored.
+
+Sliding-window attention (Mistral's ``sliding_window``; Qwen2's when ``use_sliding_window``
+makes layers ``sliding_attention``): a query sees the keys at most w − 1 positions back. For
+sequences of at most w tokens that is plain causal attention, so the window is kept as
+``sliding_window`` and the model refuses longer sequences (``max_sequence_length``) rather than
+computing something else.
+"""
+
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from minilora._json import read_json
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+                 "MistralForCausalLM": "mistral"}
+# transformers' activation names -> minilora.blocks.ACTIVATIONS
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
+               "gelu_new": "gelu_tanh"}
+MAX_SIZE = 2**20  # hidden_size, intermediate_size, head_dim, number of heads
+MAX_VOCAB = 2**22
+MAX_LAYERS = 4096
+MAX_POSITIONS = 2**24
+MAX_PARAMETERS = 2**40  # a model beyond this is no model this code will hold
+# Keys whose presence means a computation the decoder does not have.
+MOE_KEYS = ("num_experts", "num_local_experts", "num_experts_per_tok", "n_routed_experts",
+            "moe_intermediate_size")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The decoder's sizes and options. d = hidden_size, H = num_attention_heads,
+    Hkv = num_key_value_heads, D = head_dim, F = intermediate_size, V = vocab_size."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling_factor: float = 1.0  # 1.0: none; else linear: positions divided by it
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"  # one of minilora.blocks.ACTIVATIONS
+    sliding_window: int | None = None  # a window in use bounds the sequence length
+
+    def __post_init__(self):
+        _check(self, "ModelConfig")
+
+    @property
+    def max_sequence_length(self):
+        """The longest sequence (past + new tokens) the model computes exactly."""
+        if self.sliding_window is None:
+            return self.max_position_embeddings
+        return min(self.max_position_embeddings, self.sliding_window)
+
+    @property
+    def num_parameters(self):
+        """The base model's parameter count."""
+        return _parameter_count(self)
+
+    @classmethod
+    def from_dict(cls, d, *, where="config.json"):
+        """A ModelConfig from a transformers config dict; ValueError naming ``where`` and the
+        key for anything it cannot represent."""
+        return cls(**_read(d, where))
+
+
+def read_config(path):
+    """``config.json`` (a path to it, or the model folder holding it) as a ModelConfig."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    return ModelConfig.from_dict(read_json(path), where=str(path))
+
+
+def _parameter_count(c):
+    attention = c.hidden_size * c.head_dim * (2 * c.num_attention_heads
+                                              + 2 * c.num_key_value_heads)
+    mlp = 3 * c.hidden_size * c.intermediate_size
+    head = 1 if c.tie_word_embeddings else 2
+    return (head * c.vocab_size * c.hidden_size + c.hidden_size
+            + c.num_hidden_layers * (attention + mlp + 2 * c.hidden_size))
+
+
+def _check(c, where):
+    """The checks a ModelConfig's values must pass, however it was made."""
+    def fail(key, message):
+        raise ValueError(f"{where}: {key} {message}")
+
+    if c.architecture not in ARCHITECTURES:
+        fail("architecture", f"must be one of {sorted(ARCHITECTURES)}, got {c.architecture!r}")
+    for key, bound in (("vocab_size", MAX_VOCAB), ("hidden_size", MAX_SIZE),
+                       ("intermediate_size", MAX_SIZE), ("num_hidden_layers", MAX_LAYERS),
+                       ("num_attention_heads", MAX_SIZE), ("num_key_value_heads", MAX_SIZE),
+                       ("head_dim", MAX_SIZE), ("max_position_embeddings", MAX_POSITIONS)):
+        value = getattr(c, key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail(key, f"must be an integer, got {type(value).__name__} {value!r}")
+        if not 1 <= value <= bound:
+            fail(key, f"must be in [1, {bound}], got {value}")
+    if c.num_attention_heads % c.num_key_value_heads:
+        fail("num_key_value_heads", f"must divide num_attention_heads = "
+             f"{c.num_attention_heads}, got {c.num_key_value_heads}")
+    if c.head_dim % 2:
+        fail("head_dim", f"must be even (rotary embedding rotates pairs), got {c.head_dim}")
+    for key, low in (("rms_norm_eps", 0.0), ("rope_theta", 1.0), ("rope_scaling_factor", 0.0)):
+        value = getattr(c, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail(key, f"must be a number, got {type(value).__name__} {value!r}")
+        if not (math.isfinite(value) and value > low):
+            fail(key, f"must be a finite number above {low}, got {value}")
+    for key in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias"):
+        if not isinstance(getattr(c, key), bool):
+            fail(key, f"must be true or false, got {getattr(c, key)!r}")
+    if c.hidden_act not in ACTIVATIONS.values():
+        fail("hidden_act", f"must be one of {sorted(set(ACTIVATIONS.values()))}, "
+             f"got {c.hidden_act!r}")
+    w = c.sliding_window
+    if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+        fail("sliding_window", f"must be null or a positive integer, got {w!r}")
+    if _parameter_count(c) > MAX_PARAMETERS:
+        fail("(sizes)", f"describe {_parameter_count(c):.3g} parameters, more than "
+             f"{MAX_PARAMETERS:.3g}")
+
+
+def _read(d, where):
+    """The ModelConfig keyword arguments in a transformers config dict."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: must hold a JSON object, got {type(d).__name__}")
+
+    def fail(key, message):
+        raise ValueError(f"{where}: {key} {message}")
+
+    def get(key, kinds, describe, default=...):
+        if key not in d or (d[key] is None and default is not ...):
+            if default is ...:
+                fail(key, "is missing")
+            return default
+        value = d[key]
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+            fail(key, f"must be {describe}, got {type(value).__name__} {value!r}")
+        return value
+
+    architecture = _architecture(d, where, get)
+    model_type = ARCHITECTURES[architecture]
+    for key in MOE_KEYS:
+        if d.get(key) not in (None, 0):
+            fail(key, "is set: mixture-of-experts models are not this decoder")
+    integer, number, flag = (int,), (int, float), (bool,)
+    hidden = get("hidden_size", integer, "an integer")
+    heads = get("num_attention_heads", integer, "an integer")
+    if isinstance(heads, int) and heads > 0 and hidden % heads and "head_dim" not in d:
+        fail("head_dim", f"is missing and hidden_size {hidden} is not a multiple of "
+             f"num_attention_heads {heads}")
+    out = {
+        "architecture": architecture,
+        "vocab_size": get("vocab_size", integer, "an integer"),
+        "hidden_size": hidden,
+        "intermediate_size": get("intermediate_size", integer, "an integer"),
+        "num_hidden_layers": get("num_hidden_layers", integer, "an integer"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": get("num_key_value_heads", integer, "an integer", heads),
+        "head_dim": get("head_dim", integer, "an integer",
+                        hidden // heads if isinstance(heads, int) and heads > 0 else 0),
+        "rms_norm_eps": get("rms_norm_eps", number, "a number", 1e-6),
+        "max_position_embeddings": get("max_position_embeddings", integer, "an integer", 2048),
+        "tie_word_embeddings": get("tie_word_embeddings", flag, "true or false", False),
+    }
+    act = get("hidden_act", (str,), "a string", "silu")
+    if act not in ACTIVATIONS:
+        fail("hidden_act", f"must be one of {sorted(ACTIVATIONS)}, got {act!r}")
+    out["hidden_act"] = ACTIVATIONS[act]
+    out["rope_theta"], out["rope_scaling_factor"] = _rope(d, where, get)
+    if model_type == "qwen2":  # q, k and v carry a bias, o does not (Qwen2Attention)
+        out["qkv_bias"], out["o_bias"] = True, False
+    elif model_type == "llama":
+        bias = get("attention_bias", flag, "true or false", False)
+        out["qkv_bias"] = out["o_bias"] = bias
+        out["mlp_bias"] = get("mlp_bias", flag, "true or false", False)
+        get("pretraining_tp", integer, "an integer", 1)  # a sliced matmul: the same products
+    dropout = get("attention_dropout", number, "a number", 0.0)
+    if dropout != 0:
+        fail("attention_dropout", f"is {dropout}: dropout on attention probabilities is not "
+             f"computed here (LoRA's own dropout is the adapter's)")
+    out["sliding_window"] = _sliding_window(d, where, get, model_type, out["num_hidden_layers"])
+    return out
+
+
+def _architecture(d, where, get):
+    archs = get("architectures", (list,), "a list of one architecture name", None)
+    model_type = get("model_type", (str,), "a string", None)
+    if archs is not None:
+        if len(archs) != 1 or not isinstance(archs[0], str):
+            raise ValueError(f"{where}: architectures must list one name, got {archs!r}")
+        arch = archs[0]
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"{where}: architectures names {arch!r}; minilora builds "
+                             f"{sorted(ARCHITECTURES)}")
+        if model_type is not None and model_type != ARCHITECTURES[arch]:
+            raise ValueError(f"{where}: model_type {model_type!r} disagrees with "
+                             f"architectures {arch!r}")
+        return arch
+    by_type = {t: a for a, t in ARCHITECTURES.items()}
+    if model_type not in by_type:
+        raise ValueError(f"{where}: model_type must be one of {sorted(by_type)} (or "
+                         f"architectures given), got {model_type!r}")
+    return by_type[model_type]
+
+
+def _rope(d, where, get):
+    """(rope_theta, linear scaling factor) from transformers 5's ``rope_parameters`` or the
+    older top-level ``rope_theta`` + ``rope_scaling``."""
+    params = get("rope_parameters", (dict,), "an object", None)
+    scaling = get("rope_scaling", (dict,), "an object", None)
+    key = "rope_parameters" if params is not None else "rope_scaling"
+    spec = dict(scaling or {})
+    if params is not None:
+        spec = dict(params)
+    theta = spec.pop("rope_theta", None)
+    if theta is None:
+        theta = get("rope_theta", (int, float), "a number", 10000.0)
+    elif isinstance(theta, bool) or not isinstance(theta, (int, float)):
+        raise ValueError(f"{where}: {key}.rope_theta must be a number, got {theta!r}")
+    kind = spec.pop("rope_type", spec.pop("type", "default"))
+    factor = 1.0
+    if kind == "linear":
+        factor = spec.pop("factor", None)
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)):
+            raise ValueError(f"{where}: {key}.factor must be a number for linear rope, "
+                             f"got {factor!r}")
+    elif kind != "default":
+        raise ValueError(f"{where}: {key}.rope_type {kind!r} is not computed here (none or "
+                         f"linear only)")
+    partial = spec.pop("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ValueError(f"{where}: partial_rotary_factor {partial!r}: only full rotary "
+                         f"embedding is computed here")
+    return float(theta), float(factor)
+
+
+def _sliding_window(d, where, get, model_type, layers):
+    """The window in use, or None (see the module docstring)."""
+    if model_type == "llama":
+        return None
+    window = get("sliding_window", (int,), "null or an integer", None)
+    if window is None or model_type == "mistral":
+        return window
+    # Qwen2: the layers marked sliding_attention use it; transformers derives the marks from
+    # use_sliding_window and max_window_layers when layer_types is absent.
+    kinds = d.get("layer_types")
+    if kinds is None:
+        use = get("use_sliding_window", (bool,), "true or false", False)
+        first = get("max_window_layers", (int,), "an integer", layers)
+        kinds = ["sliding_attention" if use and i >= first else "full_attention"
+                 for i in range(layers)]
+    if (not isinstance(kinds, list)
+            or any(k not in ("full_attention", "sliding_attention") for k in kinds)):
+        raise ValueError(f"{where}: layer_types must list full_attention / sliding_attention, "
+                         f"got {kinds!r}")
+    return window if "sliding_attention" in kinds else None
+
+
+FIELDS = tuple(f.name for f in fields(ModelConfig))
