@@ -24,6 +24,7 @@ Dtypes the package knows but NumPy cannot hold (F8, F6, F4) are refused by name.
 
 import json
 import math
+import os
 import re
 import struct
 
@@ -250,6 +251,43 @@ def load(path):
     except OSError as e:
         raise SafetensorsError(f"{path}: cannot read: {e.strerror or e}") from None
     return loads(data, str(path))
+
+
+def read_header(f, name):
+    """``(entries, metadata, data_start)`` of the open safetensors file ``f``, validated as
+    ``loads`` validates a whole file (the layout against the file's size) while reading only
+    the header: the data is then read tensor by tensor (``read_tensor``)."""
+    try:
+        size = os.fstat(f.fileno()).st_size
+        f.seek(0)
+        head = f.read(8)
+        if len(head) < 8:
+            raise SafetensorsError(f"too short to be a safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER:
+            raise SafetensorsError(f"header length {n} exceeds the format's {MAX_HEADER}")
+        if 8 + n > size:
+            raise SafetensorsError(f"header length {n} does not fit a {size}-byte file")
+        entries, metadata = parse_header(f.read(n))
+        check_layout(entries, size - 8 - n)
+        unreadable = sorted({dtype for dtype, _, _ in entries.values()} - set(_DTYPES))
+        if unreadable:
+            raise SafetensorsError(f"dtype {unreadable[0]} is valid safetensors but has no "
+                                   f"NumPy equivalent")
+    except SafetensorsError as e:
+        raise SafetensorsError(f"{name}: {e}") from None
+    return entries, metadata, 8 + n
+
+
+def read_tensor(f, entry, data_start):
+    """One tensor of the open file ``f`` from its header ``entry`` (as ``read_header`` gives
+    it), as ``loads`` would return it."""
+    dtype, shape, (begin, end) = entry
+    f.seek(data_start + begin)
+    raw = f.read(end - begin)
+    if len(raw) != end - begin:  # the file shrank since its header was read
+        raise SafetensorsError(f"{f.name}: ended inside a tensor's data")
+    return _array(dtype, shape, raw)
 
 
 def dumps(tensors, metadata=None):
