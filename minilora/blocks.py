@@ -138,6 +138,21 @@ def _per_projection(value, P, name, *, required=False):
     return (value,) * P
 
 
+def _scalings(scaling, P, name="scaling"):
+    """The P scalings as a tuple: a list, tuple or 1-D NumPy array of P reals, or one real
+    (a 0-d array is one value) for every projection or adapter. Each entry is checked by the
+    layer (``check_scaling``); an array of another dtype or rank is a TypeError naming it."""
+    if isinstance(scaling, np.ndarray):
+        if scaling.dtype.kind not in "iuf":
+            raise TypeError(f"{name} must hold real numbers, got an array of dtype "
+                            f"{scaling.dtype}")
+        if scaling.ndim > 1:
+            raise TypeError(f"{name} must be one real number or a 1-D array of {P} (one per "
+                            f"projection or adapter), got an array of shape {scaling.shape}")
+        scaling = scaling[()] if scaling.ndim == 0 else scaling.tolist()  # NumPy scalar, list
+    return _per_projection(scaling, P, name, required=True)
+
+
 def _projections(W, A, B):
     """The number of projections (at least one), checking that W, A and B are sequences of
     one length."""
@@ -193,7 +208,7 @@ def lora_qkv_forward(x, W, A, B, *, scaling, bias=None, dropout_mask=None, backe
     ----------
     x : (..., d_in)
     W, A, B : sequences of P ≥ 1 arrays: W[j] (d_j, d_in), A[j] (r_j, d_in), B[j] (d_j, r_j)
-    scaling : one float for all, or a sequence of P
+    scaling : one float for all, or P of them (a list, tuple or 1-D array)
     bias : None, one (d_j,) array per projection in a sequence of P (entries may be None)
     dropout_mask : None, one array broadcastable to x for all, or a sequence of P (entries may be
         None): PEFT draws each projection's dropout separately
@@ -205,7 +220,7 @@ def lora_qkv_forward(x, W, A, B, *, scaling, bias=None, dropout_mask=None, backe
     cache : QKVCache for ``lora_qkv_backward``
     """
     P = _projections(W, A, B)
-    scalings = _per_projection(scaling, P, "scaling", required=True)
+    scalings = _scalings(scaling, P)
     if bias is not None and not isinstance(bias, (list, tuple)):
         raise TypeError("bias must be None or a list or tuple of one array (or None) per "
                         "projection")
@@ -292,7 +307,7 @@ def lora_mlp_forward(x, W, A, B, *, scaling, activation="silu", bias=None, dropo
     x : (..., d_in)
     W, A, B : triples (gate, up, down): W[0], W[1] (hidden, d_in), W[2] (d_out, hidden);
         A[j], B[j] the adapters' (r_j, d_in_j), (d_out_j, r_j)
-    scaling : one float for all, or a triple
+    scaling : one float for all, or a triple (a list, tuple or 1-D array)
     activation : "silu" (SwiGLU), "gelu" (erf) or "gelu_tanh"
     bias : None or a triple (entries may be None)
     dropout_mask : None or a triple (entries may be None): gate's and up's broadcastable to x,
@@ -308,7 +323,7 @@ def lora_mlp_forward(x, W, A, B, *, scaling, activation="silu", bias=None, dropo
         raise ValueError(f"W, A and B must be triples (gate, up, down), got {len(W)} entries")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    scalings = _per_projection(scaling, 3, "scaling", required=True)
+    scalings = _scalings(scaling, 3)
     if bias is not None and not isinstance(bias, (list, tuple)):
         raise TypeError("bias must be None or a triple (gate, up, down), entries may be None")
     biases = _per_projection(bias, 3, "bias")
@@ -449,7 +464,7 @@ def multi_lora_forward(x, W, A, B, adapter_index, *, scaling, bias=None, dropout
     A, B : sequences of K ≥ 1: A[k] (r_k, d_in), B[k] (d_out, r_k) (ranks may differ)
     adapter_index : integers shaped like x's leading dimensions: the adapter of each token,
         −1 for the base layer alone (PEFT's "__base__", punica's −1)
-    scaling : one float, or a sequence of K
+    scaling : one float, or K of them (a list, tuple or 1-D array)
     bias : (d_out,) or None;  dropout_mask : broadcastable to x, or None
     backend : "numpy", "numba" or None. Both run the NumPy code below: its time is BLAS's
         (the frozen product, and each adapter's products on its own rows) and the row
@@ -464,8 +479,7 @@ def multi_lora_forward(x, W, A, B, adapter_index, *, scaling, bias=None, dropout
         raise ValueError(f"A and B must have one entry per adapter (at least one), got "
                          f"A {len(A)} and B {len(B)}")
     K = len(A)
-    scalings = tuple(check_scaling(s, "scaling") for s in _per_projection(scaling, K, "scaling",
-                                                                           required=True))
+    scalings = tuple(check_scaling(s, "scaling") for s in _scalings(scaling, K))
     resolve_backend(backend)
     _, v = check_dtypes(x=x, W=W, bias=bias, dropout_mask=dropout_mask,
                         **{f"A[{k}]": a for k, a in enumerate(A)},

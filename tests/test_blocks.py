@@ -358,3 +358,46 @@ def test_every_block_gradient_matches_finite_differences(seed, block, backend, l
 
         inputs = {"x": x} | _named(W, A, B)
     ml.gradcheck(forward, backward, inputs)
+
+
+def _block_run(name, problem, scaling, backend="numpy"):
+    """(outputs, grads) of one block with the given scaling in place of the problem's."""
+    forward, backward = {"qkv": (blocks.lora_qkv_forward, blocks.lora_qkv_backward),
+                         "mlp": (blocks.lora_mlp_forward, blocks.lora_mlp_backward),
+                         "multi": (blocks.multi_lora_forward, blocks.multi_lora_backward)}[name]
+    *arrays, kw = problem
+    y, cache = forward(*arrays, backend=backend, **(kw | {"scaling": scaling}))
+    ys = y if isinstance(y, tuple) else (y,)
+    dys = tuple(np.random.default_rng(9).standard_normal(v.shape) for v in ys)
+    g = backward(dys if isinstance(y, tuple) else dys[0], cache)
+    return ys, g
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["qkv", "mlp", "multi"])
+def test_scaling_arrays_give_the_list_forms_bits(name, backend):
+    """Issue 20: a 1-D array of P (or K) reals is taken as the list is, a 0-d array as one
+    value, with the same bits; any other array is a TypeError naming scaling."""
+    rng = np.random.default_rng(11)
+    problem = {"qkv": qkv_problem, "mlp": mlp_problem, "multi": multi_problem}[name](rng)
+    values = [0.5, -1.5, 3.0]
+    forms = {"list": (values, [np.array(values), np.array(values, np.float32).astype(float),
+                               np.array(values)[::-1][::-1]]),
+             "one": (2.5, [np.array(2.5), np.float64(2.5), np.array(2.5, np.float32)]),
+             "ints": ([1, 2, 3], [np.array([1, 2, 3]), np.array([1, 2, 3], np.int8)])}
+    for reference, arrays in forms.values():
+        ys0, g0 = _block_run(name, problem, reference, backend)
+        for form in arrays:
+            ys1, g1 = _block_run(name, problem, form, backend)
+            for a, b in zip(ys0 + (g0.dx, *g0.dA, *g0.dB), ys1 + (g1.dx, *g1.dA, *g1.dB),
+                            strict=True):
+                assert np.array_equal(a, b), (form, a, b)
+    ys2, _ = _block_run(name, problem, [0.5, -1.5, 3.5], backend)
+    assert not np.array_equal(ys0[0], ys2[0]) or not np.array_equal(ys0[-1], ys2[-1])
+    for bad, error, text in [(np.ones((3, 1)), TypeError, "shape"),
+                             (np.array([True, False, True]), TypeError, "dtype"),
+                             (np.array([1 + 1j, 1, 1]), TypeError, "dtype"),
+                             (np.array([1.0, 2.0]), ValueError, "scaling"),
+                             (np.array([1.0, np.nan, 2.0]), ValueError, "finite")]:
+        with pytest.raises(error, match=text):
+            _block_run(name, problem, bad, backend)
