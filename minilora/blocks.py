@@ -44,15 +44,13 @@ import numpy as np
 from minilora import lora_numba
 from minilora._checks import (
     FLOAT_DTYPES,
-    check_dtypes,
     check_dy,
-    check_layer_shapes,
     check_scaling,
     is_plain,
     plain_array,
 )
 from minilora.backends import resolve_backend
-from minilora.functional import lora_backward, lora_forward
+from minilora.functional import LoRACache, _prepare, lora_backward, lora_forward
 from minilora.lora_numpy import frozen_grads
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
@@ -391,17 +389,15 @@ def lora_mlp_backward(dy, cache, *, need_dx=True, need_dW=False, need_dbias=Fals
 # -- K adapters on one layer -----------------------------------------------------------------------
 
 class MultiLoRACache(NamedTuple):
-    """What ``multi_lora_backward`` needs: new views of the inputs (x and the mask as
-    (N, d_in)), each adapter's rows and h = x_d[rows] A_kᵀ; checked before use."""
+    """What ``multi_lora_backward`` needs: one LoRACache per adapter (the layer on its own
+    tokens, checked by ``lora_backward`` as any layer's), the rows of each and of the base
+    tokens, and x and W for the frozen layer's gradients."""
 
-    x: np.ndarray  # (N, d_in)
-    W: np.ndarray  # (d_out, d_in), or (d_in, d_out) when fan_in_fan_out
-    mask: np.ndarray | None  # (N, d_in) or None
-    A: tuple  # K arrays (r_k, d_in)
-    B: tuple  # K arrays (d_out, r_k)
-    scalings: tuple  # K floats
+    caches: tuple  # K LoRACaches: adapter k's layer on x[rows[k]] (their x (n_k, d_in))
     rows: tuple  # K int64 arrays: the rows of x that use adapter k, in token order
-    h: tuple  # K arrays (n_k, r_k)
+    base: np.ndarray  # int64: the rows with adapter −1 (the frozen layer alone)
+    x: np.ndarray  # (N, d_in), a new view of x
+    W: np.ndarray  # (d_out, d_in), or (d_in, d_out) when fan_in_fan_out
     x_shape: tuple  # (..., d_in)
     has_bias: bool
     fan_in_fan_out: bool
@@ -418,7 +414,8 @@ class MultiLoRAGrads(NamedTuple):
 
 
 def _adapter_rows(adapter_index, lead_shape, K):
-    """The rows of each adapter (stable: in token order), from ``adapter_index``."""
+    """The rows of each adapter and then of the base tokens (−1), each in token order (a
+    stable sort groups them once): K + 1 int64 arrays."""
     index = plain_array(adapter_index, "adapter_index")
     if index.dtype.kind not in "iu":
         raise TypeError(f"adapter_index must hold integers, got dtype {index.dtype}")
@@ -431,27 +428,17 @@ def _adapter_rows(adapter_index, lead_shape, K):
         raise ValueError(f"adapter_index holds {int(bad[0])}: adapters are numbered 0 to "
                          f"{K - 1}, and -1 means the base layer alone")
     order = np.argsort(flat, kind="stable")
-    bounds = np.searchsorted(flat[order], np.arange(K + 1))
-    return tuple(order[bounds[k]:bounds[k + 1]] for k in range(K))
+    bounds = np.searchsorted(flat[order], np.arange(-1, K + 1))  # −1 first, then 0 … K−1
+    groups = [order[bounds[k]:bounds[k + 1]] for k in range(K + 1)]
+    return tuple(groups[1:]), groups[0]
 
 
-RUN = 16  # an adapter whose tokens form runs this long on average is done run by run
-
-
-def _pieces(rows):
-    """How to visit one adapter's rows (sorted): ``(at, part)`` pairs, ``at`` indexing x's rows
-    and ``part`` the same rows' place in the adapter's own arrays. Runs of consecutive tokens
-    (each sample with its adapter, as PEFT's mixed batches give) are slices, with no copies;
-    scattered tokens are gathered at once."""
-    if rows.size == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1  # where a run of consecutive rows ends
-    if breaks.size + 1 > max(1, rows.size // RUN):
-        return [(rows, slice(None))]
-    starts = np.concatenate(([0], breaks))
-    stops = np.concatenate((breaks, [rows.size]))
-    return [(slice(int(rows[a]), int(rows[b - 1]) + 1), slice(int(a), int(b)))
-            for a, b in zip(starts, stops, strict=True)]
+def _take(a, rows):
+    """a's rows ``rows`` (sorted): a view when they are one run of consecutive rows (each
+    sample with its adapter, as PEFT's mixed batches give), else a gathered copy."""
+    if rows.size and rows[-1] - rows[0] + 1 == rows.size:
+        return a[int(rows[0]):int(rows[-1]) + 1]  # (n, d), a view
+    return a[rows]  # (n, d), a copy
 
 
 def multi_lora_forward(x, W, A, B, adapter_index, *, scaling, bias=None, dropout_mask=None,
@@ -466,92 +453,82 @@ def multi_lora_forward(x, W, A, B, adapter_index, *, scaling, bias=None, dropout
         −1 for the base layer alone (PEFT's "__base__", punica's −1)
     scaling : one float, or K of them (a list, tuple or 1-D array)
     bias : (d_out,) or None;  dropout_mask : broadcastable to x, or None
-    backend : "numpy", "numba" or None. Both run the NumPy code below: its time is BLAS's
-        (the frozen product, and each adapter's products on its own rows) and the row
-        gathers; a kernel of ours did not beat it
+    backend : "numpy", "numba" or None: the backend of every adapter's layer (``lora_forward``:
+        the NumPy reference, or the fast routes of ``lora_numba``)
 
     Returns
     -------
     y : (..., d_out), a new array
     cache : MultiLoRACache for ``multi_lora_backward``
+
+    Notes
+    -----
+    Adapter k's tokens, gathered, go through one LoRA layer (``lora_forward``, which validates
+    them and keeps its own cache); the base tokens through the frozen layer alone:
+        y[rows_k] = x[rows_k] Wᵀ + bias + s_k · (x_d[rows_k] A_kᵀ) B_kᵀ,
+        y[base]   = x[base] Wᵀ + bias.
     """
     if _count(A, "A") != _count(B, "B") or len(A) < 1:
         raise ValueError(f"A and B must have one entry per adapter (at least one), got "
                          f"A {len(A)} and B {len(B)}")
     K = len(A)
     scalings = tuple(check_scaling(s, "scaling") for s in _scalings(scaling, K))
-    resolve_backend(backend)
-    _, v = check_dtypes(x=x, W=W, bias=bias, dropout_mask=dropout_mask,
-                        **{f"A[{k}]": a for k, a in enumerate(A)},
-                        **{f"B[{k}]": b for k, b in enumerate(B)})
     fan_in_fan_out = bool(fan_in_fan_out)
-    for k in range(K):
+    try:  # x, W, bias and the mask, once, by the core's own check (with adapter 0)
+        _, d_out, backend, v = _prepare(x, W, A[0], B[0], None, scalings[0], bias,
+                                        dropout_mask, fan_in_fan_out, backend)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"adapter 0: {e}") from None
+    x2, mask, W = v["x"], v["mask"], v["W"]  # (N, d_in), (N, d_in) or None, new views
+    rows, base = _adapter_rows(adapter_index, x.shape[:-1], K)
+    y = np.empty((x2.shape[0], d_out), x2.dtype)  # (N, d_out)
+    caches = []
+    for k in range(K):  # adapter k's layer on its own tokens
         try:
-            d_in, d_out, _ = check_layer_shapes(v["x"], v["W"], v[f"A[{k}]"], v[f"B[{k}]"],
-                                                fan_in_fan_out=fan_in_fan_out, bias=v["bias"],
-                                                dropout_mask=v["dropout_mask"])
-        except ValueError as e:
-            raise ValueError(f"adapter {k}: {e}") from None
-    x = v["x"]
-    rows = _adapter_rows(adapter_index, x.shape[:-1], K)
-    N = math.prod(x.shape[:-1])
-    x2 = x.reshape(N, d_in)  # (N, d_in), a new view
-    mask = None if v["dropout_mask"] is None else \
-        np.broadcast_to(v["dropout_mask"], x.shape).reshape(N, d_in)  # (N, d_in)
-    W = v["W"].view()
-    A = tuple(v[f"A[{k}]"].view() for k in range(K))
-    B = tuple(v[f"B[{k}]"].view() for k in range(K))
-    y = x2 @ W if fan_in_fan_out else x2 @ W.T  # (N, d_out), the frozen layer on every token
+            y_k, cache_k = lora_forward(
+                _take(x2, rows[k]), W, A[k], B[k], scaling=scalings[k], bias=v["bias"],
+                dropout_mask=None if mask is None else _take(mask, rows[k]),
+                fan_in_fan_out=fan_in_fan_out, backend=backend)  # (n_k, d_out)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"adapter {k}: {e}") from None
+        y[rows[k]] = y_k
+        caches.append(cache_k)
+    x_base = x2[base]  # (n_base, d_in)
+    y[base] = x_base @ W if fan_in_fan_out else x_base @ W.T  # (n_base, d_out), frozen alone
     if v["bias"] is not None:
-        y += v["bias"]
-    hs = []
-    for k in range(K):
-        h = np.empty((rows[k].size, A[k].shape[0]), y.dtype)  # (n_k, r_k)
-        sB = scalings[k] * B[k]  # (d_out, r_k)
-        for at, part in _pieces(rows[k]):  # adapter k's tokens: runs of rows, or all gathered
-            x_d = x2[at] if mask is None else x2[at] * mask[at]  # (n, d_in)
-            h[part] = x_d @ A[k].T  # (n, r_k)
-            y[at] += h[part] @ sB.T  # (n, d_out)
-        hs.append(h)
-    cache = MultiLoRACache(x2, W, mask, A, B, scalings, rows, tuple(hs), x.shape,
-                           bias is not None, fan_in_fan_out)
+        y[base] += v["bias"]
+    cache = MultiLoRACache(tuple(caches), rows, base, x2, W, x.shape, bias is not None,
+                           fan_in_fan_out)
     return y.reshape(x.shape[:-1] + (d_out,)), cache
 
 
 def _check_multi_cache(cache):
-    """The cache's arrays as the forward made them (types, dtypes and shapes), or ValueError."""
+    """The block's own fields as the forward made them (each adapter's LoRACache is checked by
+    ``lora_backward``, the core's ``_check_cache``); returns d_out, or raises."""
     if type(cache) is not MultiLoRACache:
         raise TypeError(f"cache must be the MultiLoRACache from multi_lora_forward, got "
                         f"{type(cache).__name__}")
     x, W = cache.x, cache.W
-    fields = (cache.A, cache.B, cache.rows, cache.h)
-    if type(cache.scalings) is not tuple or len(cache.scalings) != len(cache.A) \
-            or not is_plain(x) or x.ndim != 2 or x.dtype not in FLOAT_DTYPES \
-            or not is_plain(W) or W.ndim != 2 or type(cache.fan_in_fan_out) is not bool \
-            or any(type(f) is not tuple or len(f) != len(cache.A) for f in fields) \
-            or type(cache.x_shape) is not tuple or math.prod(cache.x_shape[:-1]) != x.shape[0]:
+    if type(cache.caches) is not tuple or type(cache.rows) is not tuple \
+            or len(cache.rows) != len(cache.caches) or not is_plain(x) or x.ndim != 2 \
+            or x.dtype not in FLOAT_DTYPES or not is_plain(W) or W.ndim != 2 \
+            or W.dtype != x.dtype or type(cache.fan_in_fan_out) is not bool \
+            or type(cache.has_bias) is not bool or type(cache.x_shape) is not tuple \
+            or not cache.x_shape or cache.x_shape[-1] != x.shape[1] \
+            or math.prod(cache.x_shape[:-1]) != x.shape[0]:
         raise ValueError("the cache was modified after the forward pass")
-    N, d_in = x.shape
-    d_out = W.shape[1] if cache.fan_in_fan_out else W.shape[0]
-    expected = [(cache.W, (d_in, d_out) if cache.fan_in_fan_out else (d_out, d_in))]
-    if cache.mask is not None:
-        expected.append((cache.mask, (N, d_in)))
+    N = x.shape[0]
     seen = 0
-    for A, B, rows, h, s in zip(*fields, cache.scalings, strict=True):
+    for rows, c in zip(cache.rows + (cache.base,), cache.caches + (None,), strict=True):
         if not is_plain(rows) or rows.dtype != np.int64 or rows.ndim != 1 \
                 or (rows.size and (rows.min() < 0 or rows.max() >= N)) \
-                or type(s) is not float or not math.isfinite(s):
-            raise ValueError("the cache's rows or scalings were modified after the forward "
-                             "pass")
-        r = A.shape[0] if is_plain(A) and A.ndim == 2 else -1
-        expected += [(A, (r, d_in)), (B, (d_out, r)), (h, (rows.size, r))]
+                or (c is not None and (type(c) is not LoRACache or not is_plain(c.x)
+                                       or c.x.shape[0] != rows.size)):
+            raise ValueError("the cache's rows were modified after the forward pass")
         seen += rows.size
-    for a, shape in expected:
-        if not is_plain(a) or a.shape != shape or a.dtype != x.dtype or -1 in shape:
-            raise ValueError("the cache's arrays were modified after the forward pass")
-    if seen > N:
+    if seen != N:
         raise ValueError("the cache's rows were modified after the forward pass")
-    return d_out
+    return W.shape[1] if cache.fan_in_fan_out else W.shape[0]
 
 
 def multi_lora_backward(dy, cache, *, need_dx=True, need_dW=False, need_dbias=False):
@@ -561,33 +538,34 @@ def multi_lora_backward(dy, cache, *, need_dx=True, need_dW=False, need_dbias=Fa
     -------
     MultiLoRAGrads: dx (..., d_in); dA, dB lists of K (zeros for an adapter no token used);
     dW (W's layout) and dbias (d_out,) when asked for
+
+    Notes
+    -----
+    Each adapter's layer's backward (``lora_backward``) on its tokens' dy:
+        dA_k = s_k · Σ_{n: k} g_nᵀ x_dn,  dB_k = s_k · Σ_{n: k} dy_nᵀ h_n,
+        dx[rows_k] = dy[rows_k] W + s_k · (g A_k) ⊙ mask;   dx[base] = dy[base] W;
+    dW = dyᵀ x and dbias = Σ_n dy over every token.
     """
     d_out = _check_multi_cache(cache)
-    dy = check_dy(dy, cache.x_shape[:-1] + (d_out,), cache.x.dtype)
+    x2, W = cache.x, cache.W
+    dy = check_dy(dy, cache.x_shape[:-1] + (d_out,), x2.dtype)
     if need_dbias and not cache.has_bias:
         raise ValueError("need_dbias=True but the forward pass had no bias")
-    x2, W, mask = cache.x, cache.W, cache.mask
     dy2 = dy.reshape(x2.shape[0], d_out)  # (N, d_out)
-    dx = None
-    if need_dx:
-        dx = dy2 @ W.T if cache.fan_in_fan_out else dy2 @ W  # (N, d_in), new
+    dx = np.empty(x2.shape, x2.dtype) if need_dx else None  # (N, d_in)
     dA, dB = [], []
-    for A, B, s, rows, h in zip(cache.A, cache.B, cache.scalings, cache.rows, cache.h,
-                                strict=True):
-        dA_k = np.zeros(A.shape, x2.dtype)  # (r_k, d_in)
-        dB_k = np.zeros(B.shape, x2.dtype)  # (d_out, r_k)
-        sA = s * A  # (r_k, d_in)
-        for at, part in _pieces(rows):
-            dy_k = dy2[at]  # (n, d_out)
-            x_d = x2[at] if mask is None else x2[at] * mask[at]  # (n, d_in)
-            g = dy_k @ B  # (n, r_k)
-            dB_k += dy_k.T @ h[part]
-            dA_k += g.T @ x_d
-            if dx is not None:
-                lora_dx = g @ sA  # (n, d_in)
-                dx[at] += lora_dx if mask is None else lora_dx * mask[at]
-        dA.append(s * dA_k)  # s · Σ_n g_nᵀ x_dn
-        dB.append(s * dB_k)  # s · Σ_n dy_nᵀ h_n
+    for k, (rows, cache_k) in enumerate(zip(cache.rows, cache.caches, strict=True)):
+        try:
+            g = lora_backward(_take(dy2, rows), cache_k, need_dx=need_dx)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise type(e)(f"adapter {k}: {e}") from None
+        if need_dx:
+            dx[rows] = g.dx  # (n_k, d_in)
+        dA.append(g.dA)
+        dB.append(g.dB)
+    if need_dx:
+        dy_base = dy2[cache.base]  # (n_base, d_out)
+        dx[cache.base] = dy_base @ W.T if cache.fan_in_fan_out else dy_base @ W
     dW, dbias = frozen_grads(dy2, x2, cache.fan_in_fan_out, need_dW, need_dbias)
     return MultiLoRAGrads(None if dx is None else dx.reshape(cache.x_shape), dA, dB, dW, dbias)
 

@@ -401,3 +401,54 @@ def test_scaling_arrays_give_the_list_forms_bits(name, backend):
                              (np.array([1.0, np.nan, 2.0]), ValueError, "finite")]:
         with pytest.raises(error, match=text):
             _block_run(name, problem, bad, backend)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_multi_backends_are_two_routes_that_agree(dtype, monkeypatch):
+    """Issue 21: multi's backend is each adapter's layer's. Adapter 0 has enough tokens for
+    lora_numba's merged route, adapter 1 the blocked one, adapter 2 the small one; the numpy
+    backend runs the reference on all three. Results agree to tight tolerance, and a bug
+    planted in the numba backend shows in numba's results alone."""
+    from minilora import lora_numba
+
+    rng = np.random.default_rng(21)
+    d, K = 64, 3
+    index = np.concatenate([np.zeros(300, int), np.tile([1, -1], 150), np.full(8, 2)])  # a run,
+    # scattered tokens, a short run
+    N = index.size
+    x = rng.standard_normal((N, d)).astype(dtype)
+    W = (rng.standard_normal((d, d)) / 8).astype(dtype)
+    A = [rng.standard_normal((r, d)).astype(dtype) / 8 for r in (4, 2, 3)]
+    B = [rng.standard_normal((d, r)).astype(dtype) for r in (4, 2, 3)]
+    dy = rng.standard_normal((N, d)).astype(dtype)
+    counts = [int(np.sum(index == k)) for k in range(K)]
+    assert [lora_numba._route(n, d, d, None) for n in counts] == ["merged", "blocked", "small"]
+
+    def run(backend):
+        y, cache = blocks.multi_lora_forward(x, W, A, B, index, scaling=[0.5, 2.0, -1.0],
+                                             backend=backend)
+        assert [c.backend for c in cache.caches] == [backend] * K
+        assert (cache.caches[0].kept is not None) == (backend == "numba")  # the merged route
+        return (y, *blocks.multi_lora_backward(dy, cache, need_dW=True)[:4])
+
+    tol = 2e-5 if dtype == np.float32 else 1e-12
+    reference, fast = run("numpy"), run("numba")
+
+    def agree(a, b):
+        for u, v in zip(a, b, strict=True):
+            for p, q in zip(u if isinstance(u, list) else [u], v if isinstance(v, list) else [v],
+                            strict=True):
+                np.testing.assert_allclose(q, p, rtol=tol, atol=tol * np.max(np.abs(p)))
+
+    agree(reference, fast)
+    assert any(not np.array_equal(u, v) for u, v in zip(reference[2], fast[2], strict=True))
+    true_backward = lora_numba.backward
+
+    def planted(*args, **kw):  # dA one part in 10⁴ off
+        dx, dA, dB, dW, dbias = true_backward(*args, **kw)
+        return dx, dA * (1 + 1e-4), dB, dW, dbias
+
+    monkeypatch.setattr(lora_numba, "backward", planted)
+    agree(reference, run("numpy"))
+    with pytest.raises(AssertionError):
+        agree(reference, run("numba"))
