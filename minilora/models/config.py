@@ -15,8 +15,9 @@ computing something else.
 """
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
+from types import SimpleNamespace
 
 from minilora._json import read_json
 
@@ -78,7 +79,10 @@ class ModelConfig:
     def from_dict(cls, d, *, where="config.json"):
         """A ModelConfig from a transformers config dict; ValueError naming ``where`` and the
         key for anything it cannot represent."""
-        return cls(**_read(d, where))
+        values = _read(d, where)
+        defaults = {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+        _check(SimpleNamespace(**{**defaults, **values}), where)  # naming the file
+        return cls(**values)
 
 
 def read_config(path):

@@ -1,0 +1,215 @@
+"""config.json read strictly (minilora.models.config): what transformers 5 writes for LLaMA,
+Qwen2 and Mistral is read as the model it describes; every value minilora cannot compute
+exactly, and every malformed value, is a ValueError naming the file and the key."""
+
+import json
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from minilora.models.config import ModelConfig, read_config
+
+# What transformers 5.24 save_pretrained writes for small models (copied from its output).
+LLAMA = {"architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+         "bos_token_id": 1, "dtype": "float32", "eos_token_id": 2, "head_dim": 4,
+         "hidden_act": "silu", "hidden_size": 16, "initializer_range": 0.02,
+         "intermediate_size": 24, "max_position_embeddings": 2048, "mlp_bias": False,
+         "model_type": "llama", "num_attention_heads": 4, "num_hidden_layers": 2,
+         "num_key_value_heads": 2, "pad_token_id": None, "pretraining_tp": 1,
+         "rms_norm_eps": 1e-06, "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+         "tie_word_embeddings": True, "transformers_version": "5.24.0", "use_cache": True,
+         "vocab_size": 64}
+QWEN2 = {"architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": None,
+         "dtype": "float32", "eos_token_id": None, "hidden_act": "silu", "hidden_size": 16,
+         "initializer_range": 0.02, "intermediate_size": 24,
+         "layer_types": ["full_attention", "full_attention"], "max_position_embeddings": 32768,
+         "max_window_layers": 28, "model_type": "qwen2", "num_attention_heads": 4,
+         "num_hidden_layers": 2, "num_key_value_heads": 2, "pad_token_id": None,
+         "rms_norm_eps": 1e-06, "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+         "sliding_window": None, "tie_word_embeddings": True, "transformers_version": "5.24.0",
+         "use_cache": True, "use_sliding_window": False, "vocab_size": 64}
+MISTRAL = {"architectures": ["MistralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1,
+           "dtype": "float32", "eos_token_id": 2, "head_dim": 4, "hidden_act": "silu",
+           "hidden_size": 16, "initializer_range": 0.02, "intermediate_size": 24,
+           "max_position_embeddings": 131072, "model_type": "mistral", "num_attention_heads": 4,
+           "num_hidden_layers": 2, "num_key_value_heads": 2, "pad_token_id": None,
+           "rms_norm_eps": 1e-06,
+           "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+           "sliding_window": 4096, "tie_word_embeddings": True,
+           "transformers_version": "5.24.0", "use_cache": True, "vocab_size": 64}
+CONFIGS = {"llama": LLAMA, "qwen2": QWEN2, "mistral": MISTRAL}
+
+
+def _write(tmp_path, d):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(d) if not isinstance(d, str) else d)
+    return path
+
+
+def _refused(tmp_path, d, *words):
+    """read_config refuses d with a ValueError naming the file and each of ``words``."""
+    path = _write(tmp_path, d)
+    with pytest.raises(ValueError) as e:
+        read_config(tmp_path)
+    message = str(e.value)
+    assert str(path) in message
+    for w in words:
+        assert w in message, (w, message)
+    return message
+
+
+def test_transformers_configs_read_as_their_models(tmp_path):
+    c = read_config(_write(tmp_path, LLAMA))
+    assert c == ModelConfig("LlamaForCausalLM", 64, 16, 24, 2, 4, 2, 4, 1e-6, 10000.0,
+                            max_position_embeddings=2048, tie_word_embeddings=True)
+    assert read_config(tmp_path) == c  # the folder or the file
+    q = ModelConfig.from_dict(QWEN2)
+    assert (q.architecture, q.qkv_bias, q.o_bias, q.mlp_bias, q.sliding_window) == \
+        ("Qwen2ForCausalLM", True, False, False, None)
+    assert q.head_dim == 4  # implicit: hidden_size // num_attention_heads
+    m = ModelConfig.from_dict(MISTRAL)
+    assert (m.architecture, m.sliding_window, m.max_sequence_length) == \
+        ("MistralForCausalLM", 4096, 4096)
+    assert m.max_position_embeddings == 131072
+    biased = ModelConfig.from_dict({**LLAMA, "attention_bias": True, "mlp_bias": True})
+    assert (biased.qkv_bias, biased.o_bias, biased.mlp_bias) == (True, True, True)
+    for act, ours in (("gelu", "gelu"), ("gelu_pytorch_tanh", "gelu_tanh"), ("silu", "silu")):
+        assert ModelConfig.from_dict({**LLAMA, "hidden_act": act}).hidden_act == ours
+
+
+def test_rope_forms(tmp_path):
+    old = {k: v for k, v in LLAMA.items() if k != "rope_parameters"}
+    assert ModelConfig.from_dict(old).rope_theta == 10000.0  # transformers' default
+    assert ModelConfig.from_dict({**old, "rope_theta": 5e5}).rope_theta == 5e5
+    lin = ModelConfig.from_dict({**old, "rope_theta": 100.0,
+                                 "rope_scaling": {"rope_type": "linear", "factor": 4.0}})
+    assert (lin.rope_theta, lin.rope_scaling_factor) == (100.0, 4.0)
+    lin5 = ModelConfig.from_dict({**LLAMA, "rope_parameters": {
+        "rope_theta": 7.0, "rope_type": "linear", "factor": 2}})
+    assert (lin5.rope_theta, lin5.rope_scaling_factor) == (7.0, 2.0)
+    for kind in ("dynamic", "yarn", "llama3", "longrope", "ntk"):
+        _refused(tmp_path, {**LLAMA, "rope_parameters": {"rope_theta": 1e4, "rope_type": kind,
+                                                         "factor": 2.0}}, "rope_type", kind)
+        _refused(tmp_path, {**old, "rope_scaling": {"type": kind, "factor": 2.0}},
+                 "rope_scaling", kind)
+    _refused(tmp_path, {**LLAMA, "rope_parameters": {"rope_type": "linear"}}, "factor")
+    _refused(tmp_path, {**LLAMA, "rope_parameters": {"rope_type": "linear", "factor": -1.0}},
+             "rope_scaling_factor")
+    _refused(tmp_path, {**LLAMA, "partial_rotary_factor": 0.5}, "partial_rotary_factor")
+
+
+def test_sliding_window_in_use_bounds_the_sequence(tmp_path):
+    # Mistral: always in use when set; Qwen2: only on the layers transformers marks sliding.
+    assert ModelConfig.from_dict({**MISTRAL, "sliding_window": None}).sliding_window is None
+    short = ModelConfig.from_dict({**MISTRAL, "sliding_window": 8})
+    assert short.max_sequence_length == 8
+    assert ModelConfig.from_dict({**QWEN2, "sliding_window": 8}).sliding_window is None
+    on = {**QWEN2, "sliding_window": 8, "use_sliding_window": True, "max_window_layers": 1}
+    del on["layer_types"]
+    assert ModelConfig.from_dict(on).max_sequence_length == 8
+    assert ModelConfig.from_dict({**on, "max_window_layers": 2}).sliding_window is None
+    marked = {**QWEN2, "sliding_window": 8, "layer_types": ["full_attention",
+                                                           "sliding_attention"]}
+    assert ModelConfig.from_dict(marked).sliding_window == 8
+    _refused(tmp_path, {**QWEN2, "sliding_window": 8, "layer_types": ["full_attention", "x"]},
+             "layer_types")
+    _refused(tmp_path, {**MISTRAL, "sliding_window": 0}, "sliding_window")
+    _refused(tmp_path, {**MISTRAL, "sliding_window": "8"}, "sliding_window")
+
+
+REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "vocab_size")
+INTEGERS = REQUIRED + ("num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+@pytest.mark.parametrize("key", REQUIRED)
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_missing_required_key(tmp_path, arch, key):
+    d = {k: v for k, v in CONFIGS[arch].items() if k != key}
+    _refused(tmp_path, d, key)
+
+
+@given(key=st.sampled_from(INTEGERS), arch=st.sampled_from(sorted(CONFIGS)),
+       bad=st.sampled_from([True, False, 4.0, "4", [4], {"v": 4}, 0, -4, 2**40]))
+def test_integer_keys_refuse_wrong_types_and_sizes(tmp_path_factory, key, arch, bad):
+    d = {**CONFIGS[arch], key: bad}
+    _refused(tmp_path_factory.mktemp("c"), d, key)
+
+
+@given(key=st.sampled_from(["rms_norm_eps", "rope_theta"]),
+       bad=st.sampled_from([True, "1e-6", -1.0, 0.0, None, [1.0]]))
+def test_number_keys_refuse_wrong_values(tmp_path_factory, key, bad):
+    d = {k: v for k, v in LLAMA.items() if k != "rope_parameters"}
+    d[key] = bad
+    if bad is None:  # null means transformers' default: read, not refused
+        ModelConfig.from_dict(d)
+        return
+    _refused(tmp_path_factory.mktemp("c"), d, key)
+
+
+@pytest.mark.parametrize("text,word", [
+    ('{"rms_norm_eps": NaN}', "NaN"), ('{"rope_theta": Infinity}', "Infinity"),
+    ('{"vocab_size": 64, "vocab_size": 65}', "twice"), ("[" * 1000 + "]" * 1000, "nests"),
+    ("{", "not valid JSON"), ("\xff", "not valid JSON")])
+def test_malformed_json(tmp_path, text, word):
+    path = tmp_path / "config.json"
+    path.write_bytes(text.encode("utf-8") if text != "\xff" else b'{"a": "\xff"}')
+    with pytest.raises(ValueError) as e:
+        read_config(path)
+    assert str(path) in str(e.value)
+    if text != "\xff":
+        assert word in str(e.value)
+
+
+def test_nan_eps_from_a_dict_and_in_rope():
+    for value in (math.nan, math.inf, -1e-6):
+        with pytest.raises(ValueError, match="rms_norm_eps"):
+            ModelConfig.from_dict({**LLAMA, "rms_norm_eps": value})
+        with pytest.raises(ValueError, match="rope_theta"):
+            ModelConfig.from_dict({**LLAMA, "rope_parameters": {"rope_theta": value}})
+
+
+@pytest.mark.parametrize("mutation,words", [
+    ({"architectures": ["GPT2LMHeadModel"]}, ["architectures", "GPT2LMHeadModel"]),
+    ({"architectures": ["LlamaForCausalLM", "LlamaForCausalLM"]}, ["architectures"]),
+    ({"architectures": "LlamaForCausalLM"}, ["architectures"]),
+    ({"model_type": "qwen2"}, ["model_type", "disagrees"]),
+    ({"architectures": None, "model_type": "gpt2"}, ["model_type"]),
+    ({"num_key_value_heads": 3}, ["num_key_value_heads"]),
+    ({"head_dim": 5}, ["head_dim", "even"]),
+    ({"hidden_act": "relu"}, ["hidden_act"]),
+    ({"hidden_act": 1}, ["hidden_act"]),
+    ({"attention_dropout": 0.1}, ["attention_dropout"]),
+    ({"attention_bias": 1}, ["attention_bias"]),
+    ({"mlp_bias": "false"}, ["mlp_bias"]),
+    ({"tie_word_embeddings": 0}, ["tie_word_embeddings"]),
+    ({"num_experts": 8}, ["num_experts"]),
+    ({"num_local_experts": 8}, ["num_local_experts"]),
+    ({"rope_parameters": [1]}, ["rope_parameters"]),
+    ({"vocab_size": 2**22, "hidden_size": 2**20, "head_dim": 2, "intermediate_size": 2**20,
+      "num_hidden_layers": 4096}, ["parameters"]),
+])
+def test_refusals_name_the_key(tmp_path, mutation, words):
+    _refused(tmp_path, {**LLAMA, **mutation}, *words)
+
+
+def test_head_dim_implicit_must_divide(tmp_path):
+    d = {k: v for k, v in LLAMA.items() if k != "head_dim"}
+    assert ModelConfig.from_dict(d).head_dim == 4
+    _refused(tmp_path, {**d, "num_attention_heads": 3, "num_key_value_heads": 3}, "head_dim")
+    assert ModelConfig.from_dict({**LLAMA, "head_dim": None}).head_dim == 4  # null: implicit
+
+
+def test_unknown_harmless_keys_are_ignored():
+    extra = {**LLAMA, "torch_dtype": "bfloat16", "bos_token_id": 7, "unknown_key": [1, 2],
+             "transformers_version": "4.0"}
+    assert ModelConfig.from_dict(extra) == ModelConfig.from_dict(LLAMA)
+
+
+def test_direct_construction_is_checked():
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        ModelConfig("LlamaForCausalLM", 64, 16, 24, 2, 4, 3, 4, 1e-6, 1e4)
+    with pytest.raises(ValueError, match="hidden_size"):
+        ModelConfig("LlamaForCausalLM", 64, True, 24, 2, 4, 2, 4, 1e-6, 1e4)
