@@ -62,6 +62,8 @@ def expected_shapes(config):
 def _shard_files(folder):
     """{shard path: the tensor names the index assigns it, or None for "all"}."""
     if (folder / SINGLE).is_file():
+        if (folder / SINGLE).resolve().parent != folder.resolve():
+            raise WeightsError(f"{folder / SINGLE}: a link to a file outside {folder}")
         return {folder / SINGLE: None}
     index_path = folder / INDEX
     if not index_path.is_file():
@@ -97,15 +99,23 @@ def _available_bytes():
     return None
 
 
+def _compute_dtype(dtype):
+    try:
+        kind = np.dtype(dtype)
+    except TypeError:
+        kind = None
+    if kind not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}")
+    return kind
+
+
 def load_weights(folder, config, *, dtype=np.float32):
     """The weights of the model folder ``folder`` as ``config`` describes them.
 
     Returns ``{name: array}`` with transformers' names (``expected_shapes``), each array
     C-contiguous, of ``dtype`` (float32 or float64) and read-only.
     """
-    dtype = np.dtype(dtype)
-    if dtype not in (np.float32, np.float64):
-        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    dtype = _compute_dtype(dtype)
     folder = Path(folder)
     needed = expected_shapes(config)
     tied_head = "lm_head.weight" if config.tie_word_embeddings else None
