@@ -44,7 +44,9 @@ import numpy as np
 from minilora import lora_numba
 from minilora._checks import (
     FLOAT_DTYPES,
+    check_dtypes,
     check_dy,
+    check_layer_shapes,
     check_scaling,
     is_plain,
     plain_array,
@@ -393,7 +395,7 @@ class MultiLoRACache(NamedTuple):
     tokens, checked by ``lora_backward`` as any layer's), the rows of each and of the base
     tokens, and x and W for the frozen layer's gradients."""
 
-    caches: tuple  # K LoRACaches: adapter k's layer on x[rows[k]] (their x (n_k, d_in))
+    caches: tuple  # K LoRACaches: adapter k's layer on its tokens x[rows[k]] (n_k, d_in)
     rows: tuple  # K int64 arrays: the rows of x that use adapter k, in token order
     base: np.ndarray  # int64: the rows with adapter −1 (the frozen layer alone)
     x: np.ndarray  # (N, d_in), a new view of x
@@ -441,6 +443,54 @@ def _take(a, rows):
     return a[rows]  # (n, d), a copy
 
 
+def _multi_forward_layers(x2, W, A, B, scalings, bias, mask, rows, base, fan_in_fan_out):
+    """The reference (backend "numpy"): adapter k's tokens through one LoRA layer
+    (``lora_forward``, which validates them and keeps its own cache), the base tokens through
+    the frozen layer alone. Returns y (N, d_out) and the K LoRACaches."""
+    d_out = W.shape[1] if fan_in_fan_out else W.shape[0]
+    y = np.empty((x2.shape[0], d_out), x2.dtype)  # (N, d_out)
+    caches = []
+    for k in range(len(A)):
+        try:
+            y_k, cache_k = lora_forward(
+                _take(x2, rows[k]), W, A[k], B[k], scaling=scalings[k], bias=bias,
+                dropout_mask=None if mask is None else _take(mask, rows[k]),
+                fan_in_fan_out=fan_in_fan_out, backend="numpy")  # (n_k, d_out)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"adapter {k}: {e}") from None
+        y[rows[k]] = y_k
+        caches.append(cache_k)
+    x_base = x2[base]  # (n_base, d_in)
+    y[base] = x_base @ W if fan_in_fan_out else x_base @ W.T  # (n_base, d_out), frozen alone
+    if bias is not None:
+        y[base] += bias
+    return y, caches
+
+
+def _multi_forward_fused(x2, W, A, B, scalings, bias, mask, rows, fan_in_fan_out):
+    """The fast route (backend "numba"): the frozen product once over every token (one large
+    BLAS call), then each adapter's low-rank update on its gathered tokens, whose gathered x
+    (and mask) its LoRACache keeps for the backward (checked there by ``_check_cache``):
+        y = x Wᵀ + bias;   h_k = x_d[rows_k] A_kᵀ;   y[rows_k] += h_k (s_k·B_k)ᵀ."""
+    y = x2 @ W if fan_in_fan_out else x2 @ W.T  # (N, d_out), the frozen layer on every token
+    if bias is not None:
+        y += bias
+    caches = []
+    for k in range(len(A)):
+        try:
+            _, v = check_dtypes(x=x2, A=A[k], B=B[k])
+            check_layer_shapes(x2, W, v["A"], v["B"], fan_in_fan_out=fan_in_fan_out)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"adapter {k}: {e}") from None
+        x_k = _take(x2, rows[k])  # (n_k, d_in)
+        mask_k = None if mask is None else _take(mask, rows[k])  # (n_k, d_in)
+        h = x_k @ v["A"].T if mask_k is None else (x_k * mask_k) @ v["A"].T  # (n_k, r_k)
+        y[rows[k]] += h @ (scalings[k] * v["B"]).T  # (n_k, d_out)
+        caches.append(LoRACache(x_k, W, v["A"].view(), v["B"].view(), scalings[k], mask_k, h,
+                                fan_in_fan_out, x_k.shape, bias is not None, "numba"))
+    return y, caches
+
+
 def multi_lora_forward(x, W, A, B, adapter_index, *, scaling, bias=None, dropout_mask=None,
                        fan_in_fan_out=False, backend=None):
     """K LoRA adapters on one frozen layer, each token with its own, forward.
@@ -453,8 +503,10 @@ def multi_lora_forward(x, W, A, B, adapter_index, *, scaling, bias=None, dropout
         −1 for the base layer alone (PEFT's "__base__", punica's −1)
     scaling : one float, or K of them (a list, tuple or 1-D array)
     bias : (d_out,) or None;  dropout_mask : broadcastable to x, or None
-    backend : "numpy", "numba" or None: the backend of every adapter's layer (``lora_forward``:
-        the NumPy reference, or the fast routes of ``lora_numba``)
+    backend : "numpy", "numba" or None. "numpy", the reference: adapter k's tokens through one
+        LoRA layer (``lora_forward``) each. "numba", the fast route: the frozen product once
+        over every token (one large BLAS call) and each adapter's low-rank update on its
+        gathered tokens (docs/performance.md, issue 20)
 
     Returns
     -------
@@ -463,10 +515,7 @@ def multi_lora_forward(x, W, A, B, adapter_index, *, scaling, bias=None, dropout
 
     Notes
     -----
-    Adapter k's tokens, gathered, go through one LoRA layer (``lora_forward``, which validates
-    them and keeps its own cache); the base tokens through the frozen layer alone:
-        y[rows_k] = x[rows_k] Wᵀ + bias + s_k · (x_d[rows_k] A_kᵀ) B_kᵀ,
-        y[base]   = x[base] Wᵀ + bias.
+    y[rows_k] = x[rows_k] Wᵀ + bias + s_k · (x_d[rows_k] A_kᵀ) B_kᵀ,   y[base] = x[base] Wᵀ + bias.
     """
     if _count(A, "A") != _count(B, "B") or len(A) < 1:
         raise ValueError(f"A and B must have one entry per adapter (at least one), got "
@@ -481,22 +530,12 @@ def multi_lora_forward(x, W, A, B, adapter_index, *, scaling, bias=None, dropout
         raise type(e)(f"adapter 0: {e}") from None
     x2, mask, W = v["x"], v["mask"], v["W"]  # (N, d_in), (N, d_in) or None, new views
     rows, base = _adapter_rows(adapter_index, x.shape[:-1], K)
-    y = np.empty((x2.shape[0], d_out), x2.dtype)  # (N, d_out)
-    caches = []
-    for k in range(K):  # adapter k's layer on its own tokens
-        try:
-            y_k, cache_k = lora_forward(
-                _take(x2, rows[k]), W, A[k], B[k], scaling=scalings[k], bias=v["bias"],
-                dropout_mask=None if mask is None else _take(mask, rows[k]),
-                fan_in_fan_out=fan_in_fan_out, backend=backend)  # (n_k, d_out)
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"adapter {k}: {e}") from None
-        y[rows[k]] = y_k
-        caches.append(cache_k)
-    x_base = x2[base]  # (n_base, d_in)
-    y[base] = x_base @ W if fan_in_fan_out else x_base @ W.T  # (n_base, d_out), frozen alone
-    if v["bias"] is not None:
-        y[base] += v["bias"]
+    if backend == "numba":
+        y, caches = _multi_forward_fused(x2, W, A, B, scalings, v["bias"], mask, rows,
+                                         fan_in_fan_out)
+    else:
+        y, caches = _multi_forward_layers(x2, W, A, B, scalings, v["bias"], mask, rows, base,
+                                          fan_in_fan_out)
     cache = MultiLoRACache(tuple(caches), rows, base, x2, W, x.shape, bias is not None,
                            fan_in_fan_out)
     return y.reshape(x.shape[:-1] + (d_out,)), cache
@@ -531,6 +570,55 @@ def _check_multi_cache(cache):
     return W.shape[1] if cache.fan_in_fan_out else W.shape[0]
 
 
+def _multi_backward_layers(dy2, cache, need_dx):
+    """The reference's backward: each adapter's layer's (``lora_backward``) on its tokens' dy,
+    dx[base] = dy[base] W. Returns dx (N, d_in) or None, dA and dB lists of K."""
+    x2, W = cache.x, cache.W
+    dx = np.empty(x2.shape, x2.dtype) if need_dx else None  # (N, d_in)
+    dA, dB = [], []
+    for k, (rows, cache_k) in enumerate(zip(cache.rows, cache.caches, strict=True)):
+        try:
+            g = lora_backward(_take(dy2, rows), cache_k, need_dx=need_dx)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise type(e)(f"adapter {k}: {e}") from None
+        if need_dx:
+            dx[rows] = g.dx  # (n_k, d_in)
+        dA.append(g.dA)
+        dB.append(g.dB)
+    if need_dx:
+        dy_base = dy2[cache.base]  # (n_base, d_out)
+        dx[cache.base] = dy_base @ W.T if cache.fan_in_fan_out else dy_base @ W
+    return dx, dA, dB
+
+
+def _multi_backward_fused(dy2, cache, need_dx):
+    """The fast route's backward: dx = dy W once over every token, then per adapter, on its
+    gathered tokens (each LoRACache checked by the core's ``_check_cache`` first):
+        g = dy_k B_k;  dB_k = s_k·dy_kᵀ h_k;  dA_k = s_k·gᵀ x_d,k;
+        dx[rows_k] += s_k·(g A_k) ⊙ mask_k."""
+    from minilora.functional import _check_cache
+
+    W = cache.W
+    dx = None
+    if need_dx:
+        dx = dy2 @ W.T if cache.fan_in_fan_out else dy2 @ W  # (N, d_in), one BLAS call
+    dA, dB = [], []
+    for k, (rows, c) in enumerate(zip(cache.rows, cache.caches, strict=True)):
+        try:
+            _check_cache(c, LoRACache)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise type(e)(f"adapter {k}: {e}") from None
+        dy_k = _take(dy2, rows)  # (n_k, d_out)
+        x_d = c.x if c.mask is None else c.x * c.mask  # (n_k, d_in)
+        g = dy_k @ c.B  # (n_k, r_k)
+        dB.append(c.scaling * (dy_k.T @ c.h))  # (d_out, r_k)
+        dA.append(c.scaling * (g.T @ x_d))  # (r_k, d_in)
+        if need_dx:
+            lora_dx = (c.scaling * g) @ c.A  # (n_k, d_in)
+            dx[rows] += lora_dx if c.mask is None else lora_dx * c.mask
+    return dx, dA, dB
+
+
 def multi_lora_backward(dy, cache, *, need_dx=True, need_dW=False, need_dbias=False):
     """K LoRA adapters on one frozen layer, backward.
 
@@ -547,25 +635,15 @@ def multi_lora_backward(dy, cache, *, need_dx=True, need_dW=False, need_dbias=Fa
     dW = dyᵀ x and dbias = Σ_n dy over every token.
     """
     d_out = _check_multi_cache(cache)
-    x2, W = cache.x, cache.W
+    x2 = cache.x
     dy = check_dy(dy, cache.x_shape[:-1] + (d_out,), x2.dtype)
     if need_dbias and not cache.has_bias:
         raise ValueError("need_dbias=True but the forward pass had no bias")
     dy2 = dy.reshape(x2.shape[0], d_out)  # (N, d_out)
-    dx = np.empty(x2.shape, x2.dtype) if need_dx else None  # (N, d_in)
-    dA, dB = [], []
-    for k, (rows, cache_k) in enumerate(zip(cache.rows, cache.caches, strict=True)):
-        try:
-            g = lora_backward(_take(dy2, rows), cache_k, need_dx=need_dx)
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise type(e)(f"adapter {k}: {e}") from None
-        if need_dx:
-            dx[rows] = g.dx  # (n_k, d_in)
-        dA.append(g.dA)
-        dB.append(g.dB)
-    if need_dx:
-        dy_base = dy2[cache.base]  # (n_base, d_out)
-        dx[cache.base] = dy_base @ W.T if cache.fan_in_fan_out else dy_base @ W
+    if cache.caches[0].backend == "numba":  # the route the forward took (any is checked)
+        dx, dA, dB = _multi_backward_fused(dy2, cache, need_dx)
+    else:
+        dx, dA, dB = _multi_backward_layers(dy2, cache, need_dx)
     dW, dbias = frozen_grads(dy2, x2, cache.fan_in_fan_out, need_dW, need_dbias)
     return MultiLoRAGrads(None if dx is None else dx.reshape(cache.x_shape), dA, dB, dW, dbias)
 
