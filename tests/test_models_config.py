@@ -110,11 +110,13 @@ def test_sliding_window_in_use_bounds_the_sequence(tmp_path):
     del on["layer_types"]
     assert ModelConfig.from_dict(on).max_sequence_length == 8
     assert ModelConfig.from_dict({**on, "max_window_layers": 2}).sliding_window is None
-    marked = {**QWEN2, "sliding_window": 8, "layer_types": ["full_attention",
-                                                           "sliding_attention"]}
+    marked = {**QWEN2, "sliding_window": 8, "use_sliding_window": True,
+              "layer_types": ["full_attention", "sliding_attention"]}
     assert ModelConfig.from_dict(marked).sliding_window == 8
-    _refused(tmp_path, {**QWEN2, "sliding_window": 8, "layer_types": ["full_attention", "x"]},
-             "layer_types")
+    # transformers drops the window unless use_sliding_window, whatever layer_types says
+    assert ModelConfig.from_dict({**marked, "use_sliding_window": False}).sliding_window is None
+    _refused(tmp_path, {**marked, "layer_types": ["full_attention", "x"]}, "layer_types")
+    _refused(tmp_path, {**marked, "use_sliding_window": 1}, "use_sliding_window")
     _refused(tmp_path, {**MISTRAL, "sliding_window": 0}, "sliding_window")
     _refused(tmp_path, {**MISTRAL, "sliding_window": "8"}, "sliding_window")
 

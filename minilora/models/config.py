@@ -7,11 +7,18 @@ keys, partial rotary, dropout in attention) is a ValueError naming the file and 
 silently different model. Keys that do not change the computation (token ids, torch_dtype,
 use_cache, transformers_version, initializer_range ...) are ignored.
 
-Sliding-window attention (Mistral's ``sliding_window``; Qwen2's when ``use_sliding_window``
-makes layers ``sliding_attention``): a query sees the keys at most w − 1 positions back. For
-sequences of at most w tokens that is plain causal attention, so the window is kept as
-``sliding_window`` and the model refuses longer sequences (``max_sequence_length``) rather than
-computing something else.
+Sliding-window attention (Mistral's ``sliding_window``, used whenever it is not null; Qwen2's
+only when ``use_sliding_window``, on the layers ``layer_types`` marks ``sliding_attention``, else
+those from ``max_window_layers`` on, as Qwen2Config decides): transformers 5 masks key s for
+query t unless ``s > t − w`` (masking_utils.sliding_window_overlay), so a query sees the keys at
+most w − 1 positions back. For sequences of at most w tokens that is plain causal attention,
+so the window is kept as ``sliding_window`` and the model must refuse longer sequences
+(``max_sequence_length`` = min(max_position_embeddings, w)) rather than compute something else.
+A window no smaller than max_position_embeddings therefore changes nothing.
+
+``pretraining_tp`` is type-checked and ignored: transformers 5's LLaMA no longer reads it (it
+only ever split the same matrix products). ``attention_dropout`` other than 0 is refused: it is
+used in training, where minilora trains (LoRA's own dropout is the adapter's).
 """
 
 import math
@@ -265,13 +272,15 @@ def _sliding_window(d, where, get, model_type, layers):
     window = get("sliding_window", (int,), "null or an integer", None)
     if window is None or model_type == "mistral":
         return window
-    # Qwen2: the layers marked sliding_attention use it; transformers derives the marks from
-    # use_sliding_window and max_window_layers when layer_types is absent.
+    # Qwen2 (transformers' Qwen2Config): the window is dropped unless use_sliding_window, then
+    # used by the layers marked sliding_attention, the marks derived from max_window_layers
+    # when layer_types is absent.
+    if not get("use_sliding_window", (bool,), "true or false", False):
+        return None
     kinds = d.get("layer_types")
     if kinds is None:
-        use = get("use_sliding_window", (bool,), "true or false", False)
         first = get("max_window_layers", (int,), "an integer", layers)
-        kinds = ["sliding_attention" if use and i >= first else "full_attention"
+        kinds = ["sliding_attention" if i >= first else "full_attention"
                  for i in range(layers)]
     if (not isinstance(kinds, list)
             or any(k not in ("full_attention", "sliding_attention") for k in kinds)):

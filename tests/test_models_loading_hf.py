@@ -1,0 +1,124 @@
+"""Folders written by transformers' save_pretrained (random weights from a config, no hub):
+read_config gives the model transformers built, and load_weights gives exactly its state_dict,
+single file and sharded, float32, float16 and bfloat16 (widened exactly)."""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from minilora.models.config import read_config  # noqa: E402
+from minilora.models.weights import INDEX, SINGLE, load_weights  # noqa: E402
+
+SIZES = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2)
+CASES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "llama-bias-tied": ("LlamaConfig", "LlamaForCausalLM",
+                        dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=True)),
+    "llama-head-dim": ("LlamaConfig", "LlamaForCausalLM", dict(head_dim=16)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen2-tied": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
+    "mistral-gqa1": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=1)),
+}
+
+
+def _save(folder, case, dtype=torch.float32, shard=None, seed=0):
+    config_name, model_name, extra = CASES[case]
+    config = getattr(transformers, config_name)(**{**SIZES, **extra})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config).to(dtype)
+    with torch.no_grad():  # biases start at zero: make them visible
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") or "norm" in name:
+                p.copy_(torch.randn_like(p))
+    kwargs = {} if shard is None else {"max_shard_size": shard}
+    model.save_pretrained(folder, **kwargs)
+    return model
+
+
+def _expected(model, config):
+    """The state_dict as float arrays, the tied head dropped (transformers does not save it)."""
+    out = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        out[name] = t.detach().to(torch.float64).numpy()  # fp16/bf16/fp32 -> float64: exact
+    return out
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_config_is_transformers_model(tmp_path, case):
+    model = _save(tmp_path, case)
+    c = read_config(tmp_path)
+    tc = model.config
+    assert c.architecture == type(model).__name__
+    assert (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers) == \
+        (tc.vocab_size, tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers)
+    assert (c.num_attention_heads, c.num_key_value_heads) == \
+        (tc.num_attention_heads, tc.num_key_value_heads)
+    attn = model.model.layers[0].self_attn
+    assert c.head_dim == attn.head_dim
+    assert c.qkv_bias == (attn.q_proj.bias is not None) == (attn.v_proj.bias is not None)
+    assert c.o_bias == (attn.o_proj.bias is not None)
+    assert c.mlp_bias == (model.model.layers[0].mlp.up_proj.bias is not None)
+    assert c.tie_word_embeddings == tc.tie_word_embeddings
+    assert c.rms_norm_eps == tc.rms_norm_eps
+    assert c.rope_theta == model.config.rope_parameters["rope_theta"]
+    assert c.sliding_window == getattr(tc, "sliding_window", None)  # Mistral's default 4096
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_weights_equal_state_dict(tmp_path, case, dtype):
+    sharded = case in ("llama", "qwen2-tied", "mistral") or dtype == "bfloat16"
+    model = _save(tmp_path, case, getattr(torch, dtype), "50KB" if sharded else None)
+    assert (tmp_path / INDEX).is_file() == sharded and (tmp_path / SINGLE).is_file() != sharded
+    if sharded:
+        assert len(set(json.loads((tmp_path / INDEX).read_text())["weight_map"].values())) > 1
+    config = read_config(tmp_path)
+    expected = _expected(model, config)
+    for compute in (np.float32, np.float64):
+        loaded = load_weights(tmp_path, config, dtype=compute)
+        assert set(loaded) == set(expected)
+        for name, a in loaded.items():
+            assert a.dtype == compute and a.flags.c_contiguous and not a.flags.writeable
+            if dtype != "float32" or compute == np.float32:  # exact: no rounding on the way
+                np.testing.assert_array_equal(a, expected[name], err_msg=name)
+            else:
+                np.testing.assert_array_equal(a, expected[name].astype(np.float32),
+                                              err_msg=name)
+
+
+def test_tied_head_is_not_saved(tmp_path):
+    _save(tmp_path, "qwen2-tied")
+    from safetensors import safe_open
+    with safe_open(tmp_path / SINGLE, "np") as f:
+        assert "lm_head.weight" not in f.keys()
+
+
+def test_sliding_window_and_linear_rope_from_transformers(tmp_path):
+    config = transformers.MistralConfig(**SIZES, sliding_window=16)
+    transformers.MistralForCausalLM(config).save_pretrained(tmp_path / "m")
+    c = read_config(tmp_path / "m")
+    assert (c.sliding_window, c.max_sequence_length) == (16, 16)
+    for use, first, window in ((True, 1, 16), (True, 2, None), (False, 0, None)):
+        config = transformers.Qwen2Config(**SIZES, use_sliding_window=use, sliding_window=16,
+                                          max_window_layers=first)
+        folder = tmp_path / f"q{use}{first}"
+        transformers.Qwen2ForCausalLM(config).save_pretrained(folder)
+        assert read_config(folder).sliding_window == window
+    config = transformers.LlamaConfig(**SIZES, rope_parameters={
+        "rope_type": "linear", "factor": 4.0, "rope_theta": 500.0})
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "l")
+    c = read_config(tmp_path / "l")
+    assert (c.rope_theta, c.rope_scaling_factor) == (500.0, 4.0)
+    config = transformers.LlamaConfig(**SIZES, rope_parameters={
+        "rope_type": "dynamic", "factor": 4.0, "rope_theta": 500.0})
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "d")
+    with pytest.raises(ValueError, match="dynamic"):
+        read_config(tmp_path / "d")
