@@ -284,10 +284,17 @@ def read_tensor(f, entry, data_start):
     it), as ``loads`` would return it."""
     dtype, shape, (begin, end) = entry
     f.seek(data_start + begin)
-    raw = f.read(end - begin)
-    if len(raw) != end - begin:  # the file shrank since its header was read
+    stored = np.dtype(_DTYPES[dtype])
+    count = (end - begin) // stored.itemsize
+    # np.fromfile reads straight into the array: the tensor is in memory once, not as bytes too
+    flat = np.fromfile(f, dtype=stored, count=count) if count else np.empty(0, stored)
+    if flat.size != count:  # the file shrank since its header was read
         raise SafetensorsError(f"{f.name}: ended inside a tensor's data")
-    return _array(dtype, shape, raw)
+    if dtype == "BF16":  # the high half of a float32
+        return (flat.astype(np.uint32) << 16).view(np.float32).reshape(shape)
+    if dtype == "F16":
+        return flat.astype(np.float32).reshape(shape)
+    return flat.astype(stored.newbyteorder("="), copy=False).reshape(shape)
 
 
 def dumps(tensors, metadata=None):
