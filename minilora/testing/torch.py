@@ -17,6 +17,9 @@ Conv1D case's W is transposed for ``fn``, and its dW transposed back), the dropo
 multiplier on the LoRA branch's input (0 or 1/(1 − p)). Needs ``pip install minilora[torch]``.
 """
 
+from dataclasses import dataclass, field
+
+import numpy as np
 import torch
 
 from minilora.oracle import OracleInputError, compare
@@ -138,3 +141,350 @@ def assert_torch_matches(fn, case, dtype=None, *, accum_dtype=None, need_dW=Fals
         raise AssertionError("the torch implementation does not match the float64 reference:\n"
                              + str(report))
     return report
+
+
+# -- a whole model --------------------------------------------------------------------------------
+
+@dataclass
+class LayerVerdict:
+    """One judged module or block of a model."""
+
+    name: str  # the module's name in the model (the attention or MLP module for a block)
+    block: str  # "linear", "qkv" or "mlp"
+    passed: bool
+    worst: tuple  # (rule, ratio, output): the tensor closest to failing (or failing worst)
+    report: object  # the oracle's Report for this module
+
+
+@dataclass
+class ModelReport:
+    """``check_model``'s verdict: a row per judged module and what could not be judged."""
+
+    dtype: str
+    layers: list = field(default_factory=list)  # LayerVerdict rows, in the model's order
+    not_judged: list = field(default_factory=list)  # (name, why)
+
+    @property
+    def passed(self):
+        """Every LoRA'd module was judged, and passed."""
+        return bool(self.layers) and not self.not_judged and all(r.passed for r in self.layers)
+
+    @property
+    def failed(self):
+        """The names of the modules that were judged and failed."""
+        return [r.name for r in self.layers if not r.passed]
+
+    def __str__(self):
+        rows = [("module", "block", "worst output", "rule", "used", "verdict")]
+        rows += [(r.name, r.block, r.worst[2], r.worst[0], f"{r.worst[1]:.3g}",
+                  "pass" if r.passed else "FAIL") for r in self.layers]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = [f"check_model at {self.dtype}: {len(self.layers)} modules judged, "
+                 f"{len(self.failed)} failed, {len(self.not_judged)} not judged"]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                  for row in rows]
+        lines += [f"not judged: {name}: {why}" for name, why in self.not_judged]
+        lines.append("PASSED" if self.passed else "FAILED")
+        return "\n".join(lines)
+
+
+ACTIVATION_NAMES = {"SiLU": "silu", "SiLUActivation": "silu", "GELUActivation": "gelu",
+                    "GELU": "gelu", "PytorchGELUTanh": "gelu_tanh", "GELUTanh": "gelu_tanh",
+                    "NewGELUActivation": "gelu_tanh", "GELUTanhActivation": "gelu_tanh"}
+
+
+def _activation(act):
+    name = ACTIVATION_NAMES.get(type(act).__name__)
+    if isinstance(act, torch.nn.GELU):
+        name = "gelu_tanh" if act.approximate == "tanh" else "gelu"
+    return name
+
+
+class _Capture:
+    """What one module's hooks saw: per forward call its input and output, per backward its
+    dx and dy (detached, on the model's device until judged)."""
+
+    def __init__(self):
+        self.forward, self.backward = [], []
+
+    def attach(self, module):
+        def on_forward(mod, args, kwargs, output):
+            x = args[0] if args else next(iter(kwargs.values()), None)
+            self.forward.append((x.detach() if isinstance(x, torch.Tensor) else None,
+                                 output.detach() if isinstance(output, torch.Tensor) else None))
+
+        def on_backward(mod, grad_input, grad_output):
+            self.backward.append((grad_input[0] if grad_input else None,
+                                  grad_output[0] if grad_output else None))
+
+        return [module.register_forward_hook(on_forward, with_kwargs=True),
+                module.register_full_backward_hook(on_backward)]
+
+    def problem(self):
+        """Why this capture cannot be judged (None when it can)."""
+        if not self.forward:
+            return ("its forward never ran as a module call (a patched forward computes it "
+                    "inside itself), so its input and upstream gradient were not captured")
+        if len(self.forward) > 1 or len(self.backward) > 1:
+            return f"called {len(self.forward)} times in one forward; one call is judged"
+        if not self.backward or self.backward[0][1] is None:
+            return "no upstream gradient reached its output in the backward"
+        if self.forward[0][0] is None or self.forward[0][1] is None:
+            return "its input or output is not a tensor"
+        return None
+
+
+def _host(t):
+    return None if t is None else t.detach().to("cpu", torch.float64).numpy()
+
+
+def _lora_parts(layer, adapter):
+    """(W, A, B, bias, m, scaling) of a PEFT LoRA Linear's adapter, float64 on the host."""
+    base = layer.get_base_layer()
+    m = None
+    if layer.use_dora.get(adapter, False):
+        m = _host(layer.lora_magnitude_vector[adapter].weight).reshape(-1)
+    bias = getattr(base, "bias", None)
+    return (_host(base.weight), _host(layer.lora_A[adapter].weight),
+            _host(layer.lora_B[adapter].weight), _host(bias), m, float(layer.scaling[adapter]))
+
+
+def _mask(layer, adapter, dropouts, shape):
+    """The dropout mask the layer's LoRA branch used (0 or 1/(1 − p) in the model's dtype),
+    as (mask, None), or (None, why-not); (None, None) when the layer applies no dropout."""
+    drop = layer.lora_dropout[adapter]
+    if not isinstance(drop, torch.nn.Dropout) or drop.p == 0 or not drop.training:
+        return None, None
+    calls = dropouts.get(id(drop), [])
+    if len(calls) != 1:
+        return None, f"its dropout module ran {len(calls)} times: the mask is not known"
+    mask = _host(calls[0])
+    if mask.shape != tuple(shape):
+        return None, f"its dropout ran on {mask.shape}, not on its input's {tuple(shape)}"
+    return mask, None  # (..., d_in)
+
+
+def check_model(model, batch, loss_fn=None, dtype="bf16", device=None):
+    """Judge every LoRA'd module of a PEFT model as it runs: the user's forward and backward,
+    their kernels in place, captured with hooks and judged against the float64 reference.
+
+    Parameters
+    ----------
+    model : a PEFT model (``peft.get_peft_model``), its forwards patched or not
+    batch : dict for ``model(**batch)`` (tensors are moved to the device)
+    loss_fn : loss_fn(output) -> scalar tensor; default ``output.loss``
+    dtype : the precision the model computes in ("bf16", "fp16", "fp32", "fp64")
+    device : where the model is (default: its parameters' device); the model is never moved
+
+    Returns
+    -------
+    ModelReport: ``.passed``, ``.layers`` (rows: name, block, passed, worst), ``.not_judged``.
+
+    Notes
+    -----
+    Units: a module with ``gate_proj``, ``up_proj``, ``down_proj`` all LoRA'd (and a known
+    ``act_fn``) is judged as the ``mlp`` block at its own boundary (y = down(act(gate x) ⊙
+    up x)); ``q_proj``, ``k_proj``, ``v_proj`` all LoRA'd and fed the same input as the
+    ``qkv`` block (dx summed over the three); every other LoRA Linear as a linear layer. Each
+    unit's input x, output y, upstream dy and dx come from module hooks, A's and B's (and m's)
+    gradients from the parameters after the backward (their ``.grad`` is restored afterwards);
+    each unit's float64 case is built on the host one at a time. What a hook cannot see is
+    reported as not judged with the reason, never guessed. The input embeddings' output is
+    made to require grad during the run so that the first layer's dx is computed too, and each
+    LoRA dropout's mask is drawn by a hook (its output is input ⊙ mask, keep ~ Bernoulli(1 − p),
+    the same distribution as torch's) so that the mask is known at every entry, zeros of the
+    input included.
+    """
+    import peft
+
+    from minilora.oracle import Case
+    from minilora.precision import precision
+
+    prec = precision(dtype)
+    params = list(model.parameters())
+    dev = resolve_device(device if device is not None else
+                         (params[0].device if params else "cpu"))
+    if params and any(p.device != dev for p in params):
+        raise ValueError(f"the model's parameters are on {params[0].device}, not on {dev}: "
+                         f"check_model never moves a model (move it, or pass its device)")
+    if not isinstance(batch, dict):
+        raise TypeError(f"batch must be a dict for model(**batch), got {type(batch).__name__}")
+    batch = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    named = dict(model.named_modules())
+    layers = {n: m for n, m in named.items() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    not_judged, units, claimed = [], [], set()
+    for name, layer in layers.items():
+        if not isinstance(layer, peft.tuners.lora.Linear):
+            not_judged.append((name, f"a {type(layer).__name__} LoRA layer: check_model "
+                                     f"knows LoRA Linear layers only"))
+            claimed.add(name)
+        elif len(layer.active_adapters) != 1 or layer.merged or layer.disable_adapters:
+            not_judged.append((name, "not exactly one active, unmerged adapter"))
+            claimed.add(name)
+    for name, module in named.items():
+        prefix = f"{name}." if name else ""
+        for block, children in (("mlp", ("gate_proj", "up_proj", "down_proj")),
+                                ("qkv", ("q_proj", "k_proj", "v_proj"))):
+            members = [prefix + c for c in children]
+            if not all(m in layers and m not in claimed for m in members):
+                continue
+            adapters = {layers[m].active_adapters[0] for m in members}
+            if len(adapters) > 1 or any(layers[m].use_dora.get(layers[m].active_adapters[0])
+                                        for m in members):
+                continue  # judged as linear layers
+            if block == "mlp":
+                activation = _activation(getattr(module, "act_fn", None))
+                if activation is None:
+                    continue
+                units.append(("mlp", name, members, activation))
+            else:
+                units.append(("qkv", name, members, None))
+            claimed.update(members)
+    units += [("linear", n, [n], None) for n in layers if n not in claimed]
+
+    captures = {n: _Capture() for n in named}
+    dropouts, handles = {}, []
+    watched = {n for block, name, members, _ in units
+               for n in ([name] if block == "mlp" else members)}  # the units' boundaries
+    for n in watched:
+        handles += captures[n].attach(named[n])
+
+    def on_dropout(mod, args, output):  # the mask drawn here, so that every entry is known
+        if not (mod.training and mod.p > 0):
+            return None
+        keep = torch.rand(args[0].shape, device=args[0].device) >= mod.p  # (..., d)
+        mask = (keep / (1.0 - mod.p)).to(args[0].dtype)  # 0 or 1/(1 − p), in the model's dtype
+        dropouts.setdefault(id(mod), []).append(mask)
+        return args[0] * mask
+
+    for layer in layers.values():
+        if isinstance(layer, peft.tuners.lora.Linear):
+            handles += [d.register_forward_hook(on_dropout) for d in layer.lora_dropout.values()]
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None:
+        handles.append(embeddings.register_forward_hook(
+            lambda mod, args, output: output.requires_grad_(True)))
+    lora_params = [p for layer in layers.values() for p in layer.parameters() if p.requires_grad]
+    saved_grads = [p.grad for p in lora_params]
+    for p in lora_params:
+        p.grad = None
+    try:
+        output = model(**batch)
+        loss = output.loss if loss_fn is None else loss_fn(output)
+        loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+
+    report = ModelReport(prec.name)
+    try:
+        for block, name, members, activation in units:
+            row = _judge_unit(block, name, members, activation, layers, captures, dropouts,
+                              prec, Case)
+            if isinstance(row, LayerVerdict):
+                report.layers.append(row)
+            else:
+                report.not_judged.extend(row)
+    finally:
+        for p, g in zip(lora_params, saved_grads, strict=True):
+            p.grad = g
+    report.not_judged = not_judged + report.not_judged
+    return report
+
+
+def _judge_unit(block, name, members, activation, layers, captures, dropouts, prec, Case):
+    """One unit's case from its captures, judged: a LayerVerdict, or [(name, why)]."""
+    from minilora.oracle import compare
+
+    boundary = [name] if block == "mlp" else members  # the modules whose hooks carry x, dy
+    for n in boundary:
+        why = captures[n].problem()
+        if why is not None:
+            if block == "qkv":  # judge each projection alone where its hooks fired
+                return [(n, f"{why}")] if len(boundary) == 1 else _qkv_fallback(
+                    members, layers, captures, dropouts, prec, Case)
+            return [(n, why)]
+    parts, masks, grads = [], [], []
+    for n in members:
+        layer = layers[n]
+        adapter = layer.active_adapters[0]
+        parts.append(_lora_parts(layer, adapter))
+        grads.append(tuple(_host(p.grad) if p.grad is not None else None
+                           for p in (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight,
+                                     *([layer.lora_magnitude_vector[adapter].weight]
+                                       if layer.use_dora.get(adapter) else []))))
+    if any(g is None for gs in grads for g in gs):
+        return [(name, "an adapter's parameter received no gradient in the backward")]
+    x = _host(captures[boundary[0]].forward[0][0])
+    for j, n in enumerate(members):
+        layer = layers[n]
+        adapter = layer.active_adapters[0]
+        shape = x.shape
+        if block == "mlp" and j == 2:
+            shape = (*x.shape[:-1], parts[2][0].shape[-1])  # z: (..., d_ff)
+        mask, why = _mask(layer, adapter, dropouts, shape)
+        if why is not None:
+            return [(n, why)]
+        masks.append(mask)
+    if block == "linear":
+        W, A, B, bias, m, s = parts[0]
+        dx, dy = (_host(t) for t in captures[name].backward[0])
+        t = {"x": x, "W": W, "A": A, "B": B, "dy": dy}
+        t |= {k: v for k, v in (("bias", bias), ("m", m), ("dropout_mask", masks[0]))
+              if v is not None}
+        case = Case(t, s, bool(layers[name].fan_in_fan_out), True, prec.name)
+        cand = {"y": _host(captures[name].forward[0][1]), "dA": grads[0][0], "dB": grads[0][1]}
+        if m is not None:
+            cand["dm"] = grads[0][2]
+    else:
+        if any(layers[n].fan_in_fan_out for n in members):
+            return [(name, "a fan_in_fan_out (Conv1D) block: judged blocks take (d_out, d_in)")]
+        t = {"x": x}
+        if block == "qkv":
+            inputs = [captures[n].forward[0][0] for n in members]
+            if not all(i.shape == inputs[0].shape and torch.equal(i, inputs[0]) for i in inputs):
+                return _qkv_fallback(members, layers, captures, dropouts, prec, Case)
+            dys = [_host(captures[n].backward[0][1]) for n in members]
+            dxs = [captures[n].backward[0][0] for n in members]
+            dx = None if any(d is None for d in dxs) else sum(_host(d) for d in dxs)
+            t |= {f"dy.{j}": d for j, d in enumerate(dys)}
+            cand = {f"y.{j}": _host(captures[n].forward[0][1]) for j, n in enumerate(members)}
+        else:
+            dx, dy = (_host(v) for v in captures[name].backward[0])
+            t["dy"] = dy
+            cand = {"y": _host(captures[name].forward[0][1])}
+        for j, (W, A, B, bias, _, _) in enumerate(parts):
+            t |= {f"W.{j}": W, f"A.{j}": A, f"B.{j}": B}
+            if bias is not None:
+                t[f"bias.{j}"] = bias
+            cand |= {f"dA.{j}": grads[j][0], f"dB.{j}": grads[j][1]}
+        if any(mk is not None for mk in masks):
+            for j, mk in enumerate(masks):
+                inner = x.shape if not (block == "mlp" and j == 2) else \
+                    (*x.shape[:-1], parts[2][0].shape[-1])
+                t[f"dropout_mask.{j}"] = np.ones(inner) if mk is None else mk
+        case = Case(t, tuple(p[5] for p in parts), False, True, prec.name, block=block,
+                    activation=activation or "silu")
+    outputs = None
+    if dx is None:
+        outputs = [k for k in cand]  # the input needed no gradient: dx is not judged
+    else:
+        cand["dx"] = dx
+    try:
+        rep = compare(case, cand, dtype=prec.name, outputs=outputs)
+    except OracleInputError as e:
+        return [(name, f"its case cannot be judged at {prec.name}: {e}")]
+    failing = [v for v in rep.tensors if not v.passed] or rep.tensors
+    worst = max(failing, key=lambda v: v.margin)
+    return LayerVerdict(name, block, rep.passed, (worst.decided_by, float(worst.margin),
+                                                  worst.name), rep)
+
+
+def _qkv_fallback(members, layers, captures, dropouts, prec, Case):
+    """q, k, v judged one by one (their inputs differ, or some hooks never fired)."""
+    rows = []
+    for n in members:
+        row = _judge_unit("linear", n, [n], None, layers, captures, dropouts, prec, Case)
+        rows.extend(row if isinstance(row, list) else [row])
+    return rows
