@@ -321,3 +321,20 @@ def test_inputs_unchanged_and_outputs_independent(tmp_path):
         assert not np.shares_memory(a[name], b[name])
         with pytest.raises(ValueError):
             a[name][...] = 0
+
+
+def test_from_pretrained_checks_everything_before_building(tmp_path):
+    from minilora.models.pretrained import from_pretrained
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 11}))
+    with pytest.raises(ValueError, match="hidden_size"):
+        from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 11, "hidden_size": 8,
+        "intermediate_size": 12, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 2, "attention_bias": True, "mlp_bias": True}))
+    with pytest.raises(ValueError, match="neither"):
+        from_pretrained(tmp_path)
+    safetensors.save(tmp_path / SINGLE, _tensors(CONFIG))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        from_pretrained(tmp_path, dtype=np.float16)

@@ -14,7 +14,8 @@ def from_pretrained(folder, *, dtype=np.float32, backend=None):
     (``read_config``, ``load_weights``): a folder it cannot represent exactly is a ValueError
     naming the file and the key or tensor.
     """
-    from minilora.models.llama import LlamaModel
-
     config = read_config(folder)
-    return LlamaModel(config, load_weights(folder, config, dtype=dtype), backend=backend)
+    weights = load_weights(folder, config, dtype=dtype)
+    from minilora.models.llama import LlamaModel  # the decoder, built only from checked input
+
+    return LlamaModel(config, weights, backend=backend)
