@@ -17,9 +17,26 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def _to_float32_odd(a):
+    """float64 values as float32, rounded to odd: truncated towards zero, and the last bit set
+    when that was inexact. Rounding the result to fewer than 23 mantissa bits then rounds the
+    float64 value correctly (round to nearest twice would not: 1 + 2⁻⁸ + 2⁻³⁰ goes to the tie
+    1 + 2⁻⁸ in float32, then to 1 in bf16, where 1 + 2⁻⁷ is nearer)."""
+    a = np.asarray(a, dtype=np.float64)
+    with np.errstate(over="ignore"):
+        f = a.astype(np.float32)  # nearest (inf beyond float32's range)
+    inexact = np.isfinite(a) & (f.astype(np.float64) != a)
+    away = inexact & (np.abs(f.astype(np.float64)) > np.abs(a))
+    f = np.where(away, np.nextafter(f, np.float32(0)), f)  # towards zero
+    bits = f.view(np.uint32) | inexact.astype(np.uint32)  # the sticky bit
+    return bits.view(np.float32)
+
+
 def _round_mantissa(a, drop_bits):
-    """Round float32 values to ``23 − drop_bits`` mantissa bits, nearest-even, in float32."""
-    a = np.asarray(a, dtype=np.float32)
+    """Round float32 values to ``23 − drop_bits`` mantissa bits, nearest-even, in float32
+    (float64 values correctly too, through ``_to_float32_odd``)."""
+    a = np.asarray(a)
+    a = _to_float32_odd(a) if a.dtype == np.float64 else np.asarray(a, dtype=np.float32)
     bits = a.view(np.uint32).astype(np.uint64)
     half = np.uint64(1 << (drop_bits - 1)) - np.uint64(1)
     lsb = (bits >> np.uint64(drop_bits)) & np.uint64(1)
