@@ -215,3 +215,10 @@ def test_direct_construction_is_checked():
         ModelConfig("LlamaForCausalLM", 64, 16, 24, 2, 4, 3, 4, 1e-6, 1e4)
     with pytest.raises(ValueError, match="hidden_size"):
         ModelConfig("LlamaForCausalLM", 64, True, 24, 2, 4, 2, 4, 1e-6, 1e4)
+
+
+def test_activation_names_map_into_blocks():
+    from minilora.blocks import ACTIVATIONS as OURS
+    from minilora.models.config import ACTIVATIONS
+
+    assert set(ACTIVATIONS.values()) <= set(OURS)

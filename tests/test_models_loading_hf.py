@@ -122,3 +122,16 @@ def test_sliding_window_and_linear_rope_from_transformers(tmp_path):
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "d")
     with pytest.raises(ValueError, match="dynamic"):
         read_config(tmp_path / "d")
+
+
+def test_activation_names_compute_transformers_functions():
+    from transformers.activations import ACT2FN
+
+    from minilora.blocks import activation_forward
+    from minilora.models.config import ACTIVATIONS
+
+    e = np.linspace(-6, 6, 201)
+    for name, ours in ACTIVATIONS.items():
+        want = ACT2FN[name](torch.from_numpy(e)).numpy()
+        np.testing.assert_allclose(activation_forward(e, ours), want, rtol=1e-12, atol=1e-14,
+                                   err_msg=name)
