@@ -11,7 +11,10 @@
 * ``lora_shapes``, ``lora_cases``, ``dora_cases``, ``block_cases``: Hypothesis strategies
   (``minilora.testing.strategies``, needs ``pip install minilora[test]``);
 * ``minilora.testing.torch``: ``torch_outputs`` and ``assert_torch_matches`` run a PyTorch
-  implementation on a case in-process (needs ``pip install minilora[torch]``).
+  implementation on a case in-process, on any device (``device=``), and ``check_model`` judges
+  every LoRA'd module of a PEFT model as it runs (needs ``pip install minilora[torch]``);
+* ``minilora.testing.jax``: ``jax_outputs`` and ``assert_jax_matches``, the same for a JAX
+  implementation (needs ``pip install minilora[jax]``; this module never imports jax).
 """
 
 from dataclasses import dataclass
