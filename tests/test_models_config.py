@@ -222,3 +222,16 @@ def test_activation_names_map_into_blocks():
     from minilora.models.config import ACTIVATIONS
 
     assert set(ACTIVATIONS.values()) <= set(OURS)
+
+
+def test_rope_priorities_are_transformers(tmp_path):
+    """transformers 5: a non-empty rope_scaling wins over rope_parameters; the dict's
+    rope_theta over the top-level one."""
+    both = {**LLAMA, "rope_scaling": {"rope_type": "linear", "factor": 2.0}, "rope_theta": 50.0}
+    c = ModelConfig.from_dict(both)
+    assert (c.rope_theta, c.rope_scaling_factor) == (50.0, 2.0)
+    assert ModelConfig.from_dict({**LLAMA, "rope_scaling": {}}).rope_theta == 10000.0
+    assert ModelConfig.from_dict({**LLAMA, "rope_theta": 3.0}).rope_theta == 10000.0
+    _refused(tmp_path, {**LLAMA, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "yarn")
+    nested = {**QWEN2, "rope_parameters": {"full_attention": {"rope_theta": 5.0}}}
+    _refused(tmp_path, nested, "rope_parameters.full_attention")

@@ -294,13 +294,17 @@ def _architecture(d, where, get):
 
 def _rope(d, where, get):
     """(rope_theta, linear scaling factor) from transformers 5's ``rope_parameters`` or the
-    older top-level ``rope_theta`` + ``rope_scaling``."""
+    older ``rope_scaling``, read with transformers' priorities
+    (RotaryEmbeddingConfigMixin.convert_rope_params_to_dict): a non-empty ``rope_scaling`` over
+    ``rope_parameters``, the dict's ``rope_theta`` over the top-level one, then 10000."""
     params = get("rope_parameters", (dict,), "an object", None)
     scaling = get("rope_scaling", (dict,), "an object", None)
-    key = "rope_parameters" if params is not None else "rope_scaling"
-    spec = dict(scaling or {})
-    if params is not None:
-        spec = dict(params)
+    key = "rope_scaling" if scaling else "rope_parameters"
+    spec = dict(scaling or params or {})
+    for name, value in spec.items():
+        if isinstance(value, dict):  # per-layer-type parameters (nested): not this decoder's
+            raise ValueError(f"{where}: {key}.{name} is an object: per-layer rope parameters "
+                             f"are not computed here")
     theta = spec.pop("rope_theta", None)
     if theta is None:
         theta = get("rope_theta", (int, float), "a number", 10000.0)
