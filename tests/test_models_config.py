@@ -235,3 +235,14 @@ def test_rope_priorities_are_transformers(tmp_path):
     _refused(tmp_path, {**LLAMA, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "yarn")
     nested = {**QWEN2, "rope_parameters": {"full_attention": {"rope_theta": 5.0}}}
     _refused(tmp_path, nested, "rope_parameters.full_attention")
+
+
+def test_missing_kv_heads_take_transformers_class_defaults():
+    for base, missing in ((LLAMA, 4), (QWEN2, 32), (MISTRAL, 8)):
+        d = {k: v for k, v in base.items() if k != "num_key_value_heads"}
+        d["num_attention_heads"], d["head_dim"] = 32, 2
+        assert ModelConfig.from_dict(d).num_key_value_heads == (32 if missing == 4 else missing)
+        assert ModelConfig.from_dict({**d, "num_key_value_heads": None}).num_key_value_heads == 32
+    d = {k: v for k, v in MISTRAL.items() if k != "num_key_value_heads"}  # 4 heads, 8 kv heads
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        ModelConfig.from_dict(d)

@@ -135,3 +135,18 @@ def test_activation_names_compute_transformers_functions():
         want = ACT2FN[name](torch.from_numpy(e)).numpy()
         np.testing.assert_allclose(activation_forward(e, ours), want, rtol=1e-12, atol=1e-14,
                                    err_msg=name)
+
+
+@pytest.mark.parametrize("name", ["LlamaConfig", "Qwen2Config", "MistralConfig"])
+def test_missing_keys_read_as_transformers_reads_them(tmp_path, name):
+    """A config.json with only the required sizes: the defaults transformers fills in."""
+    d = {"model_type": name[:-6].lower(), "vocab_size": 64, "hidden_size": 64,
+         "intermediate_size": 24, "num_hidden_layers": 1, "num_attention_heads": 32}
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    tc = getattr(transformers, name).from_pretrained(tmp_path)
+    c = read_config(tmp_path)
+    assert (c.num_key_value_heads, c.head_dim, c.rms_norm_eps, c.tie_word_embeddings) == \
+        (tc.num_key_value_heads, tc.head_dim if getattr(tc, "head_dim", None) else 2,
+         tc.rms_norm_eps, tc.tie_word_embeddings)
+    assert c.rope_theta == tc.rope_parameters["rope_theta"]
+    assert c.hidden_act == tc.hidden_act

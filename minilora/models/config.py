@@ -244,7 +244,10 @@ def _read(d, where):
         "intermediate_size": get("intermediate_size", integer, "an integer"),
         "num_hidden_layers": get("num_hidden_layers", integer, "an integer"),
         "num_attention_heads": heads,
-        "num_key_value_heads": get("num_key_value_heads", integer, "an integer", heads),
+        # missing: the class default (Qwen2Config 32, MistralConfig 8); null: heads (post_init)
+        "num_key_value_heads": get("num_key_value_heads", integer, "an integer", heads)
+        if "num_key_value_heads" in d or model_type == "llama"
+        else {"qwen2": 32, "mistral": 8}[model_type],
         "head_dim": get("head_dim", integer, "an integer",
                         hidden // heads if isinstance(heads, int) and heads > 0 else 0),
         "rms_norm_eps": get("rms_norm_eps", number, "a number", 1e-6),
