@@ -1,0 +1,38 @@
+"""minilora.selfcheck: the sweep covers every op, shape and option, passes on the library, and
+reports a wrong gradient as a failing row and a False result."""
+
+import functools
+
+import numpy as np
+
+from minilora import functional, selfcheck
+
+
+def test_the_sweep_passes_and_covers_every_configuration():
+    rows = list(selfcheck.rows(backends=("numpy",)))
+    assert len(rows) == len(selfcheck.OPS) * len(selfcheck.SHAPES) * len(selfcheck.OPTIONS)
+    assert all(row["passed"] and row["detail"] == "" for row in rows)
+    assert {row["op"] for row in rows} == set(selfcheck.OPS)
+    assert max(row["worst_rel_err"] for row in rows) < 1e-6
+    dora = [row for row in rows if row["op"] != "lora"]
+    assert all("m" in row["checked"].split(",") for row in dora)
+
+
+def test_a_wrong_gradient_fails_its_rows_and_the_run(monkeypatch):
+    def wrong_backward(dy, cache, **kw):
+        g = functional.lora_backward(dy, cache, **kw)
+        return g._replace(dB=g.dB * 1.01)  # a 1 % error in dB
+
+    monkeypatch.setattr(selfcheck, "lora_backward", wrong_backward)
+    monkeypatch.setattr(selfcheck, "OPS", ["lora"])
+    rows = list(selfcheck.rows(backends=("numpy",)))
+    failed = [row for row in rows if not row["passed"]]
+    assert failed and all("dB" in row["detail"] or "B" in row["detail"] for row in failed)
+    empty_batch = [row for row in rows if "x(0," in row["config"]]
+    assert all(row["passed"] for row in empty_batch)  # N = 0: dB is 0, so 1 % of it is too
+    assert len(failed) == len(rows) - len(empty_batch)
+    lines = []
+    monkeypatch.setattr(selfcheck, "rows", functools.partial(selfcheck.rows, ("numpy",)))
+    assert selfcheck.run(out=lines.append) is False
+    assert lines[-1] == "SOME GRADIENTS ARE WRONG" and any(" NO" in line for line in lines)
+    assert np.isfinite([row["worst_rel_err"] for row in rows]).all()
