@@ -246,3 +246,14 @@ def test_missing_kv_heads_take_transformers_class_defaults():
     d = {k: v for k, v in MISTRAL.items() if k != "num_key_value_heads"}  # 4 heads, 8 kv heads
     with pytest.raises(ValueError, match="num_key_value_heads"):
         ModelConfig.from_dict(d)
+
+
+def test_missing_window_and_positions_take_class_defaults():
+    d = {k: v for k, v in MISTRAL.items() if k not in ("sliding_window",
+                                                         "max_position_embeddings")}
+    c = ModelConfig.from_dict(d)
+    assert (c.sliding_window, c.max_position_embeddings) == (4096, 131072)
+    q = {k: v for k, v in QWEN2.items() if k not in ("max_position_embeddings", "layer_types")}
+    assert ModelConfig.from_dict(q).max_position_embeddings == 32768
+    l_ = {k: v for k, v in LLAMA.items() if k != "max_position_embeddings"}
+    assert ModelConfig.from_dict(l_).max_position_embeddings == 2048

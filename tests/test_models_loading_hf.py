@@ -150,3 +150,13 @@ def test_missing_keys_read_as_transformers_reads_them(tmp_path, name):
          tc.rms_norm_eps, tc.tie_word_embeddings)
     assert c.rope_theta == tc.rope_parameters["rope_theta"]
     assert c.hidden_act == tc.hidden_act
+    assert c.max_position_embeddings == tc.max_position_embeddings
+    windows = set(getattr(tc, "layer_types", None) or ["full_attention"])
+    assert c.sliding_window == (tc.sliding_window if "sliding_attention" in windows
+                                or name == "MistralConfig" else None)
+    if name == "Qwen2Config":  # the window in use once switched on: class defaults 4096, 28
+        d.update(use_sliding_window=True, num_hidden_layers=30)
+        (tmp_path / "config.json").write_text(json.dumps(d))
+        tc = transformers.Qwen2Config.from_pretrained(tmp_path)
+        assert tc.layer_types[28] == "sliding_attention" and tc.sliding_window == 4096
+        assert read_config(tmp_path).sliding_window == 4096

@@ -96,6 +96,8 @@ MAX_VOCAB = 2**22
 MAX_LAYERS = 4096
 MAX_POSITIONS = 2**24
 MAX_PARAMETERS = 2**40  # a model beyond this is no model this code will hold
+# transformers' class defaults of max_position_embeddings
+DEFAULT_POSITIONS = {"llama": 2048, "qwen2": 32768, "mistral": 4096 * 32}
 # Keys whose presence means a computation the decoder does not have.
 MOE_KEYS = ("num_experts", "num_local_experts", "num_experts_per_tok", "n_routed_experts",
             "moe_intermediate_size")
@@ -251,7 +253,8 @@ def _read(d, where):
         "head_dim": get("head_dim", integer, "an integer",
                         hidden // heads if isinstance(heads, int) and heads > 0 else 0),
         "rms_norm_eps": get("rms_norm_eps", number, "a number", 1e-6),
-        "max_position_embeddings": get("max_position_embeddings", integer, "an integer", 2048),
+        "max_position_embeddings": get("max_position_embeddings", integer, "an integer",
+                                       DEFAULT_POSITIONS[model_type]),
         "tie_word_embeddings": get("tie_word_embeddings", flag, "true or false", False),
     }
     act = get("hidden_act", (str,), "a string", "silu")
@@ -334,7 +337,9 @@ def _sliding_window(d, where, get, model_type, layers):
     """The window in use, or None (see the module docstring)."""
     if model_type == "llama":
         return None
-    window = get("sliding_window", (int,), "null or an integer", None)
+    # missing: the class default 4096 (MistralConfig, Qwen2Config); null: no window
+    window = 4096 if "sliding_window" not in d else \
+        get("sliding_window", (int,), "null or an integer", None)
     if window is None or model_type == "mistral":
         return window
     # Qwen2 (transformers' Qwen2Config): the window is dropped unless use_sliding_window, then
@@ -344,7 +349,7 @@ def _sliding_window(d, where, get, model_type, layers):
         return None
     kinds = d.get("layer_types")
     if kinds is None:
-        first = get("max_window_layers", (int,), "an integer", layers)
+        first = get("max_window_layers", (int,), "an integer", 28)  # Qwen2Config's default
         kinds = ["sliding_attention" if i >= first else "full_attention"
                  for i in range(layers)]
     if (not isinstance(kinds, list)
