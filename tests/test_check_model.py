@@ -182,6 +182,16 @@ def test_a_model_elsewhere_than_the_device_is_refused_and_meta_too():
         check_model(model, batch(), dtype="fp32", device="meta")
     with pytest.raises(TypeError, match="dict"):
         check_model(model, [1, 2], dtype="fp32")
+    with pytest.raises(ValueError, match="not a scalar tensor"):
+        check_model(model, {"input_ids": batch()["input_ids"]}, dtype="fp32")  # no labels
+
+
+def test_a_custom_loss_and_an_explicit_cpu_device():
+    model = tiny_llama(torch.float32)
+    ids = batch()["input_ids"]
+    report = check_model(model, {"input_ids": ids}, dtype="fp32", device="cpu",
+                         loss_fn=lambda out: (out.logits ** 2).mean())
+    assert report.passed and len(report.layers) == 6, str(report)
 
 
 def test_the_hand_written_mlp_backward_matches_finite_differences_in_float64():

@@ -371,7 +371,10 @@ def check_model(model, batch, loss_fn=None, dtype="bf16", device=None):
         p.grad = None
     try:
         output = model(**batch)
-        loss = output.loss if loss_fn is None else loss_fn(output)
+        loss = getattr(output, "loss", None) if loss_fn is None else loss_fn(output)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ValueError(f"the loss is {type(loss).__name__}, not a scalar tensor: give "
+                             f"batch its labels (output.loss) or pass loss_fn(output) -> scalar")
         loss.backward()
     finally:
         for h in handles:
