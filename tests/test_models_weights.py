@@ -338,3 +338,16 @@ def test_from_pretrained_checks_everything_before_building(tmp_path):
     safetensors.save(tmp_path / SINGLE, _tensors(CONFIG))
     with pytest.raises(TypeError, match="float32 or float64"):
         from_pretrained(tmp_path, dtype=np.float16)
+
+
+def test_unreadable_shard_is_named(tmp_path, monkeypatch):
+    folder = _single(tmp_path / "m", _tensors(CONFIG))
+    real_open = open
+
+    def deny(path, *args, **kwargs):
+        if str(path).endswith(SINGLE):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", deny)
+    _refused(folder, CONFIG, SINGLE, "cannot read")

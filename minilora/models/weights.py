@@ -99,6 +99,13 @@ def _available_bytes():
     return None
 
 
+def _open(path):
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
 def _compute_dtype(dtype):
     try:
         kind = np.dtype(dtype)
@@ -121,7 +128,7 @@ def load_weights(folder, config, *, dtype=np.float32):
     tied_head = "lm_head.weight" if config.tie_word_embeddings else None
     located = {}  # name -> (path, entry, data_start)
     for path, assigned in _shard_files(folder).items():
-        with open(path, "rb") as f:
+        with _open(path) as f:
             entries, _, start = safetensors.read_header(f, str(path))
         if assigned is not None:
             for name in assigned - set(entries):
@@ -159,7 +166,7 @@ def load_weights(folder, config, *, dtype=np.float32):
     weights = {}
     for name in names:
         path, entry, start = located[name]
-        with open(path, "rb") as f:
+        with _open(path) as f:
             a = np.ascontiguousarray(safetensors.read_tensor(f, entry, start), dtype=dtype)
         a.flags.writeable = False
         weights[name] = a
