@@ -257,3 +257,14 @@ def test_missing_window_and_positions_take_class_defaults():
     assert ModelConfig.from_dict(q).max_position_embeddings == 32768
     l_ = {k: v for k, v in LLAMA.items() if k != "max_position_embeddings"}
     assert ModelConfig.from_dict(l_).max_position_embeddings == 2048
+
+
+def test_check_sequence_length_names_the_bound():
+    m = ModelConfig.from_dict({**MISTRAL, "sliding_window": 8})
+    m.check_sequence_length(8)
+    with pytest.raises(ValueError, match="sliding_window = 8"):
+        m.check_sequence_length(9)
+    c = ModelConfig.from_dict(LLAMA)
+    c.check_sequence_length(2048)
+    with pytest.raises(ValueError, match="max_position_embeddings = 2048"):
+        c.check_sequence_length(2049)

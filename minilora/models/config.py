@@ -137,6 +137,17 @@ class ModelConfig:
             return self.max_position_embeddings
         return min(self.max_position_embeddings, self.sliding_window)
 
+    def check_sequence_length(self, length):
+        """ValueError unless ``length`` positions (past + new tokens) are computed exactly: at
+        most max_position_embeddings, and at most sliding_window when a window is in use (beyond
+        it transformers' mask hides the oldest keys, which this decoder does not)."""
+        if length > self.max_sequence_length:
+            key = ("sliding_window" if self.sliding_window is not None
+                   and self.sliding_window < self.max_position_embeddings
+                   else "max_position_embeddings")
+            raise ValueError(f"a sequence of {length} positions is longer than the model's "
+                             f"{key} = {getattr(self, key)}: not computed here")
+
     @property
     def num_parameters(self):
         """The base model's parameter count."""
