@@ -268,3 +268,33 @@ def test_check_sequence_length_names_the_bound():
     c.check_sequence_length(2048)
     with pytest.raises(ValueError, match="max_position_embeddings = 2048"):
         c.check_sequence_length(2049)
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False,
+                                                                       allow_infinity=False)
+    | st.text(max_size=4) | st.sampled_from(["linear", "default", "yarn", "full_attention"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.sampled_from(["rope_type", "type", "factor", "rope_theta", "x"]), inner, max_size=3),
+    max_leaves=6)
+
+
+@given(arch=st.sampled_from(sorted(CONFIGS)), data=st.data())
+def test_any_mutation_is_a_config_or_one_named_error(tmp_path_factory, arch, data):
+    """Keys dropped or given any JSON value: a valid ModelConfig or a ValueError naming the
+    file, never another exception."""
+    d = dict(CONFIGS[arch])
+    for _ in range(data.draw(st.integers(1, 3))):
+        key = data.draw(st.sampled_from(sorted(d) + ["rope_scaling", "num_experts"]))
+        if data.draw(st.booleans()):
+            d.pop(key, None)
+        else:
+            d[key] = data.draw(JSON_VALUES)
+    path = _write(tmp_path_factory.mktemp("c"), d)
+    try:
+        c = read_config(path)
+    except ValueError as e:
+        assert str(path) in str(e)
+        return
+    assert isinstance(c, ModelConfig)
+    assert c.num_attention_heads % c.num_key_value_heads == 0 and c.head_dim % 2 == 0
