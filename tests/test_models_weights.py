@@ -351,3 +351,27 @@ def test_unreadable_shard_is_named(tmp_path, monkeypatch):
 
     monkeypatch.setattr("builtins.open", deny)
     _refused(folder, CONFIG, SINGLE, "cannot read")
+
+
+@given(data=st.data())
+@settings(max_examples=30, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_any_index_mutation_is_refused_or_exact(tmp_path_factory, data):
+    """The index's weight_map with entries dropped, added, or pointed anywhere: one ValueError
+    naming the folder, or (the map still right) the exact tensors."""
+    tensors = _tensors(CONFIG)
+    folder, files, weight_map = _sharded(tmp_path_factory.mktemp("m"), tensors)
+    targets = st.sampled_from(files + ["", ".", "..", "../x", "/etc/passwd", "sub/f",
+                                       INDEX, "nope.safetensors"]) | st.integers() | st.none()
+    for _ in range(data.draw(st.integers(1, 3))):
+        name = data.draw(st.sampled_from(sorted(weight_map) + ["extra.weight"]))
+        if data.draw(st.booleans()):
+            weight_map.pop(name, None)
+        else:
+            weight_map[name] = data.draw(targets)
+    (folder / INDEX).write_text(json.dumps({"weight_map": weight_map}))
+    try:
+        loaded = load_weights(folder, CONFIG)
+    except ValueError as e:
+        assert str(folder) in str(e)
+        return
+    _check_equal(loaded, tensors, np.float32)
