@@ -160,3 +160,24 @@ def test_missing_keys_read_as_transformers_reads_them(tmp_path, name):
         tc = transformers.Qwen2Config.from_pretrained(tmp_path)
         assert tc.layer_types[28] == "sliding_attention" and tc.sliding_window == 4096
         assert read_config(tmp_path).sliding_window == 4096
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_from_pretrained_end_to_end(tmp_path, case):
+    """from_pretrained builds the decoder on exactly the loaded weights; its float64 logits are
+    transformers' (to 1e-5 here: transformers computes its rotary tables in float32 even in a
+    float64 model, so this checks the loading, not the decoder's last digits)."""
+    from minilora.models.pretrained import from_pretrained
+
+    reference = _save(tmp_path, case, torch.float64, "50KB")
+    model = from_pretrained(tmp_path, dtype=np.float64)
+    assert model.config == read_config(tmp_path)
+    expected = _expected(reference, model.config)
+    assert set(model.weights) == set(expected)
+    for name, a in model.weights.items():
+        np.testing.assert_array_equal(a, expected[name], err_msg=name)
+    ids = np.random.default_rng(0).integers(0, SIZES["vocab_size"], (2, 7))
+    logits, _ = model.forward(ids)
+    with torch.no_grad():
+        want = reference(torch.from_numpy(ids)).logits.numpy()
+    assert np.abs(logits - want).max() <= 1e-5 * np.abs(want).max()
