@@ -115,6 +115,7 @@ class LlamaModel:
         self.adapters = {}  # {module name: minilora.peft.Adapter}
         self.dropout = 0.0
         self._rng = np.random.default_rng(0)
+        self._fixed_norms = None  # {module: (d_out,)}: DoRA's n held fixed (gradchecks only)
         self.grads = {}
 
     # -- adapters ----------------------------------------------------------------------------------
@@ -226,8 +227,9 @@ class LlamaModel:
                 y = y + bias
             return y, ("plain", W)
         if a.use_dora:
+            norms = None if self._fixed_norms is None else self._fixed_norms[name]
             y, c = dora_forward(x, W, a.A, a.B, a.m, scaling=a.scaling, bias=bias,
-                                dropout_mask=mask, backend=self.backend)
+                                dropout_mask=mask, backend=self.backend, norms=norms)
             return y, ("dora", c)
         y, c = lora_forward(x, W, a.A, a.B, scaling=a.scaling, bias=bias, dropout_mask=mask,
                             backend=self.backend)
