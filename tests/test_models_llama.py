@@ -196,3 +196,29 @@ def test_float32_runs_in_float32():
     assert logits.dtype == np.float32
     model.backward(np.ones_like(logits), cache)
     assert all(g.dtype == np.float32 for g in model.grads.values())
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_numba_backend_equals_numpy(use_dora):
+    grads = []
+    for backend in ("numpy", "numba"):
+        model = tiny(backend=backend)
+        model.add_lora(r=2, target_modules=ALL, use_dora=use_dora, seed=0)
+        perturb(model)
+        model.zero_grad()
+        model.train_step(IDS, train=False)
+        grads.append(model.grads)
+    for k, g in grads[0].items():
+        np.testing.assert_allclose(grads[1][k], g, rtol=0, atol=1e-12 * np.max(np.abs(g)))
+
+
+def test_dropout_masks_are_seeded_and_inverted():
+    model = tiny()
+    model.add_lora(r=2, target_modules=("q_proj", "down_proj"), dropout=0.5, seed=9)
+    _, c1 = model.forward(IDS, train=True)
+    _, c2 = model.forward(IDS, train=True)
+    assert set(c1.masks) == {module_name(i, p) for i in range(2) for p in ("q_proj", "down_proj")}
+    m = c1.masks[module_name(0, "down_proj")]
+    assert m.shape == (2, 5, 24) and set(np.unique(m)) == {0.0, 2.0}
+    assert not np.array_equal(m, c2.masks[module_name(0, "down_proj")])  # a fresh draw per call
+    assert model.forward(IDS)[1].masks == {}  # eval: no dropout

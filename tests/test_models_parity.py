@@ -53,7 +53,7 @@ def rel(actual, expected):
     return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
 
 
-def hf_model(arch="llama", *, gqa=True, tied=False, dtype=torch.float64, seed=0):
+def hf_model(arch="llama", *, gqa=True, tied=False, dtype=torch.float64, seed=0, window=None):
     torch.manual_seed(seed)
     kw = dict(vocab_size=V, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2 if gqa else 4,
@@ -65,7 +65,7 @@ def hf_model(arch="llama", *, gqa=True, tied=False, dtype=torch.float64, seed=0)
         cfg = transformers.Qwen2Config(**kw)
         cls = transformers.Qwen2ForCausalLM
     else:
-        cfg = transformers.MistralConfig(**kw, sliding_window=None)
+        cfg = transformers.MistralConfig(**kw, sliding_window=window)
         cls = transformers.MistralForCausalLM
     cfg._attn_implementation = "eager"
     model = cls(cfg).to(dtype).eval()
@@ -90,11 +90,11 @@ def minilora_of(hf, tmp_path, dtype=np.float64):
     return from_pretrained(tmp_path / "base", dtype=dtype, backend="numpy")
 
 
-@pytest.mark.parametrize("arch,gqa,tied", [("llama", True, False), ("llama", False, True),
-                                           ("qwen2", True, False), ("qwen2", False, True),
-                                           ("mistral", True, False)])
-def test_logits_and_loss_match_transformers_float64(f64, tmp_path, arch, gqa, tied):
-    hf = hf_model(arch, gqa=gqa, tied=tied)
+@pytest.mark.parametrize("arch,gqa,tied,window", [
+    ("llama", True, False, None), ("llama", False, True, None), ("qwen2", True, False, None),
+    ("qwen2", False, True, None), ("mistral", True, False, None), ("mistral", False, False, T)])
+def test_logits_and_loss_match_transformers_float64(f64, tmp_path, arch, gqa, tied, window):
+    hf = hf_model(arch, gqa=gqa, tied=tied, window=window)
     model = minilora_of(hf, tmp_path)
     ids = ids_batch()
     logits, _ = model.forward(ids)
