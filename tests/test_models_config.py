@@ -134,7 +134,7 @@ def test_missing_required_key(tmp_path, arch, key):
 
 
 @given(key=st.sampled_from(INTEGERS), arch=st.sampled_from(sorted(CONFIGS)),
-       bad=st.sampled_from([True, False, 4.0, "4", [4], {"v": 4}, 0, -4, 2**40]))
+       bad=st.sampled_from([True, False, 4.0, "4", [4], {"v": 4}, 0, -4, 2**40, 10**30]))
 def test_integer_keys_refuse_wrong_types_and_sizes(tmp_path_factory, key, arch, bad):
     d = {**CONFIGS[arch], key: bad}
     _refused(tmp_path_factory.mktemp("c"), d, key)
@@ -145,10 +145,10 @@ def test_integer_keys_refuse_wrong_types_and_sizes(tmp_path_factory, key, arch, 
 def test_number_keys_refuse_wrong_values(tmp_path_factory, key, bad):
     d = {k: v for k, v in LLAMA.items() if k != "rope_parameters"}
     d[key] = bad
-    if bad is None:  # null means transformers' default: read, not refused
-        ModelConfig.from_dict(d)
+    if bad is None and key == "rope_theta":  # null means transformers' default: read
+        assert ModelConfig.from_dict(d).rope_theta == 10000.0
         return
-    _refused(tmp_path_factory.mktemp("c"), d, key)
+    _refused(tmp_path_factory.mktemp("c"), d, key)  # eps null: transformers refuses it too
 
 
 @pytest.mark.parametrize("text,word", [
@@ -200,7 +200,8 @@ def test_refusals_name_the_key(tmp_path, mutation, words):
 def test_head_dim_implicit_must_divide(tmp_path):
     d = {k: v for k, v in LLAMA.items() if k != "head_dim"}
     assert ModelConfig.from_dict(d).head_dim == 4
-    _refused(tmp_path, {**d, "num_attention_heads": 3, "num_key_value_heads": 3}, "head_dim")
+    _refused(tmp_path, {**d, "num_attention_heads": 3, "num_key_value_heads": 3},
+             "hidden_size", "num_attention_heads")
     assert ModelConfig.from_dict({**LLAMA, "head_dim": None}).head_dim == 4  # null: implicit
 
 
@@ -240,7 +241,7 @@ def test_rope_priorities_are_transformers(tmp_path):
 def test_missing_kv_heads_take_transformers_class_defaults():
     for base, missing in ((LLAMA, 4), (QWEN2, 32), (MISTRAL, 8)):
         d = {k: v for k, v in base.items() if k != "num_key_value_heads"}
-        d["num_attention_heads"], d["head_dim"] = 32, 2
+        d["num_attention_heads"], d["head_dim"], d["hidden_size"] = 32, 2, 64
         assert ModelConfig.from_dict(d).num_key_value_heads == (32 if missing == 4 else missing)
         assert ModelConfig.from_dict({**d, "num_key_value_heads": None}).num_key_value_heads == 32
     d = {k: v for k, v in MISTRAL.items() if k != "num_key_value_heads"}  # 4 heads, 8 kv heads
@@ -298,3 +299,113 @@ def test_any_mutation_is_a_config_or_one_named_error(tmp_path_factory, arch, dat
         return
     assert isinstance(c, ModelConfig)
     assert c.num_attention_heads % c.num_key_value_heads == 0 and c.head_dim % 2 == 0
+
+
+# Keys transformers 5's strict config fields refuse as null (tests/test_models_loading_hf.py
+# checks that transformers does refuse each): null is not the default for them here either.
+NOT_NULL = {"llama": ("rms_norm_eps", "attention_bias", "mlp_bias", "hidden_act",
+                      "max_position_embeddings", "tie_word_embeddings"),
+            "qwen2": ("use_sliding_window", "max_window_layers", "rms_norm_eps", "hidden_act",
+                      "max_position_embeddings", "tie_word_embeddings"),
+            "mistral": ("rms_norm_eps", "hidden_act", "max_position_embeddings",
+                        "tie_word_embeddings")}
+
+
+@pytest.mark.parametrize("arch,key", [(a, k) for a in sorted(NOT_NULL) for k in NOT_NULL[a]]
+                         + [(a, k) for a in sorted(CONFIGS) for k in REQUIRED])
+def test_null_is_refused_where_transformers_refuses_it(tmp_path, arch, key):
+    _refused(tmp_path, {**CONFIGS[arch], key: None}, key, "NoneType")
+
+
+def test_heads_must_divide_hidden_even_with_head_dim(tmp_path):
+    """transformers refuses hidden_size % num_attention_heads != 0 whatever head_dim says."""
+    for arch in sorted(CONFIGS):
+        _refused(tmp_path, {**CONFIGS[arch], "num_attention_heads": 3, "num_key_value_heads": 1,
+                            "head_dim": 4}, "hidden_size", "num_attention_heads")
+
+
+def test_eps_must_be_a_float(tmp_path):
+    _refused(tmp_path, {**LLAMA, "rms_norm_eps": 1}, "rms_norm_eps", "int")
+    assert ModelConfig.from_dict({**LLAMA, "rms_norm_eps": 1e-5}).rms_norm_eps == 1e-5
+
+
+def test_qwen2_window_keys_are_checked_even_unused(tmp_path):
+    """Qwen2Config checks layer_types (one known name per layer) and the types of
+    use_sliding_window / max_window_layers whether the window is used or not."""
+    for layer_types in (["full_attention"], ["full_attention"] * 3, ["full_attention", "x"],
+                        "full_attention", [None, None]):
+        for use in (False, True):
+            _refused(tmp_path, {**QWEN2, "sliding_window": 8, "use_sliding_window": use,
+                                "layer_types": layer_types}, "layer_types")
+    _refused(tmp_path, {**QWEN2, "max_window_layers": 1.0}, "max_window_layers")
+    _refused(tmp_path, {**QWEN2, "use_sliding_window": "no"}, "use_sliding_window")
+    # null layer_types: derived from max_window_layers, as Qwen2Config derives them
+    on = {**QWEN2, "sliding_window": 8, "use_sliding_window": True, "layer_types": None,
+          "max_window_layers": 1}
+    assert ModelConfig.from_dict(on).sliding_window == 8
+
+
+@pytest.mark.parametrize("key", ["num_experts", "num_local_experts", "num_experts_per_tok",
+                                 "n_routed_experts", "moe_intermediate_size"])
+def test_moe_keys_are_refused(tmp_path, key):
+    for arch in sorted(CONFIGS):
+        _refused(tmp_path, {**CONFIGS[arch], key: 2}, key, "mixture-of-experts")
+    assert ModelConfig.from_dict({**LLAMA, key: 0}) == ModelConfig.from_dict(LLAMA)
+
+
+def test_partial_rotary_and_dropout_forms(tmp_path):
+    for where in ("top", "rope_parameters"):
+        d = dict(LLAMA)
+        if where == "top":
+            d["partial_rotary_factor"] = 0.25
+        else:
+            d["rope_parameters"] = {**LLAMA["rope_parameters"], "partial_rotary_factor": 0.5}
+        _refused(tmp_path, d, "partial_rotary_factor")
+    assert ModelConfig.from_dict({**LLAMA, "partial_rotary_factor": 1.0}) == \
+        ModelConfig.from_dict(LLAMA)
+    for arch in sorted(CONFIGS):
+        _refused(tmp_path, {**CONFIGS[arch], "attention_dropout": 0.5}, "attention_dropout")
+        _refused(tmp_path, {**CONFIGS[arch], "attention_dropout": "0"}, "attention_dropout")
+        assert ModelConfig.from_dict({**CONFIGS[arch], "attention_dropout": 0}) == \
+            ModelConfig.from_dict(CONFIGS[arch])
+
+
+def test_files_that_are_no_config(tmp_path, monkeypatch):
+    """Too large, not a regular file (a FIFO would block the reader forever), a byte-order
+    mark, a NUL in the path: each a ValueError naming the file."""
+    import os
+
+    from minilora.models import config as config_module
+
+    monkeypatch.setattr(config_module, "JSON_MAX_BYTES", 1000)
+    path = _write(tmp_path, {**LLAMA, "padding": "x" * 1000})
+    with pytest.raises(ValueError, match="larger than 1000 bytes") as e:
+        config_module.read_json(path, max_bytes=config_module.JSON_MAX_BYTES)
+    assert str(path) in str(e.value)
+    big = tmp_path / "big"
+    big.mkdir()
+    (big / "config.json").write_text(json.dumps({**LLAMA, "padding": "x" * 2**24}))
+    _path = big / "config.json"
+    with pytest.raises(ValueError, match="larger than") as e:
+        read_config(big)
+    assert str(_path) in str(e.value)
+    fifo = tmp_path / "fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / "config.json")
+    with pytest.raises(ValueError, match="not a regular file") as e:
+        read_config(fifo)
+    assert str(fifo / "config.json") in str(e.value)
+    bom = tmp_path / "bom"
+    bom.mkdir()
+    (bom / "config.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(LLAMA).encode())
+    with pytest.raises(ValueError, match="not valid JSON") as e:
+        read_config(bom)
+    assert str(bom / "config.json") in str(e.value)
+    with pytest.raises(ValueError, match="cannot read"):
+        read_config(tmp_path / "a\x00b.json")
+    latin = tmp_path / "latin"
+    latin.mkdir()
+    (latin / "config.json").write_bytes(json.dumps(LLAMA).encode()[:-1] + b', "x": "\xe9"}')
+    with pytest.raises(ValueError, match="not UTF-8") as e:
+        read_config(latin)
+    assert str(latin / "config.json") in str(e.value)

@@ -23,7 +23,9 @@ used in training, where minilora trains (LoRA's own dropout is the adapter's).
 
 import json
 import math
+import os
 import re
+import stat
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from types import SimpleNamespace
@@ -68,10 +70,12 @@ def read_json(path, error=ValueError, *, max_bytes=JSON_MAX_BYTES, max_depth=JSO
     """The JSON value in the file ``path``; ``error(message)`` (naming the file) for a file that
     cannot be read, is too large, is not UTF-8, nests too deep or is not strict JSON."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block, a device never end
+            raise error(f"{path}: not a regular file")
         with open(path, "rb") as f:
             raw = f.read(max_bytes + 1)
-    except OSError as e:
-        raise error(f"{path}: cannot read: {e.strerror or e}") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+        raise error(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
     if len(raw) > max_bytes:
         raise error(f"{path}: larger than {max_bytes} bytes: not a config file")
     try:
@@ -229,8 +233,11 @@ def _read(d, where):
     def fail(key, message):
         raise ValueError(f"{where}: {key} {message}")
 
-    def get(key, kinds, describe, default=...):
-        if key not in d or (d[key] is None and default is not ...):
+    def get(key, kinds, describe, default=..., null=True):
+        """d[key] of one of ``kinds``; missing: ``default`` (required if none); null: the
+        default too where transformers' config class reads null so (``null``), else refused
+        as transformers' strict fields refuse it."""
+        if key not in d or (d[key] is None and null and default is not ...):
             if default is ...:
                 fail(key, "is missing")
             return default
@@ -247,9 +254,9 @@ def _read(d, where):
     integer, number, flag = (int,), (int, float), (bool,)
     hidden = get("hidden_size", integer, "an integer")
     heads = get("num_attention_heads", integer, "an integer")
-    if isinstance(heads, int) and heads > 0 and hidden % heads and "head_dim" not in d:
-        fail("head_dim", f"is missing and hidden_size {hidden} is not a multiple of "
-             f"num_attention_heads {heads}")
+    if isinstance(heads, int) and heads > 0 and hidden % heads:  # as transformers refuses it,
+        # even with head_dim given (PreTrainedConfig.validate_architecture)
+        fail("hidden_size", f"{hidden} is not a multiple of num_attention_heads {heads}")
     out = {
         "architecture": architecture,
         "vocab_size": get("vocab_size", integer, "an integer"),
@@ -263,12 +270,14 @@ def _read(d, where):
         else {"qwen2": 32, "mistral": 8}[model_type],
         "head_dim": get("head_dim", integer, "an integer",
                         hidden // heads if isinstance(heads, int) and heads > 0 else 0),
-        "rms_norm_eps": get("rms_norm_eps", number, "a number", 1e-6),
+        # a float, as transformers' strict field (an integer such as 1 is refused there)
+        "rms_norm_eps": get("rms_norm_eps", (float,), "a float", 1e-6, null=False),
         "max_position_embeddings": get("max_position_embeddings", integer, "an integer",
-                                       DEFAULT_POSITIONS[model_type]),
-        "tie_word_embeddings": get("tie_word_embeddings", flag, "true or false", False),
+                                       DEFAULT_POSITIONS[model_type], null=False),
+        "tie_word_embeddings": get("tie_word_embeddings", flag, "true or false", False,
+                                   null=False),
     }
-    act = get("hidden_act", (str,), "a string", "silu")
+    act = get("hidden_act", (str,), "a string", "silu", null=False)
     if act not in ACTIVATIONS:
         fail("hidden_act", f"must be one of {sorted(ACTIVATIONS)}, got {act!r}")
     out["hidden_act"] = ACTIVATIONS[act]
@@ -276,9 +285,9 @@ def _read(d, where):
     if model_type == "qwen2":  # q, k and v carry a bias, o does not (Qwen2Attention)
         out["qkv_bias"], out["o_bias"] = True, False
     elif model_type == "llama":
-        bias = get("attention_bias", flag, "true or false", False)
+        bias = get("attention_bias", flag, "true or false", False, null=False)
         out["qkv_bias"] = out["o_bias"] = bias
-        out["mlp_bias"] = get("mlp_bias", flag, "true or false", False)
+        out["mlp_bias"] = get("mlp_bias", flag, "true or false", False, null=False)
         get("pretraining_tp", integer, "an integer", 1)  # a sliced matmul: the same products
     dropout = get("attention_dropout", number, "a number", 0.0)
     if dropout != 0:
@@ -351,23 +360,26 @@ def _sliding_window(d, where, get, model_type, layers):
     # missing: the class default 4096 (MistralConfig, Qwen2Config); null: no window
     window = 4096 if "sliding_window" not in d else \
         get("sliding_window", (int,), "null or an integer", None)
-    if window is None or model_type == "mistral":
+    if model_type == "mistral":
         return window
     # Qwen2 (transformers' Qwen2Config): the window is dropped unless use_sliding_window, then
     # used by the layers marked sliding_attention, the marks derived from max_window_layers
-    # when layer_types is absent.
-    if not get("use_sliding_window", (bool,), "true or false", False):
-        return None
+    # when layer_types is absent. Every one of these keys is checked as Qwen2Config checks it
+    # (types; layer_types one known name per layer), whether the window is used or not.
+    use = get("use_sliding_window", (bool,), "true or false", False, null=False)
+    first = get("max_window_layers", (int,), "an integer", 28, null=False)  # the class default
     kinds = d.get("layer_types")
     if kinds is None:
-        first = get("max_window_layers", (int,), "an integer", 28)  # Qwen2Config's default
         kinds = ["sliding_attention" if i >= first else "full_attention"
                  for i in range(layers)]
     if (not isinstance(kinds, list)
             or any(k not in ("full_attention", "sliding_attention") for k in kinds)):
         raise ValueError(f"{where}: layer_types must list full_attention / sliding_attention, "
                          f"got {kinds!r}")
-    return window if "sliding_attention" in kinds else None
+    if len(kinds) != layers:
+        raise ValueError(f"{where}: layer_types lists {len(kinds)} layers, num_hidden_layers "
+                         f"is {layers}")
+    return window if window is not None and use and "sliding_attention" in kinds else None
 
 
 FIELDS = tuple(f.name for f in fields(ModelConfig))
