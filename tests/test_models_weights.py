@@ -258,9 +258,32 @@ def test_index_refusals(tmp_path):
         os.remove(folder / INDEX)
         return [SINGLE, INDEX]
 
+    def nul_in_name(folder, files, wm):  # Path.resolve raises a bare ValueError on it
+        set_map(folder, {**wm, names[0]: "model\x00.safetensors"})
+        return [names[0], "file name"]
+
+    def name_too_long(folder, files, wm):  # Path.resolve raises OSError ENAMETOOLONG
+        set_map(folder, {**wm, names[0]: "x" * 300})
+        return [names[0], "not a file"]
+
+    def symlink_loop(folder, files, wm):  # Path.resolve raises RuntimeError
+        os.symlink("loop.safetensors", folder / "loop.safetensors")
+        set_map(folder, {**wm, names[0]: "loop.safetensors"})
+        return [names[0], "loop.safetensors", "not a file"]
+
+    def directory(folder, files, wm):
+        os.mkdir(folder / "dir.safetensors")
+        set_map(folder, {**wm, names[0]: "dir.safetensors"})
+        return [names[0], "not a file"]
+
+    def index_is_a_fifo(folder, files, wm):  # open() would block forever
+        os.remove(folder / INDEX)
+        os.mkfifo(folder / INDEX)
+        return [INDEX, "is there"]  # refused without opening it
+
     for edit in (missing_file, renamed, traversal, absolute, symlink_out, not_in_map,
                  wrong_shard, in_two_shards, empty_map, no_map, not_a_string, duplicate_key,
-                 no_files):
+                 no_files, nul_in_name, name_too_long, symlink_loop, directory, index_is_a_fifo):
         case(edit.__name__, edit)
 
 
