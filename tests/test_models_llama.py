@@ -222,3 +222,20 @@ def test_dropout_masks_are_seeded_and_inverted():
     assert m.shape == (2, 5, 24) and set(np.unique(m)) == {0.0, 2.0}
     assert not np.array_equal(m, c2.masks[module_name(0, "down_proj")])  # a fresh draw per call
     assert model.forward(IDS)[1].masks == {}  # eval: no dropout
+
+
+def test_explicit_masks_are_used_and_checked():
+    model = tiny()
+    model.add_lora(r=2, target_modules=("v_proj",), seed=0)
+    perturb(model)
+    zeros = {module_name(i, "v_proj"): np.zeros((2, 5, 16)) for i in range(2)}
+    base = tiny().forward(IDS)[0]
+    assert not np.allclose(model.forward(IDS)[0], base, rtol=0, atol=1e-6)  # B ≠ 0: adapted
+    # masks zeroing every LoRA branch's input give the base model's logits
+    np.testing.assert_allclose(model.forward(IDS, dropout_masks=zeros)[0], base, rtol=0,
+                               atol=1e-12)
+    name = module_name(1, "v_proj")
+    with pytest.raises(ValueError, match="q_proj"):
+        model.forward(IDS, dropout_masks={module_name(0, "q_proj"): zeros[name]})
+    with pytest.raises(ValueError, match="shape"):
+        model.forward(IDS, dropout_masks={name: np.ones((2, 5, 8))})

@@ -304,6 +304,10 @@ class LlamaModel:
         """
         c = self.config
         ids, offset = self._check_ids(input_ids, past)
+        if dropout_masks is not None:
+            unknown = sorted(set(dropout_masks) - set(self.adapters))
+            if unknown:
+                raise ValueError(f"dropout_masks names modules without an adapter: {unknown}")
         Bsz, T = ids.shape
         H, Hkv, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         cos, sin = rope_tables(np.arange(offset, offset + T), D, theta=c.rope_theta,
@@ -458,10 +462,15 @@ class LlamaModel:
         return dx
 
     def loss(self, input_ids, *, train=False, dropout_masks=None):
-        """Causal LM loss (transformers' with labels = input_ids) and its gradient.
+        """Causal LM loss (transformers' with labels = input_ids).
 
-        Returns (loss float, logits (B, T, V), cache); ``backward_loss`` is not needed: call
-        ``model.backward(causal_lm_loss_backward(loss_cache), cache)`` or use ``train_step``.
+        Returns
+        -------
+        loss : float
+        logits : (B, T, V)
+        cache : ModelCache for ``backward``
+        loss_cache : for ``causal_lm_loss_backward(loss_cache)`` -> dlogits (B, T, V)
+        (``train_step`` does the whole forward, loss and backward.)
         """
         logits, cache = self.forward(input_ids, train=train, dropout_masks=dropout_masks)
         value, loss_cache = causal_lm_loss(logits, input_ids)
