@@ -201,7 +201,7 @@ def test_head_dim_implicit_must_divide(tmp_path):
     d = {k: v for k, v in LLAMA.items() if k != "head_dim"}
     assert ModelConfig.from_dict(d).head_dim == 4
     _refused(tmp_path, {**d, "num_attention_heads": 3, "num_key_value_heads": 3},
-             "hidden_size", "num_attention_heads")
+             "hidden_size", "num_attention_heads")  # LLaMA: see the test below
     assert ModelConfig.from_dict({**LLAMA, "head_dim": None}).head_dim == 4  # null: implicit
 
 
@@ -317,11 +317,17 @@ def test_null_is_refused_where_transformers_refuses_it(tmp_path, arch, key):
     _refused(tmp_path, {**CONFIGS[arch], key: None}, key, "NoneType")
 
 
-def test_heads_must_divide_hidden_even_with_head_dim(tmp_path):
-    """transformers refuses hidden_size % num_attention_heads != 0 whatever head_dim says."""
-    for arch in sorted(CONFIGS):
-        _refused(tmp_path, {**CONFIGS[arch], "num_attention_heads": 3, "num_key_value_heads": 1,
-                            "head_dim": 4}, "hidden_size", "num_attention_heads")
+def test_heads_must_divide_hidden_in_llama_only(tmp_path):
+    """LlamaConfig refuses hidden_size % num_attention_heads != 0 whatever head_dim says;
+    Qwen2 and Mistral build the heads of head_dim, given or hidden_size // heads (floor)."""
+    odd = {"num_attention_heads": 3, "num_key_value_heads": 1}
+    _refused(tmp_path, {**LLAMA, **odd}, "hidden_size", "num_attention_heads")
+    _refused(tmp_path, {**LLAMA, **odd, "head_dim": 4}, "hidden_size", "num_attention_heads")
+    for arch in ("qwen2", "mistral"):
+        d = {k: v for k, v in CONFIGS[arch].items() if k != "head_dim"}
+        assert ModelConfig.from_dict({**d, **odd, "head_dim": 4}).head_dim == 4
+        assert ModelConfig.from_dict({**d, **odd, "hidden_size": 18}).head_dim == 6
+        _refused(tmp_path, {**d, **odd}, "head_dim", "even")  # 16 // 3 = 5
 
 
 def test_eps_must_be_a_float(tmp_path):

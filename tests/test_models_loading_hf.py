@@ -70,6 +70,9 @@ def test_config_is_transformers_model(tmp_path, case):
     assert c.rms_norm_eps == tc.rms_norm_eps
     assert c.rope_theta == model.config.rope_parameters["rope_theta"]
     assert c.sliding_window == getattr(tc, "sliding_window", None)  # Mistral's default 4096
+    assert c.hidden_act == tc.hidden_act  # "silu" both
+    assert c.max_position_embeddings == tc.max_position_embeddings
+    assert c.rope_scaling_factor == 1.0 and tc.rope_parameters["rope_type"] == "default"
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -181,3 +184,57 @@ def test_from_pretrained_end_to_end(tmp_path, case):
     with torch.no_grad():
         want = reference(torch.from_numpy(ids)).logits.numpy()
     assert np.abs(logits - want).max() <= 1e-5 * np.abs(want).max()
+
+
+# (config class, edit of its saved config.json, the key our message names): transformers refuses
+# each too, so refusing it here loses no model transformers would load.
+BASE = dict(SIZES, hidden_act="silu", rms_norm_eps=1e-6, max_position_embeddings=64)
+REFUSED_BY_BOTH = [
+    *[(name, {key: None}, key) for name in ("LlamaConfig", "Qwen2Config", "MistralConfig")
+      for key in ("rms_norm_eps", "hidden_act", "max_position_embeddings",
+                  "tie_word_embeddings")],
+    *[("LlamaConfig", {key: None}, key) for key in ("attention_bias", "mlp_bias")],
+    *[("Qwen2Config", {key: None}, key) for key in ("use_sliding_window", "max_window_layers")],
+    ("LlamaConfig", {"num_attention_heads": 3, "num_key_value_heads": 1, "head_dim": 8},
+     "num_attention_heads"),
+    ("LlamaConfig", {"rms_norm_eps": 1}, "rms_norm_eps"),
+    ("Qwen2Config", {"layer_types": ["full_attention"]}, "layer_types"),
+    ("Qwen2Config", {"layer_types": ["full_attention", "x"]}, "layer_types"),
+    ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 8,
+                     "layer_types": ["sliding_attention"] * 3}, "layer_types"),
+]
+
+
+@pytest.mark.parametrize("name,edit,key", REFUSED_BY_BOTH,
+                         ids=[f"{n}-{k}-{i}" for i, (n, _, k) in enumerate(REFUSED_BY_BOTH)])
+def test_refused_here_and_by_transformers(tmp_path, name, edit, key):
+    d = {**getattr(transformers, name)(**BASE).to_dict(), **edit}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(Exception):  # noqa: B017 (transformers' own strict-dataclass errors)
+        getattr(transformers, name).from_pretrained(tmp_path)
+    with pytest.raises(ValueError) as e:
+        read_config(tmp_path)
+    assert str(path) in str(e.value) and key in str(e.value), str(e.value)
+    # and the unedited file reads in both
+    path.write_text(json.dumps(getattr(transformers, name)(**BASE).to_dict()))
+    getattr(transformers, name).from_pretrained(tmp_path)
+    read_config(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["Qwen2Config", "MistralConfig"])
+@pytest.mark.parametrize("head_dim", [None, 8])
+def test_heads_not_dividing_hidden_read_as_transformers_builds_them(tmp_path, name, head_dim):
+    """Qwen2 and Mistral accept hidden_size % heads != 0: head_dim given, else the floor."""
+    sizes = {**SIZES, "hidden_size": 36, "num_attention_heads": 3, "num_key_value_heads": 1}
+    extra = {} if head_dim is None else {"head_dim": head_dim}
+    model = getattr(transformers, name[:-6] + "ForCausalLM")(
+        getattr(transformers, name)(**sizes, **extra))
+    model.save_pretrained(tmp_path)
+    c = read_config(tmp_path)
+    assert c.head_dim == model.model.layers[0].self_attn.head_dim == (head_dim or 12)
+    loaded = load_weights(tmp_path, c, dtype=np.float64)
+    expected = _expected(model, c)
+    assert set(loaded) == set(expected)
+    for key, a in loaded.items():
+        np.testing.assert_array_equal(a, expected[key], err_msg=key)

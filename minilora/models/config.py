@@ -254,8 +254,9 @@ def _read(d, where):
     integer, number, flag = (int,), (int, float), (bool,)
     hidden = get("hidden_size", integer, "an integer")
     heads = get("num_attention_heads", integer, "an integer")
-    if isinstance(heads, int) and heads > 0 and hidden % heads:  # as transformers refuses it,
-        # even with head_dim given (PreTrainedConfig.validate_architecture)
+    if model_type == "llama" and isinstance(heads, int) and heads > 0 and hidden % heads:
+        # LlamaConfig.validate_architecture refuses it even with head_dim given; Qwen2 and
+        # Mistral build head_dim (given, else hidden_size // num_attention_heads) heads anyway
         fail("hidden_size", f"{hidden} is not a multiple of num_attention_heads {heads}")
     out = {
         "architecture": architecture,
