@@ -31,8 +31,10 @@ The forward keeps e and u (N, hidden each) and not z: the backward recomputes z 
     dB_k = s_k · Σ_{n: k} dy_nᵀ h_n,   h_n = x_dn A_kᵀ                (d_out, r_k)
     dx_n = dy_n W + s_k · (g_n A_k) ⊙ mask_n                         (d_in,)
 
-computed per adapter on the rows that use it (a stable sort groups them once), so the cost is
-the frozen layer's plus each adapter's on its own tokens.
+computed per adapter on the rows that use it (a stable sort groups them once). The numpy
+backend, the reference, runs each adapter's tokens through one LoRA layer (``lora_forward``);
+the numba backend runs the frozen product once over every token and each adapter's low-rank
+work on its gathered tokens, so the cost is the frozen layer's plus each adapter's on its own.
 """
 
 import math
