@@ -66,10 +66,10 @@ def _sharded(folder, tensors, n=3, weight_map=None):
     return folder, files, weight_map
 
 
-def _refused(folder, config=CONFIG, *words):
+def _refused(folder, config=CONFIG, *words, dtype=np.float32):
     before = sorted(os.listdir(folder))
     with pytest.raises(ValueError) as e:
-        load_weights(folder, config)
+        load_weights(folder, config, dtype=dtype)
     message = str(e.value)
     assert str(folder) in message, message
     for w in words:
@@ -317,7 +317,7 @@ def test_mutated_shard_is_refused_or_exact(tmp_path_factory, data):
     try:
         loaded = load_weights(folder, CONFIG)
     except ValueError as e:
-        assert str(folder) in str(e)
+        assert str(shard) in str(e), str(e)  # the shard itself, not only the folder
         return
     assert {k: a.shape for k, a in loaded.items()} == {k: a.shape for k, a in tensors.items()}
 
@@ -325,12 +325,23 @@ def test_mutated_shard_is_refused_or_exact(tmp_path_factory, data):
 def test_memory_is_checked_before_reading(tmp_path, monkeypatch):
     folder = _single(tmp_path / "m", _tensors(CONFIG))
     reads = []
-    monkeypatch.setattr(weights_module, "_available_bytes", lambda: 1000)
+    real_read = safetensors.read_tensor
     monkeypatch.setattr(safetensors, "read_tensor", lambda *a: reads.append(a))
-    message = _refused(folder, CONFIG, "GiB", "memory")
-    total = sum(int(np.prod(s)) for s in expected_shapes(CONFIG).values()) * 4
-    assert f"{total / 2**30:.2f}" in message
-    assert reads == []  # no tensor read before the refusal
+    for dtype, size in ((np.float32, 4), (np.float64, 8)):
+        total = sum(int(np.prod(s)) for s in expected_shapes(CONFIG).values()) * size
+        monkeypatch.setattr(weights_module, "_available_bytes", lambda t=total: t - 1)
+        message = _refused(folder, CONFIG, "memory", dtype=dtype)
+        assert f"take {total} bytes" in message and f"the {total - 1} bytes" in message
+        assert reads == []  # no tensor read before the refusal
+        monkeypatch.setattr(weights_module, "_available_bytes", lambda t=total: t)  # enough
+        monkeypatch.setattr(safetensors, "read_tensor", real_read)
+        assert len(load_weights(folder, CONFIG, dtype=dtype)) == len(expected_shapes(CONFIG))
+        monkeypatch.setattr(safetensors, "read_tensor", lambda *a: reads.append(a))
+    # and the same before any shard's data is read in a sharded folder
+    sharded, _, _ = _sharded(tmp_path / "s", _tensors(CONFIG))
+    monkeypatch.setattr(weights_module, "_available_bytes", lambda: 1000)
+    _refused(sharded, CONFIG, "memory", "the 1000 bytes")
+    assert reads == []
 
 
 def test_inputs_unchanged_and_outputs_independent(tmp_path):

@@ -164,8 +164,9 @@ def load_weights(folder, config, *, dtype=np.float32):
     total = sum(int(np.prod(s)) for s in needed.values()) * dtype.itemsize
     free = _available_bytes()
     if free is not None and total > free:
-        raise WeightsError(f"{folder}: the weights take {total / 2**30:.2f} GiB as {dtype}, "
-                           f"more than the {free / 2**30:.2f} GiB of memory available")
+        raise WeightsError(f"{folder}: the weights take {total} bytes "
+                           f"({total / 2**30:.2f} GiB) as {dtype}, more than the {free} bytes "
+                           f"({free / 2**30:.2f} GiB) of memory available")
     names = list(needed) + ([tied_head] if tied_head in located else [])
     weights = {}
     for name in names:
