@@ -113,8 +113,14 @@ def test_sliding_window_in_use_bounds_the_sequence(tmp_path):
     marked = {**QWEN2, "sliding_window": 8, "use_sliding_window": True,
               "layer_types": ["full_attention", "sliding_attention"]}
     assert ModelConfig.from_dict(marked).sliding_window == 8
-    # transformers drops the window unless use_sliding_window, whatever layer_types says
-    assert ModelConfig.from_dict({**marked, "use_sliding_window": False}).sliding_window is None
+    # transformers drops the window unless use_sliding_window; layers still marked sliding
+    # then crash its forward (no window for the mask): refused, naming the keys
+    _refused(tmp_path, {**marked, "use_sliding_window": False}, "layer_types",
+             "use_sliding_window False")
+    _refused(tmp_path, {**marked, "sliding_window": None}, "layer_types", "sliding_window None")
+    # without layer_types, marks are derived only where a window is left (Qwen2Config)
+    derived = {k: v for k, v in on.items() if k != "use_sliding_window"}
+    assert ModelConfig.from_dict({**derived, "max_window_layers": 0}).sliding_window is None
     _refused(tmp_path, {**marked, "layer_types": ["full_attention", "x"]}, "layer_types")
     _refused(tmp_path, {**marked, "use_sliding_window": 1}, "use_sliding_window")
     _refused(tmp_path, {**MISTRAL, "sliding_window": 0}, "sliding_window")
@@ -203,6 +209,14 @@ def test_head_dim_implicit_must_divide(tmp_path):
     _refused(tmp_path, {**d, "num_attention_heads": 3, "num_key_value_heads": 3},
              "hidden_size", "num_attention_heads")  # LLaMA: see the test below
     assert ModelConfig.from_dict({**LLAMA, "head_dim": None}).head_dim == 4  # null: implicit
+
+
+def test_empty_architectures_fall_back_to_model_type(tmp_path):
+    for arch in sorted(CONFIGS):
+        assert ModelConfig.from_dict({**CONFIGS[arch], "architectures": []}) == \
+            ModelConfig.from_dict(CONFIGS[arch])
+    _refused(tmp_path, {**LLAMA, "architectures": [], "model_type": "gpt2"}, "model_type")
+    _refused(tmp_path, {**LLAMA, "architectures": [], "model_type": None}, "model_type")
 
 
 def test_unknown_harmless_keys_are_ignored():

@@ -238,3 +238,17 @@ def test_heads_not_dividing_hidden_read_as_transformers_builds_them(tmp_path, na
     assert set(loaded) == set(expected)
     for key, a in loaded.items():
         np.testing.assert_array_equal(a, expected[key], err_msg=key)
+
+
+def test_sliding_marks_without_a_window_crash_transformers_and_are_refused(tmp_path):
+    """Qwen2 with layers marked sliding_attention but use_sliding_window false: transformers
+    loads the config and builds the model, but its forward has no window for the mask."""
+    config = transformers.Qwen2Config(**SIZES, use_sliding_window=False, sliding_window=4,
+                                      layer_types=["sliding_attention"] * 2)
+    model = transformers.Qwen2ForCausalLM(config)
+    with pytest.raises(TypeError), torch.no_grad():
+        model(torch.zeros((1, 3), dtype=torch.long))
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="layer_types marks sliding_attention") as e:
+        read_config(tmp_path)
+    assert str(tmp_path / "config.json") in str(e.value)

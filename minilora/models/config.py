@@ -301,6 +301,8 @@ def _read(d, where):
 def _architecture(d, where, get):
     archs = get("architectures", (list,), "a list of one architecture name", None)
     model_type = get("model_type", (str,), "a string", None)
+    if archs == []:  # transformers reads the class from model_type then
+        archs = None
     if archs is not None:
         if len(archs) != 1 or not isinstance(archs[0], str):
             raise ValueError(f"{where}: architectures must list one name, got {archs!r}")
@@ -363,15 +365,17 @@ def _sliding_window(d, where, get, model_type, layers):
         get("sliding_window", (int,), "null or an integer", None)
     if model_type == "mistral":
         return window
-    # Qwen2 (transformers' Qwen2Config): the window is dropped unless use_sliding_window, then
-    # used by the layers marked sliding_attention, the marks derived from max_window_layers
-    # when layer_types is absent. Every one of these keys is checked as Qwen2Config checks it
-    # (types; layer_types one known name per layer), whether the window is used or not.
+    # Qwen2, as Qwen2Config.__post_init__: the window is dropped unless use_sliding_window;
+    # layer_types, when absent, marks sliding_attention the layers from max_window_layers on
+    # if a window is left. Every one of these keys is checked as Qwen2Config checks it (types;
+    # layer_types one known name per layer), whether the window is used or not.
     use = get("use_sliding_window", (bool,), "true or false", False, null=False)
     first = get("max_window_layers", (int,), "an integer", 28, null=False)  # the class default
+    if not use:
+        window = None
     kinds = d.get("layer_types")
     if kinds is None:
-        kinds = ["sliding_attention" if i >= first else "full_attention"
+        kinds = ["sliding_attention" if window is not None and i >= first else "full_attention"
                  for i in range(layers)]
     if (not isinstance(kinds, list)
             or any(k not in ("full_attention", "sliding_attention") for k in kinds)):
@@ -380,7 +384,12 @@ def _sliding_window(d, where, get, model_type, layers):
     if len(kinds) != layers:
         raise ValueError(f"{where}: layer_types lists {len(kinds)} layers, num_hidden_layers "
                          f"is {layers}")
-    return window if window is not None and use and "sliding_attention" in kinds else None
+    if window is None and "sliding_attention" in kinds:
+        # transformers builds this model but cannot run it (its sliding mask needs a window)
+        raise ValueError(f"{where}: layer_types marks sliding_attention layers but no window "
+                         f"is in use (use_sliding_window {use}, sliding_window "
+                         f"{d.get('sliding_window')!r}): transformers' Qwen2 cannot compute it")
+    return window if "sliding_attention" in kinds else None
 
 
 FIELDS = tuple(f.name for f in fields(ModelConfig))
