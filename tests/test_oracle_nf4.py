@@ -307,3 +307,38 @@ def test_nf4_case_file_round_trip_keeps_w_exact(tmp_path, ext):
     for dtype in ("bf16", "fp16", "fp32", "fp64"):  # the honest W without the codes
         assert np.array_equal(nf4.honest_case(loaded, dtype).tensors["W"],
                               nf4.honest_weight(c.weight, dtype))
+
+
+def test_make_case_base_nf4_keeps_codes_and_scales():
+    c = oracle.make_case(d_in=64, d_out=32, r=4, dtype="bf16", base="nf4", double_quant=True,
+                         blocksize=32, seed=3)
+    assert isinstance(c.base, nf4.NF4Weight) and c.base.double_quant and c.base.blocksize == 32
+    assert np.array_equal(c.tensors["W"], nf4.dequantize_nf4(c.base))
+    assert c.layer["base"] == "nf4"
+    same = nf4.make_nf4_case(d_in=64, d_out=32, r=4, dtype="bf16", double_quant=True,
+                             blocksize=32, seed=3)
+    assert np.array_equal(c.tensors["W"], same.case.tensors["W"])
+    with pytest.raises(ValueError, match="base must be None or 'nf4'"):
+        oracle.make_case(d_in=8, d_out=8, r=2, base="int8")
+
+
+def test_judge_models_an_nf4_base_as_kernels_hold_it():
+    """The baseline starts from the dequantized W rounded to the precision (honest_case): a
+    kernel doing exactly that uses little of its limits."""
+    c = oracle.make_case(d_in=128, d_out=64, r=8, batch=4, seq=8, dtype="bf16", base="nf4",
+                         seed=4)
+    report = oracle.compare(c, emulate(nf4.honest_case(c, "bf16"), "bf16"), dtype="bf16")
+    assert report.passed
+
+
+def test_cli_case_base_nf4(tmp_path):
+    from minilora.cli import main
+
+    path = tmp_path / "c.npz"
+    assert main(["oracle", "case", "--d-in", "64", "--d-out", "32", "--r", "4", "--base", "nf4",
+                 "--double-quant", "--dtype", "bf16", "--seed", "5", "-o", str(path)]) == 0
+    case = oracle.load_case(path)
+    assert case.layer["base"] == "nf4" and case.layer["double_quant"] is True
+    expected = oracle.make_case(d_in=64, d_out=32, r=4, base="nf4", double_quant=True,
+                                dtype="bf16", seed=5)
+    assert np.array_equal(case.tensors["W"], expected.tensors["W"])

@@ -44,6 +44,8 @@ class Case:
     block: str | None = None  # a fused block (minilora.blocks): "qkv", "mlp" or "multi", whose
     #   scaling is then a tuple (one per projection or adapter; see block_cases)
     activation: str = "silu"  # the MLP block's
+    base: object = None  # a QLoRA base's NF4Weight (minilora.oracle.nf4): its codes and absmax,
+    #   of which tensors["W"] is the exact float64 dequantization; None for a float base
 
     def __post_init__(self):
         self.input_precision = precision(self.input_precision).name  # "bfloat16" -> "bf16"
@@ -89,7 +91,8 @@ class Case:
 
 def make_case(*, d_in, d_out, r, batch=4, seq=None, alpha=None, rslora=False, dora=False,
               dropout=0.0, bias=False, fan_in_fan_out=False, detach_norm=True, dtype="fp32",
-              lora_only=False, block=None, hidden=None, activation="silu", adapters=3, seed=0):
+              lora_only=False, block=None, hidden=None, activation="silu", adapters=3, seed=0,
+              base=None, blocksize=64, double_quant=False):
     """Draw a case in which every term of every output matters. Values are rounded to ``dtype``
     (bf16, fp16, tf32, fp32 or fp64) so that a candidate computing in that format reads them
     exactly; they are stored as float32 (float64 for fp64).
@@ -111,7 +114,23 @@ def make_case(*, d_in, d_out, r, batch=4, seq=None, alpha=None, rslora=False, do
     default 2·d_in, then down to d_out, with ``activation``) or "multi" (``adapters`` adapters
     of ranks r, 2r, r, 2r, ... on one layer, each token given one or none); every projection
     is drawn as above, and every adapter and the base layer occur in the batch.
+
+    ``base="nf4"``: a QLoRA base (``minilora.oracle.nf4.make_nf4_case``): W quantized to
+    bitsandbytes' NF4 (``blocksize`` values per absmax, the absmax itself quantized with
+    ``double_quant``); ``case.base`` keeps the codes and scales and W is their exact
+    dequantization.
     """
+    if base is not None:
+        if base != "nf4":
+            raise ValueError(f"base must be None or 'nf4', got {base!r}")
+        from minilora.oracle.nf4 import make_nf4_case
+
+        nf4 = make_nf4_case(blocksize=blocksize, double_quant=double_quant, d_in=d_in,
+                            d_out=d_out, r=r, batch=batch, seq=seq, alpha=alpha, rslora=rslora,
+                            dora=dora, dropout=dropout, bias=bias, fan_in_fan_out=fan_in_fan_out,
+                            detach_norm=detach_norm, dtype=dtype, lora_only=lora_only,
+                            block=block, seed=seed)
+        return dataclasses.replace(nf4.case, base=nf4.weight)
     d_in, d_out, r = (check_positive_int(v, n) for v, n in ((d_in, "d_in"), (d_out, "d_out"),
                                                              (r, "r")))
     batch = check_positive_int(batch, "batch", minimum=0)

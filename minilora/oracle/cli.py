@@ -97,6 +97,12 @@ def add_parser(sub):
                    help="a fused block instead of one layer: qkv (three projections of x), "
                    "mlp (gate, up, down), multi (several adapters, one per token)")
     p.add_argument("--hidden", type=positive_int, help="mlp: the hidden size (default 2·d_in)")
+    p.add_argument("--base", choices=["nf4"], help="a QLoRA base: W in bitsandbytes' NF4; the "
+                   "case holds its exact float64 dequantization")
+    p.add_argument("--blocksize", type=positive_int, default=64,
+                   help="nf4: values per absmax block (32, 64, ..., 4096)")
+    p.add_argument("--double-quant", action="store_true",
+                   help="nf4: quantize the absmax too (8-bit, blocks of 256)")
     p.add_argument("--activation", choices=ACTIVATIONS, default="silu", help="mlp's")
     p.add_argument("--adapters", type=positive_int, default=3, help="multi: how many")
     p.add_argument("--seed", type=nonnegative_int, required=True)
@@ -153,7 +159,8 @@ def _case(args):
                      fan_in_fan_out=args.fan_in_fan_out, detach_norm=not args.full_norm_gradient,
                      dtype=args.dtype, lora_only=args.lora_only, block=args.block,
                      hidden=args.hidden, activation=args.activation, adapters=args.adapters,
-                     seed=args.seed)
+                     seed=args.seed, base=args.base, blocksize=args.blocksize,
+                     double_quant=args.double_quant)
     save_case(args.output, case)
     print(f"wrote {args.output}: {', '.join(f'{k}{v.shape}' for k, v in case.tensors.items())}")
     return 0

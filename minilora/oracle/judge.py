@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from minilora.dora import inverse_norms, norm_bounds, row_norms
-from minilora.oracle import block_cases, emulation
+from minilora.oracle import block_cases, emulation, nf4
 from minilora.oracle.cases import OracleInputError, reference, reference_shapes
 from minilora.precision import DEFAULT_ACCUMULATION, PRECISIONS, precision
 from minilora.tolerance import dora_magnitudes, gamma, lora_magnitudes, lora_reduction_lengths
@@ -291,7 +291,10 @@ class Judge:
             _finite_or_unusable(mags, "the magnitudes of its sums (float64 overflow)")
             if case.dora:
                 _check_norms_resolve(case, prec)
-            base = emulation.run(case, emulation.rounded_type(prec, accum),
+            # an NF4 base: honest kernels hold the dequantized W rounded to the precision
+            model = nf4.honest_case(case, prec.name) if case.layer.get("base") == "nf4" \
+                else case
+            base = emulation.run(model, emulation.rounded_type(prec, accum),
                                  emulation.rounded_type(accum, accum))  # the baseline
             for name, value in base.items():
                 if not np.all(np.isfinite(value)):
@@ -299,8 +302,8 @@ class Judge:
                         f"case unusable at {prec.name}: an honest {prec.name} computation of "
                         f"{name} overflows (values beyond {prec.name}'s range); make a case "
                         f"with smaller values")
-            runs = _run_statistics(case, prec, accum, ref)
-            underflow = _underflow(case, prec, accum, base)
+            runs = _run_statistics(model, prec, accum, ref)
+            underflow = _underflow(model, prec, accum, base)
             systematic = _scaling_rounding(case, ref, (prec, accum))
         self.limits = {}
         for name in ref:
