@@ -4,3 +4,11 @@ A LLaMA-family decoder (LLaMA, Qwen2, Mistral) whose every op is a forward/backw
 the gradient derived by hand (docs/math.md): token embedding, RMSNorm, rotary position
 embedding, causal grouped-query attention, the gated MLP, the causal language-model loss.
 """
+
+from minilora.models.config import ModelConfig, read_config
+from minilora.models.llama import LlamaModel
+from minilora.models.pretrained import from_pretrained
+from minilora.models.weights import WeightsError, load_weights
+
+__all__ = ["LlamaModel", "ModelConfig", "WeightsError", "from_pretrained", "load_weights",
+           "read_config"]
