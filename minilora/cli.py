@@ -27,8 +27,21 @@ def _bench(args):
         raise CommandError("--plot draws a sweep: give --sweep r, N or d")
     if args.plot:
         _need_matplotlib()
-    if args.blocks and args.sweep:
-        raise CommandError("--blocks and --sweep are separate runs: give one")
+    if sum(map(bool, (args.blocks, args.sweep, args.model))) > 1:
+        raise CommandError("--blocks, --model and --sweep are separate runs: give one")
+    if args.model:
+        if args.no_torch:
+            raise CommandError("--model measures against transformers + PEFT: it needs torch")
+        try:
+            import peft  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError:
+            raise CommandError("--model needs torch, transformers and peft: "
+                               "pip install 'minilora[parity]'") from None
+        from minilora import bench_model
+
+        bench_model.model_run(quick=args.quick, json_path=args.json)
+        return 0
     if args.blocks:
         bench.blocks_run(quick=args.quick, with_torch=not args.no_torch, json_path=args.json)
         return 0
@@ -84,6 +97,9 @@ def build_parser():
                    help="with --sweep: draw the ratios (matplotlib)")
     p.add_argument("--blocks", action="store_true",
                    help="the fused blocks (MLP, QKV, many adapters) against their floors")
+    p.add_argument("--model", action="store_true",
+                   help="a LoRA training step of a 20M-parameter LLaMA against transformers + "
+                   "PEFT and the model's floor")
     p.set_defaults(func=_bench)
     oracle_cli.add_parser(sub)
     return parser
