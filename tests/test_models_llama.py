@@ -239,3 +239,47 @@ def test_explicit_masks_are_used_and_checked():
         model.forward(IDS, dropout_masks={module_name(0, "q_proj"): zeros[name]})
     with pytest.raises(ValueError, match="shape"):
         model.forward(IDS, dropout_masks={name: np.ones((2, 5, 8))})
+
+
+@pytest.mark.parametrize("tied,bias", [(False, True), (True, False)])
+def test_base_weight_gradients_match_central_differences(tied, bias):
+    """train_base=True (pretraining, full fine-tuning): every base weight's gradient, the
+    norms', the embedding's and the LM head's (tied: the embedding gets both), against central
+    differences of the loss, a few coordinates of each."""
+    frozen = tiny(tied=tied, bias=bias)
+    model = LlamaModel(frozen.config, frozen.weights, train_base=True)
+    assert model.parameters().keys() == frozen.weights.keys()
+    model.zero_grad()
+    model.train_step(IDS, train=False)
+    rng = np.random.default_rng(5)
+    eps = 1e-6
+    for name, p in model.parameters().items():
+        g = model.grads[name]
+        assert np.abs(g).max() > 0, name
+        for flat in rng.choice(p.size, size=min(3, p.size), replace=False):
+            idx = np.unravel_index(flat, p.shape)
+            old = p[idx]
+            p[idx] = old + eps
+            up = model.loss(IDS)[0]
+            p[idx] = old - eps
+            down = model.loss(IDS)[0]
+            p[idx] = old
+            fd = (up - down) / (2 * eps)
+            assert abs(g[idx] - fd) <= 1e-6 * max(1.0, abs(fd)), (name, idx, g[idx], fd)
+    assert all(not w.flags.writeable for w in frozen.weights.values())  # the source untouched
+
+
+def test_train_base_trains_and_refuses_adapters():
+    frozen = tiny()
+    before = {k: v.copy() for k, v in frozen.weights.items()}
+    model = LlamaModel(frozen.config, frozen.weights, train_base=True)
+    with pytest.raises(ValueError, match="train_base"):
+        model.add_lora(r=2)
+    opt = AdamW(model, lr=1e-2)
+    first = model.train_step(IDS)
+    for _ in range(10):
+        model.zero_grad()
+        model.train_step(IDS)
+        opt.step()
+    assert model.loss(IDS)[0] < first - 0.1
+    assert all(np.array_equal(before[k], frozen.weights[k]) for k in before)

@@ -8,7 +8,10 @@ hand from minilora's forward/backward pairs.
     logits = RMSNorm(h) W_lmᵀ  (W_lm = E when the embeddings are tied)   (B, T, V)
 
 The base weights are frozen (read-only, never written); only the adapters' A, B (and DoRA's m)
-receive gradients. Adapters are keyed by PEFT's module names
+receive gradients. ``train_base=True`` is the other regime (pretraining, full fine-tuning): the
+model holds its own writable copy of every base weight and trains all of them, without adapters:
+dW = dyᵀ x and dbias = Σ dy for each projection, dw = Σ dy ⊙ x̂ for each RMSNorm, the LM head's
+dlogitsᵀ h and the embedding's scattered rows (docs/math.md). Adapters are keyed by PEFT's module names
 (``model.layers.{i}.self_attn.q_proj``).
 """
 
@@ -31,7 +34,7 @@ from minilora.functional import dora_backward, dora_forward, lora_backward, lora
 from minilora.init import kaiming_uniform
 from minilora.models.attention import attention_backward, attention_forward
 from minilora.models.config import ModelConfig
-from minilora.models.embedding import check_ids, embedding_forward
+from minilora.models.embedding import check_ids, embedding_backward, embedding_forward
 from minilora.models.lm_loss import causal_lm_loss, causal_lm_loss_backward
 from minilora.models.rmsnorm import rmsnorm_backward, rmsnorm_forward
 from minilora.models.rope import rope_backward, rope_forward, rope_tables
@@ -57,12 +60,13 @@ class ModelCache(NamedTuple):
     masks: dict  # {module name: dropout mask} used by this pass
     q_offset: int  # the past length this pass started at
     dtype: np.dtype
+    embedding: object  # EmbeddingCache (the ids), for the embedding's gradient (train_base)
 
 
 class LlamaModel:
     """A LLaMA / Qwen2 / Mistral decoder with LoRA adapters (API.md "Models")."""
 
-    def __init__(self, config, weights, *, backend=None):
+    def __init__(self, config, weights, *, backend=None, train_base=False):
         if not isinstance(config, ModelConfig):
             raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
         if not isinstance(weights, dict):
@@ -104,7 +108,9 @@ class LlamaModel:
                 raise ValueError(f"weight {key!r} must be a {dtype} array of shape {shape}, got "
                                  f"{getattr(w, 'dtype', type(w).__name__)} "
                                  f"{getattr(w, 'shape', '')}")
-            if w.flags.writeable or not w.flags.c_contiguous:
+            if train_base:  # our own trainable copy: the caller's arrays stay as they are
+                w = np.array(w, order="C")
+            elif w.flags.writeable or not w.flags.c_contiguous:
                 w = np.ascontiguousarray(w).copy()  # our own frozen copy; the caller's untouched
                 w.flags.writeable = False
             frozen[key] = w
@@ -116,7 +122,10 @@ class LlamaModel:
         self.dropout = 0.0
         self._rng = np.random.default_rng(0)
         self._fixed_norms = None  # {module: (d_out,)}: DoRA's n held fixed (gradchecks only)
+        # train_base: every base weight trains (pretraining, full fine-tuning), no adapters
+        self.train_base = bool(train_base)
         self.grads = {}
+        self.zero_grad()
 
     # -- adapters ----------------------------------------------------------------------------------
 
@@ -124,6 +133,9 @@ class LlamaModel:
                  use_dora=False, dropout=0.0, seed=0):
         """Fresh adapters on every layer's ``target_modules`` (PEFT's names), PEFT's default init:
         A Kaiming-uniform (a = √5), B = 0; DoRA's m = ‖W‖ per row (so the output is the base's)."""
+        if self.train_base:
+            raise ValueError("this model trains its base weights (train_base=True): build it "
+                             "with train_base=False to add adapters")
         if isinstance(target_modules, str):
             target_modules = (target_modules,)
         target_modules = tuple(target_modules)
@@ -198,11 +210,14 @@ class LlamaModel:
                 yield name, "m", "lora_magnitude_vector", a.m
 
     def parameters(self):
-        """{``<module>.A`` / ``.B`` / ``.m``: the live trainable array} (what AdamW updates)."""
+        """{``<module>.A`` / ``.B`` / ``.m``: the live trainable array} (what AdamW updates);
+        with ``train_base``, every base weight under transformers' name."""
+        if self.train_base:
+            return dict(self.weights)
         return {f"{n}.{s}": p for n, s, _, p in self._param_items()}
 
     def zero_grad(self):
-        """Zero every adapter gradient (``grads`` keyed as ``parameters()``)."""
+        """Zero every trainable gradient (``grads`` keyed as ``parameters()``)."""
         self.grads = {k: np.zeros_like(p) for k, p in self.parameters().items()}
 
     def lora_parameters(self):
@@ -225,7 +240,7 @@ class LlamaModel:
             y = x @ W.T  # (B, T, d_out)
             if bias is not None:
                 y = y + bias
-            return y, ("plain", W)
+            return y, ("plain", (W, x if self.train_base else None))
         if a.use_dora:
             norms = None if self._fixed_norms is None else self._fixed_norms[name]
             y, c = dora_forward(x, W, a.A, a.B, a.m, scaling=a.scaling, bias=bias,
@@ -239,7 +254,13 @@ class LlamaModel:
         """dx (B, T, d_in); the adapter's gradients accumulate into ``grads``."""
         kind, c = cache
         if kind == "plain":
-            return dy @ c  # (B, T, d_in) = dy W
+            W, x = c
+            if x is not None:  # train_base: dW = dyᵀ x, dbias = Σ dy
+                d_out, d_in = W.shape
+                self.grads[f"{name}.weight"] += dy.reshape(-1, d_out).T @ x.reshape(-1, d_in)
+                if f"{name}.bias" in self.grads:
+                    self.grads[f"{name}.bias"] += dy.reshape(-1, d_out).sum(axis=0)
+            return dy @ W  # (B, T, d_in)
         if kind == "dora":
             g = dora_backward(dy, c)
             self.grads[f"{name}.m"] += g.dm
@@ -312,7 +333,7 @@ class LlamaModel:
         H, Hkv, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         cos, sin = rope_tables(np.arange(offset, offset + T), D, theta=c.rope_theta,
                                scaling_factor=c.rope_scaling_factor, dtype=self.dtype)  # (T, D)
-        x, _ = embedding_forward(ids, self.weights["model.embed_tokens.weight"])  # (B, T, d)
+        x, embed = embedding_forward(ids, self.weights["model.embed_tokens.weight"])  # (B, T, d)
         masks, layers, present = {}, [], []
         for i in range(c.num_hidden_layers):
             L = {}
@@ -363,7 +384,7 @@ class LlamaModel:
                                    eps=c.rms_norm_eps)  # (B, T, d)
         logits = h @ self._lm_head().T  # (B, T, V)
         return logits, ModelCache(tuple(layers), final, h, tuple(present), masks, offset,
-                                  self.dtype)
+                                  self.dtype, embed)
 
     def _lm_head(self):
         key = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
@@ -431,11 +452,16 @@ class LlamaModel:
                                theta=c.rope_theta, scaling_factor=c.rope_scaling_factor,
                                dtype=self.dtype)  # (T, D)
         dh = dlogits @ self._lm_head()  # (B, T, d)
+        head = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
+        self._base_grad(head, lambda: dlogits.reshape(-1, c.vocab_size).T
+                        @ cache.h_final.reshape(-1, c.hidden_size))  # (V, d) = dlogitsᵀ h
+        self._norm_grad("model.norm.weight", dh, cache.final_norm)
         dx = rmsnorm_backward(dh, cache.final_norm)  # (B, T, d)
         for i in reversed(range(c.num_hidden_layers)):
             L = cache.layers[i]
             names = {p: module_name(i, p) for p in TARGETS}
             da = self._mlp_backward(dx, names, L["mlp"])  # (B, T, d)
+            self._norm_grad(f"model.layers.{i}.post_attention_layernorm.weight", da, L["norm2"])
             dx = dx + rmsnorm_backward(da, L["norm2"])  # (B, T, d)
             do = self._project_backward(dx, names["o_proj"], L["proj"]["o_proj"])  # (B, T, H·D)
             do = np.ascontiguousarray(do.reshape(Bsz, T, H, D).transpose(0, 2, 1, 3))
@@ -458,8 +484,20 @@ class LlamaModel:
                 if p not in group:
                     dp = self._project_backward(douts[p], names[p], L["proj"][p])  # (B, T, d)
                     da = dp if da is None else da + dp
+            self._norm_grad(f"model.layers.{i}.input_layernorm.weight", da, L["norm1"])
             dx = dx + rmsnorm_backward(da, L["norm1"])  # (B, T, d)
+        self._base_grad("model.embed_tokens.weight",
+                        lambda: embedding_backward(dx, cache.embedding))  # (V, d)
         return dx
+
+    def _base_grad(self, key, gradient):
+        """With ``train_base``, add ``gradient()`` (computed only then) to the weight's grad."""
+        if self.train_base:
+            self.grads[key] += gradient()
+
+    def _norm_grad(self, key, dy, cache):
+        """RMSNorm's weight gradient: y = x̂ ⊙ w, so dw = Σ over tokens of dy ⊙ x̂."""
+        self._base_grad(key, lambda: (dy * cache.x_hat).reshape(-1, dy.shape[-1]).sum(axis=0))
 
     def loss(self, input_ids, *, train=False, dropout_masks=None):
         """Causal LM loss (transformers' with labels = input_ids).
