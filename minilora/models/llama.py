@@ -11,8 +11,8 @@ The base weights are frozen (read-only, never written); only the adapters' A, B 
 receive gradients. ``train_base=True`` is the other regime (pretraining, full fine-tuning): the
 model holds its own writable copy of every base weight and trains all of them, without adapters:
 dW = dyᵀ x and dbias = Σ dy for each projection, dw = Σ dy ⊙ x̂ for each RMSNorm, the LM head's
-dlogitsᵀ h and the embedding's scattered rows (docs/math.md). Adapters are keyed by PEFT's module names
-(``model.layers.{i}.self_attn.q_proj``).
+dlogitsᵀ h and the embedding's scattered rows (docs/math.md). Adapters are keyed by PEFT's
+module names (``model.layers.{i}.self_attn.q_proj``).
 """
 
 from typing import NamedTuple
