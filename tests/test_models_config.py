@@ -257,7 +257,11 @@ def test_missing_kv_heads_take_transformers_class_defaults():
         d = {k: v for k, v in base.items() if k != "num_key_value_heads"}
         d["num_attention_heads"], d["head_dim"], d["hidden_size"] = 32, 2, 64
         assert ModelConfig.from_dict(d).num_key_value_heads == (32 if missing == 4 else missing)
-        assert ModelConfig.from_dict({**d, "num_key_value_heads": None}).num_key_value_heads == 32
+        if base is not MISTRAL:  # MistralConfig refuses a null (tested below)
+            null = ModelConfig.from_dict({**d, "num_key_value_heads": None})
+            assert null.num_key_value_heads == 32
+    assert ModelConfig.from_dict({**LLAMA, "attention_dropout": None}) == \
+        ModelConfig.from_dict(LLAMA)  # LlamaConfig reads a null dropout as none
     d = {k: v for k, v in MISTRAL.items() if k != "num_key_value_heads"}  # 4 heads, 8 kv heads
     with pytest.raises(ValueError, match="num_key_value_heads"):
         ModelConfig.from_dict(d)
@@ -320,9 +324,9 @@ def test_any_mutation_is_a_config_or_one_named_error(tmp_path_factory, arch, dat
 NOT_NULL = {"llama": ("rms_norm_eps", "attention_bias", "mlp_bias", "hidden_act",
                       "max_position_embeddings", "tie_word_embeddings"),
             "qwen2": ("use_sliding_window", "max_window_layers", "rms_norm_eps", "hidden_act",
-                      "max_position_embeddings", "tie_word_embeddings"),
+                      "max_position_embeddings", "tie_word_embeddings", "attention_dropout"),
             "mistral": ("rms_norm_eps", "hidden_act", "max_position_embeddings",
-                        "tie_word_embeddings")}
+                        "tie_word_embeddings", "num_key_value_heads", "attention_dropout")}
 
 
 @pytest.mark.parametrize("arch,key", [(a, k) for a in sorted(NOT_NULL) for k in NOT_NULL[a]]

@@ -3,9 +3,12 @@ read_config gives the model transformers built, and load_weights gives exactly i
 single file and sharded, float32, float16 and bfloat16 (widened exactly)."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -194,7 +197,10 @@ REFUSED_BY_BOTH = [
       for key in ("rms_norm_eps", "hidden_act", "max_position_embeddings",
                   "tie_word_embeddings")],
     *[("LlamaConfig", {key: None}, key) for key in ("attention_bias", "mlp_bias")],
-    *[("Qwen2Config", {key: None}, key) for key in ("use_sliding_window", "max_window_layers")],
+    *[("Qwen2Config", {key: None}, key) for key in ("use_sliding_window", "max_window_layers",
+                                                     "attention_dropout")],
+    *[("MistralConfig", {key: None}, key) for key in ("num_key_value_heads",
+                                                       "attention_dropout")],
     ("LlamaConfig", {"num_attention_heads": 3, "num_key_value_heads": 1, "head_dim": 8},
      "num_attention_heads"),
     ("LlamaConfig", {"rms_norm_eps": 1}, "rms_norm_eps"),
@@ -252,3 +258,65 @@ def test_sliding_marks_without_a_window_crash_transformers_and_are_refused(tmp_p
     with pytest.raises(ValueError, match="layer_types marks sliding_attention") as e:
         read_config(tmp_path)
     assert str(tmp_path / "config.json") in str(e.value)
+
+
+def _transformers_model(tc, name):
+    """What transformers' config ``tc`` computes, in ModelConfig's terms."""
+    rope = tc.rope_parameters
+    out = dict(vocab_size=tc.vocab_size, hidden_size=tc.hidden_size,
+               intermediate_size=tc.intermediate_size, num_hidden_layers=tc.num_hidden_layers,
+               num_attention_heads=tc.num_attention_heads,
+               num_key_value_heads=tc.num_key_value_heads,
+               head_dim=getattr(tc, "head_dim", None)
+               or tc.hidden_size // tc.num_attention_heads,
+               rms_norm_eps=tc.rms_norm_eps, rope_theta=rope["rope_theta"],
+               rope_scaling_factor=rope["factor"] if rope["rope_type"] == "linear" else 1.0,
+               tie_word_embeddings=tc.tie_word_embeddings,
+               max_position_embeddings=tc.max_position_embeddings)
+    if name == "LlamaConfig":
+        out.update(qkv_bias=tc.attention_bias, o_bias=tc.attention_bias, mlp_bias=tc.mlp_bias)
+    if name == "MistralConfig":
+        out["sliding_window"] = tc.sliding_window
+    if name == "Qwen2Config":
+        out["sliding_window"] = (tc.sliding_window if "sliding_attention" in tc.layer_types
+                                 else None)
+    return out
+
+
+POOL = st.sampled_from([None, True, False, 0, 1, 2, 3, 4, 6, 8, 16, 32, 1.0, 0.5, 1e-5, -1,
+                        "silu", "gelu", "relu", "linear", [], ["full_attention"] * 2,
+                        ["sliding_attention", "full_attention"],
+                        {"rope_type": "linear", "factor": 2.0},
+                        {"rope_type": "default", "rope_theta": 100.0},
+                        {"type": "linear", "factor": 3}, {"rope_type": "yarn", "factor": 2.0}])
+KEYS = ["hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
+        "rms_norm_eps", "rope_parameters", "rope_scaling", "rope_theta", "tie_word_embeddings",
+        "attention_bias", "mlp_bias", "sliding_window", "use_sliding_window",
+        "max_window_layers", "layer_types", "attention_dropout", "max_position_embeddings",
+        "partial_rotary_factor", "num_hidden_layers"]
+
+
+@given(name=st.sampled_from(["LlamaConfig", "Qwen2Config", "MistralConfig"]), data=st.data())
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_a_config_read_here_is_the_model_transformers_builds(tmp_path_factory, name, data):
+    """Mutated config.json files: whenever read_config accepts one, transformers accepts it
+    too and describes the same computation (sizes, heads, norms, rope, biases, window)."""
+    d = getattr(transformers, name)(**BASE).to_dict()
+    for _ in range(data.draw(st.integers(1, 3))):
+        key = data.draw(st.sampled_from(KEYS))
+        if data.draw(st.booleans()) and key in d:
+            del d[key]
+        else:
+            d[key] = data.draw(POOL)
+    folder = tmp_path_factory.mktemp("c")
+    (folder / "config.json").write_text(json.dumps(d))
+    try:
+        c = read_config(folder)
+    except ValueError as e:
+        assert str(folder / "config.json") in str(e)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tc = getattr(transformers, name).from_pretrained(folder)  # must not refuse
+    want = _transformers_model(tc, name)
+    assert {k: getattr(c, k) for k in want} == want, d

@@ -266,7 +266,8 @@ def _read(d, where):
         "num_hidden_layers": get("num_hidden_layers", integer, "an integer"),
         "num_attention_heads": heads,
         # missing: the class default (Qwen2Config 32, MistralConfig 8); null: heads (post_init)
-        "num_key_value_heads": get("num_key_value_heads", integer, "an integer", heads)
+        "num_key_value_heads": get("num_key_value_heads", integer, "an integer", heads,
+                                   null=model_type != "mistral")  # MistralConfig: int only
         if "num_key_value_heads" in d or model_type == "llama"
         else {"qwen2": 32, "mistral": 8}[model_type],
         "head_dim": get("head_dim", integer, "an integer",
@@ -290,7 +291,8 @@ def _read(d, where):
         out["qkv_bias"] = out["o_bias"] = bias
         out["mlp_bias"] = get("mlp_bias", flag, "true or false", False, null=False)
         get("pretraining_tp", integer, "an integer", 1)  # a sliced matmul: the same products
-    dropout = get("attention_dropout", number, "a number", 0.0)
+    dropout = get("attention_dropout", number, "a number", 0.0,
+                  null=model_type == "llama")  # null: LlamaConfig only (and no dropout)
     if dropout != 0:
         fail("attention_dropout", f"is {dropout}: dropout on attention probabilities is not "
              f"computed here (LoRA's own dropout is the adapter's)")
@@ -358,6 +360,8 @@ def _rope(d, where, get):
 
 def _sliding_window(d, where, get, model_type, layers):
     """The window in use, or None (see the module docstring)."""
+    if d.get("layer_types") is not None:  # PreTrainedConfig checks it for every architecture
+        _layer_types(d["layer_types"], where, layers)
     if model_type == "llama":
         return None
     # missing: the class default 4096 (MistralConfig, Qwen2Config); null: no window
@@ -377,6 +381,17 @@ def _sliding_window(d, where, get, model_type, layers):
     if kinds is None:
         kinds = ["sliding_attention" if window is not None and i >= first else "full_attention"
                  for i in range(layers)]
+    if window is None and "sliding_attention" in kinds:
+        # transformers builds this model but cannot run it (its sliding mask needs a window)
+        raise ValueError(f"{where}: layer_types marks sliding_attention layers but no window "
+                         f"is in use (use_sliding_window {use}, sliding_window "
+                         f"{d.get('sliding_window')!r}): transformers' Qwen2 cannot compute it")
+    return window if "sliding_attention" in kinds else None
+
+
+def _layer_types(kinds, where, layers):
+    """transformers' check of ``layer_types`` (PreTrainedConfig.validate_layer_type), narrowed
+    to the two kinds of attention these architectures have."""
     if (not isinstance(kinds, list)
             or any(k not in ("full_attention", "sliding_attention") for k in kinds)):
         raise ValueError(f"{where}: layer_types must list full_attention / sliding_attention, "
@@ -384,12 +399,6 @@ def _sliding_window(d, where, get, model_type, layers):
     if len(kinds) != layers:
         raise ValueError(f"{where}: layer_types lists {len(kinds)} layers, num_hidden_layers "
                          f"is {layers}")
-    if window is None and "sliding_attention" in kinds:
-        # transformers builds this model but cannot run it (its sliding mask needs a window)
-        raise ValueError(f"{where}: layer_types marks sliding_attention layers but no window "
-                         f"is in use (use_sliding_window {use}, sliding_window "
-                         f"{d.get('sliding_window')!r}): transformers' Qwen2 cannot compute it")
-    return window if "sliding_attention" in kinds else None
 
 
 FIELDS = tuple(f.name for f in fields(ModelConfig))
