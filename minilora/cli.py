@@ -66,6 +66,13 @@ def _need_matplotlib():
 def _demo(args):
     if args.plot:
         _need_matplotlib()
+    if args.model:
+        from minilora import demo_model
+
+        demo_model.run(quick=args.quick, json_path=args.json, plot_path=args.plot)
+        return 0
+    if args.quick:
+        raise CommandError("--quick shortens the language-model demo: give it with --model")
     return demo.main(args)
 
 
@@ -80,6 +87,11 @@ def build_parser():
     p.add_argument("--plot", metavar="PATH", type=output_path,
                    help="write loss and accuracy curves (matplotlib)")
     p.add_argument("--json", metavar="PATH", type=output_path, help="write the summary as JSON")
+    p.add_argument("--model", action="store_true",
+                   help="the language-model demo instead: pretrain a tiny LLaMA on Python code, "
+                   "adapt it to English prose by full fine-tuning and by LoRA at a few ranks")
+    p.add_argument("--quick", action="store_true",
+                   help="with --model: a tiny model and a few steps (shows it runs)")
     p.set_defaults(func=_demo)
     p = sub.add_parser("gradcheck", help="check every gradient of minilora's ops against finite "
                        "differences and print a table")
