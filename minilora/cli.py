@@ -110,7 +110,7 @@ def build_parser():
     p.add_argument("--blocks", action="store_true",
                    help="the fused blocks (MLP, QKV, many adapters) against their floors")
     p.add_argument("--model", action="store_true",
-                   help="a LoRA training step of a 20M-parameter LLaMA against transformers + "
+                   help="a LoRA training step of a 32M-parameter LLaMA against transformers + "
                    "PEFT and the model's floor")
     p.set_defaults(func=_bench)
     oracle_cli.add_parser(sub)
