@@ -45,8 +45,8 @@ Where the definition comes from (bitsandbytes 0.50.2, ``bitsandbytes/functional.
 
 torchao's NF4 (``torchao.dtypes.nf4tensor``) is another definition: its table is rounded to
 fewer digits, and it scales by a second-level int8 quantization of the per-block scalers
-rather than bitsandbytes' dynamic map; docs/nf4.md gives the size of the difference. This
-module judges bitsandbytes' definition.
+rather than bitsandbytes' dynamic map; docs/oracle.md ("QLoRA bases (NF4)") gives the size
+of the difference. This module judges bitsandbytes' definition.
 """
 
 import dataclasses
