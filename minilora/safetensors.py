@@ -210,25 +210,33 @@ def check_layout(entries, data_size):
                                f"section (truncated file, or bytes beyond the last tensor)")
 
 
-def loads(data, name="<bytes>"):
-    """``(tensors, metadata)`` from the bytes of a safetensors file (see the module docstring)."""
+def _validated_header(read, size, name):
+    """``(entries, metadata, data_start)`` of a file of ``size`` bytes whose bytes ``read(offset,
+    n)`` returns, with every check the package makes (the layout against the file's size)."""
     try:
-        if len(data) < 8:
-            raise SafetensorsError(f"too short to be a safetensors file ({len(data)} bytes)")
-        (n,) = struct.unpack("<Q", data[:8])
+        if size < 8:
+            raise SafetensorsError(f"too short to be a safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", read(0, 8))
         if n > MAX_HEADER:
             raise SafetensorsError(f"header length {n} exceeds the format's {MAX_HEADER}")
-        if 8 + n > len(data):
-            raise SafetensorsError(f"header length {n} does not fit a {len(data)}-byte file")
-        entries, metadata = parse_header(bytes(data[8:8 + n]))
-        body = memoryview(data)[8 + n:]
-        check_layout(entries, len(body))
+        if 8 + n > size:
+            raise SafetensorsError(f"header length {n} does not fit a {size}-byte file")
+        entries, metadata = parse_header(read(8, n))
+        check_layout(entries, size - 8 - n)
         unreadable = sorted({dtype for dtype, _, _ in entries.values()} - set(_DTYPES))
         if unreadable:
             raise SafetensorsError(f"dtype {unreadable[0]} is valid safetensors but has no "
                                    f"NumPy equivalent")
     except SafetensorsError as e:
         raise SafetensorsError(f"{name}: {e}") from None
+    return entries, metadata, 8 + n
+
+
+def loads(data, name="<bytes>"):
+    """``(tensors, metadata)`` from the bytes of a safetensors file (see the module docstring)."""
+    entries, metadata, start = _validated_header(lambda o, n: bytes(data[o:o + n]), len(data),
+                                                 name)
+    body = memoryview(data)[start:]
     return {k: _array(dtype, shape, body[b:e]) for k, (dtype, shape, (b, e)) in
             entries.items()}, metadata
 
@@ -257,26 +265,14 @@ def read_header(f, name):
     """``(entries, metadata, data_start)`` of the open safetensors file ``f``, validated as
     ``loads`` validates a whole file (the layout against the file's size) while reading only
     the header: the data is then read tensor by tensor (``read_tensor``)."""
-    try:
-        size = os.fstat(f.fileno()).st_size
-        f.seek(0)
-        head = f.read(8)
-        if len(head) < 8:
-            raise SafetensorsError(f"too short to be a safetensors file ({size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER:
-            raise SafetensorsError(f"header length {n} exceeds the format's {MAX_HEADER}")
-        if 8 + n > size:
-            raise SafetensorsError(f"header length {n} does not fit a {size}-byte file")
-        entries, metadata = parse_header(f.read(n))
-        check_layout(entries, size - 8 - n)
-        unreadable = sorted({dtype for dtype, _, _ in entries.values()} - set(_DTYPES))
-        if unreadable:
-            raise SafetensorsError(f"dtype {unreadable[0]} is valid safetensors but has no "
-                                   f"NumPy equivalent")
-    except SafetensorsError as e:
-        raise SafetensorsError(f"{name}: {e}") from None
-    return entries, metadata, 8 + n
+    def read(offset, n):
+        f.seek(offset)
+        raw = f.read(n)
+        if len(raw) != n:  # the file shrank since its size was taken
+            raise SafetensorsError("ended inside its header")
+        return raw
+
+    return _validated_header(read, os.fstat(f.fileno()).st_size, name)
 
 
 def read_tensor(f, entry, data_start):
