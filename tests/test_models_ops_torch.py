@@ -18,7 +18,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from transformers import LlamaConfig, modeling_rope_utils  # noqa: E402
+from transformers import LlamaConfig  # noqa: E402
 from transformers.loss.loss_utils import ForCausalLMLoss  # noqa: E402
 from transformers.models.llama import modeling_llama  # noqa: E402
 
@@ -29,23 +29,6 @@ from minilora.models.rmsnorm import rmsnorm_backward, rmsnorm_forward  # noqa: E
 from minilora.models.rope import rope_backward, rope_forward, rope_tables  # noqa: E402
 
 RTOL = 1e-12
-
-
-class _Float64Torch(types.ModuleType):
-    """``torch`` with float32 and float meaning float64 (every other name is torch's)."""
-
-    float32 = torch.float64
-    float = torch.float64
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-
-@pytest.fixture
-def float64_transformers(monkeypatch):
-    proxy = _Float64Torch("torch")
-    monkeypatch.setattr(modeling_llama, "torch", proxy)
-    monkeypatch.setattr(modeling_rope_utils, "torch", proxy)
 
 
 def assert_rel(actual, expected, rtol=RTOL):

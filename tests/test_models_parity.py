@@ -5,7 +5,6 @@ transformers' LLaMA-family code rounds through float32 in RMSNorm, the rotary ta
 eager softmax whatever the model's dtype; as in tests/test_models_ops_torch.py, the float64 tests
 point those modules' ``torch`` at a proxy whose ``float32``/``float`` are ``torch.float64``."""
 
-import types
 
 import numpy as np
 import pytest
@@ -14,10 +13,6 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from transformers import modeling_rope_utils  # noqa: E402
-from transformers.models.llama import modeling_llama  # noqa: E402
-from transformers.models.mistral import modeling_mistral  # noqa: E402
-from transformers.models.qwen2 import modeling_qwen2  # noqa: E402
 
 from minilora.models.pretrained import from_pretrained  # noqa: E402
 
@@ -28,23 +23,6 @@ pytestmark = pytest.mark.filterwarnings(
 
 V, T, BATCH = 32, 6, 2
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-class _Float64Torch(types.ModuleType):
-    """``torch`` with float32 and float meaning float64 (every other name is torch's)."""
-
-    float32 = torch.float64
-    float = torch.float64
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-
-@pytest.fixture
-def f64(monkeypatch):
-    proxy = _Float64Torch("torch")
-    for mod in (modeling_llama, modeling_qwen2, modeling_mistral, modeling_rope_utils):
-        monkeypatch.setattr(mod, "torch", proxy)
 
 
 def rel(actual, expected):
@@ -93,7 +71,8 @@ def minilora_of(hf, tmp_path, dtype=np.float64):
 @pytest.mark.parametrize("arch,gqa,tied,window", [
     ("llama", True, False, None), ("llama", False, True, None), ("qwen2", True, False, None),
     ("qwen2", False, True, None), ("mistral", True, False, None), ("mistral", False, False, T)])
-def test_logits_and_loss_match_transformers_float64(f64, tmp_path, arch, gqa, tied, window):
+def test_logits_and_loss_match_transformers_float64(float64_transformers, tmp_path, arch, gqa,
+                                                    tied, window):
     hf = hf_model(arch, gqa=gqa, tied=tied, window=window)
     model = minilora_of(hf, tmp_path)
     ids = ids_batch()
@@ -155,7 +134,7 @@ class _Mask(torch.nn.Module):
 
 
 @pytest.mark.parametrize("case", ["all", "qv", "rslora", "dora", "dora_qv", "dropout"])
-def test_lora_gradients_match_peft_float64(f64, tmp_path, case):
+def test_lora_gradients_match_peft_float64(float64_transformers, tmp_path, case):
     hf = hf_model("llama" if case != "qv" else "qwen2")
     model = minilora_of(hf, tmp_path)
     targets = ("q_proj", "v_proj") if case in ("qv", "dora_qv") else ALL
@@ -188,7 +167,7 @@ def test_lora_gradients_match_peft_float64(f64, tmp_path, case):
         assert rel(g, params[_peft_name(key)].grad.numpy()) <= 1e-9, key
 
 
-def test_save_adapter_loads_in_peft(f64, tmp_path):
+def test_save_adapter_loads_in_peft(float64_transformers, tmp_path):
     hf = hf_model("llama")
     model = minilora_of(hf, tmp_path)
     model.add_lora(r=4, alpha=8, target_modules=ALL, use_dora=True, seed=5)
@@ -202,7 +181,7 @@ def test_save_adapter_loads_in_peft(f64, tmp_path):
 
 
 @pytest.mark.parametrize("use_dora", [False, True])
-def test_peft_adapter_loads_in_minilora(f64, tmp_path, use_dora):
+def test_peft_adapter_loads_in_minilora(float64_transformers, tmp_path, use_dora):
     hf = hf_model("mistral")
     model = minilora_of(hf, tmp_path)
     cfg = peft.LoraConfig(r=2, lora_alpha=5, target_modules=["q_proj", "k_proj", "down_proj"],
