@@ -284,16 +284,21 @@ def _transformers_model(tc, name):
 
 
 POOL = st.sampled_from([None, True, False, 0, 1, 2, 3, 4, 6, 8, 16, 32, 1.0, 0.5, 1e-5, -1,
-                        "silu", "gelu", "relu", "linear", [], ["full_attention"] * 2,
+                        "silu", "gelu", "relu", "linear", "swish", "gelu_pytorch_tanh",
+                        "gelu_new", "llama", "qwen2", "mistral", 2.0, "4", 1e9, 10000,
+                        ["LlamaForCausalLM"], ["Qwen2ForCausalLM"], [], ["full_attention"] * 2,
                         ["sliding_attention", "full_attention"],
                         {"rope_type": "linear", "factor": 2.0},
                         {"rope_type": "default", "rope_theta": 100.0},
-                        {"type": "linear", "factor": 3}, {"rope_type": "yarn", "factor": 2.0}])
+                        {"type": "linear", "factor": 3}, {"rope_type": "yarn", "factor": 2.0},
+                        {"rope_type": "linear", "factor": 0.5, "rope_theta": 7},
+                        {"factor": 2.0}, {}, {"rope_type": "dynamic", "factor": 2.0}])
 KEYS = ["hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
         "rms_norm_eps", "rope_parameters", "rope_scaling", "rope_theta", "tie_word_embeddings",
         "attention_bias", "mlp_bias", "sliding_window", "use_sliding_window",
         "max_window_layers", "layer_types", "attention_dropout", "max_position_embeddings",
-        "partial_rotary_factor", "num_hidden_layers"]
+        "partial_rotary_factor", "num_hidden_layers", "vocab_size", "intermediate_size",
+        "model_type", "architectures", "pretraining_tp", "num_experts"]
 
 
 @given(name=st.sampled_from(["LlamaConfig", "Qwen2Config", "MistralConfig"]), data=st.data())
