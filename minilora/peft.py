@@ -20,6 +20,7 @@ import numpy as np
 
 from minilora import safetensors
 from minilora._io import write_folder_atomic
+from minilora._json import nesting_depth, no_constant
 from minilora.functional import lora_scaling
 
 try:  # the regex parser: re._parser from Python 3.11 on
@@ -147,18 +148,6 @@ def _targeted(target_modules, exclude_modules, module):
     return module in target_modules or any(module.endswith(f".{k}") for k in target_modules)
 
 
-def _nesting_depth(text):
-    depth = deepest = 0
-    for match in re.finditer(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', text):
-        c = match.group()[0]
-        if c in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif c in "]}":
-            depth -= 1
-    return deepest
-
-
 def _read_config(config_path):
     """adapter_config.json as a dict, every value minilora uses checked for its JSON type."""
     try:
@@ -168,10 +157,10 @@ def _read_config(config_path):
         raise AdapterError(f"{config_path}: cannot read: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
         raise AdapterError(f"{config_path}: not UTF-8 ({e})") from None
-    if _nesting_depth(text) > CONFIG_DEPTH:
+    if nesting_depth(text) > CONFIG_DEPTH:
         raise AdapterError(f"{config_path}: nests deeper than {CONFIG_DEPTH} levels")
     try:
-        config = json.loads(text, parse_constant=_no_constant)
+        config = json.loads(text, parse_constant=no_constant)
     except (ValueError, RecursionError) as e:
         raise AdapterError(f"{config_path}: not valid JSON ({e})") from None
     return _check_config(config, config_path)
@@ -235,10 +224,6 @@ def _check_config(config, config_path):
             raise AdapterError(f"{config_path}: {key} must list strings, got {targets!r}")
         out[key] = targets
     return out
-
-
-def _no_constant(name):
-    raise ValueError(f"{name} is not valid JSON")
 
 
 def load_adapter(path):

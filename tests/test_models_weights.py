@@ -249,10 +249,6 @@ def test_index_refusals(tmp_path):
         set_map(folder, {**wm, names[0]: 3})
         return [names[0]]
 
-    def duplicate_key(folder, files, wm):
-        text = json.dumps({"weight_map": wm})
-        (folder / INDEX).write_text(text[:-2] + f', "{names[0]}": "{files[0]}"}}}}')
-        return ["twice"]
 
     def no_files(folder, files, wm):
         os.remove(folder / INDEX)
@@ -282,7 +278,7 @@ def test_index_refusals(tmp_path):
         return [INDEX, "is there"]  # refused without opening it
 
     for edit in (missing_file, renamed, traversal, absolute, symlink_out, not_in_map,
-                 wrong_shard, in_two_shards, empty_map, no_map, not_a_string, duplicate_key,
+                 wrong_shard, in_two_shards, empty_map, no_map, not_a_string,
                  no_files, nul_in_name, name_too_long, symlink_loop, directory, index_is_a_fifo):
         case(edit.__name__, edit)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from minilora import safetensors
-from minilora.models.config import read_json
+from minilora._json import read_json
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
