@@ -299,6 +299,21 @@ def _check_tensors(config, tensors, weights_path):
     return adapters
 
 
+def _check_round_trip(config, adapters):
+    """Each module loads with its own r and alpha: PEFT reads rank_pattern and alpha_pattern
+    keys as regular expressions matched against module-name suffixes, so a name with regex
+    metacharacters, or one that is another's suffix, could load as a different adapter."""
+    r, alpha = config["r"], config["lora_alpha"]
+    for name, a in adapters.items():
+        got = (_pattern_value(config["rank_pattern"], name, r),
+               float(_pattern_value(config["alpha_pattern"], name, alpha)))
+        if got != (a.r, float(a.alpha)):
+            raise AdapterError(
+                f"module {name!r} would load with r={got[0]}, alpha={got[1]} instead of "
+                f"r={a.r}, alpha={float(a.alpha)}: PEFT reads rank_pattern and alpha_pattern "
+                f"keys as regular expressions matched against module-name suffixes; rename it")
+
+
 def save_adapter(path, adapters, *, base_model_name_or_path=None, task_type=None):
     """Write ``{module_name: Adapter or LoRALinear}`` as a PEFT adapter folder.
 
@@ -355,6 +370,7 @@ def save_adapter(path, adapters, *, base_model_name_or_path=None, task_type=None
     _check_tensors(_check_config(json.loads(config_text), os.path.join(
         path_text, "adapter_config.json")), tensors, os.path.join(
         path_text, "adapter_model.safetensors"))  # what load_adapter checks, on what it reads
+    _check_round_trip(config, adapters)
     files = {"adapter_model.safetensors": safetensors.dumps(tensors, {"format": "pt"}),
              "adapter_config.json": config_text.encode()}
     write_folder_atomic(path, files)
