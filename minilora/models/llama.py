@@ -38,6 +38,7 @@ from minilora.models.embedding import check_ids, embedding_backward, embedding_f
 from minilora.models.lm_loss import causal_lm_loss, causal_lm_loss_backward
 from minilora.models.rmsnorm import rmsnorm_backward, rmsnorm_forward
 from minilora.models.rope import rope_backward, rope_forward, rope_tables
+from minilora.models.weights import expected_shapes
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -75,24 +76,7 @@ class LlamaModel:
             raise ValueError(f"config.hidden_act {config.hidden_act!r} is not one of "
                              f"{ACTIVATIONS}")
         c = config
-        H, Hkv, D, d, F, V = (c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-                              c.hidden_size, c.intermediate_size, c.vocab_size)
-        shapes = {"model.embed_tokens.weight": (V, d), "model.norm.weight": (d,)}
-        if not c.tie_word_embeddings:
-            shapes["lm_head.weight"] = (V, d)
-        out_in = {"q_proj": (H * D, d), "k_proj": (Hkv * D, d), "v_proj": (Hkv * D, d),
-                  "o_proj": (d, H * D), "gate_proj": (F, d), "up_proj": (F, d),
-                  "down_proj": (d, F)}
-        biased = {"q_proj": c.qkv_bias, "k_proj": c.qkv_bias, "v_proj": c.qkv_bias,
-                  "o_proj": c.o_bias, "gate_proj": c.mlp_bias, "up_proj": c.mlp_bias,
-                  "down_proj": c.mlp_bias}
-        for i in range(c.num_hidden_layers):
-            shapes[f"model.layers.{i}.input_layernorm.weight"] = (d,)
-            shapes[f"model.layers.{i}.post_attention_layernorm.weight"] = (d,)
-            for p in TARGETS:
-                shapes[f"{module_name(i, p)}.weight"] = out_in[p]
-                if biased[p]:
-                    shapes[f"{module_name(i, p)}.bias"] = (out_in[p][0],)
+        shapes = expected_shapes(c)  # {transformers name: shape}, as the loader reads them
         missing = sorted(set(shapes) - set(weights))
         extra = sorted(set(weights) - set(shapes))
         if missing or extra:
@@ -116,7 +100,7 @@ class LlamaModel:
             frozen[key] = w
         self.config, self.weights, self.dtype = config, frozen, dtype
         self.backend = resolve_backend(backend)
-        self.shapes = {p: out_in[p] for p in TARGETS}
+        self.shapes = {p: shapes[f"{module_name(0, p)}.weight"] for p in TARGETS}  # (out, in)
         self.base_model_name_or_path = None
         self.adapters = {}  # {module name: minilora.peft.Adapter}
         self.dropout = 0.0
