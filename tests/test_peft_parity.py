@@ -1,7 +1,9 @@
-"""Parity with PEFT's LoRA layer (and torch autograd) in float64. Skipped without torch + peft."""
+"""Parity with PEFT: its LoRA layer (and torch autograd) in float64, and the adapter folders
+that each side writes read by the other. Skipped without torch + peft (CI installs them)."""
 
 import numpy as np
 import pytest
+from _helpers import peft_layers
 
 import minilora as ml
 
@@ -149,3 +151,68 @@ def test_init_schemes_match_peft(init):
     # Factors are unique only up to signs of singular vectors / QR columns; B A is unique.
     np.testing.assert_allclose(ours.B @ ours.A, peft_BA, atol=1e-5)  # PEFT factorises in fp32
     np.testing.assert_allclose(ours.W, layer.base_layer.weight.detach().numpy(), atol=1e-5)
+
+
+def _three_targets():
+    """A torch model with the three target modules of ``peft_layers``."""
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = torch.nn.Linear(8, 6)
+            self.v = torch.nn.Linear(8, 6)
+            self.inner = torch.nn.Sequential(torch.nn.Linear(6, 4))
+
+        def forward(self, x):
+            return self.inner(self.q(x) + self.v(x))
+
+    torch.manual_seed(0)
+    return M()
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_what_minilora_writes_peft_loads(tmp_path, use_dora):
+    layers = peft_layers(use_dora=use_dora, use_rslora=True)
+    ml.peft.save_adapter(tmp_path, layers)
+    model = peft.PeftModel.from_pretrained(_three_targets(), str(tmp_path))
+    for name, layer in layers.items():
+        module = model.base_model.model.get_submodule(name)
+        np.testing.assert_array_equal(module.lora_A["default"].weight.detach().numpy(), layer.A)
+        np.testing.assert_array_equal(module.lora_B["default"].weight.detach().numpy(), layer.B)
+        assert module.scaling["default"] == pytest.approx(layer.scaling, rel=1e-12)
+        if use_dora:
+            m = module.lora_magnitude_vector["default"].weight.detach().numpy()
+            np.testing.assert_array_equal(m, layer.m)
+        x = np.random.default_rng(1).standard_normal((3, layer.in_features)).astype(np.float32)
+        W = module.base_layer.weight.detach().numpy()
+        b = module.base_layer.bias.detach().numpy()
+        with torch.no_grad():
+            y_peft = module(torch.from_numpy(x)).numpy()
+        kw = dict(scaling=layer.scaling, bias=b)
+        y = ml.dora_forward(x, W, layer.A, layer.B, layer.m, **kw)[0] if use_dora else \
+            ml.lora_forward(x, W, layer.A, layer.B, **kw)[0]
+        np.testing.assert_allclose(y, y_peft, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_what_peft_writes_minilora_loads(tmp_path, use_dora):
+    config = peft.LoraConfig(r=2, lora_alpha=5, target_modules=["q", "v", "inner.0"],
+                             use_dora=use_dora, use_rslora=True, init_lora_weights="gaussian",
+                             rank_pattern={"v": 4}, alpha_pattern={"v": 3})
+    model = peft.get_peft_model(_three_targets(), config)
+    with torch.no_grad():  # PEFT's gaussian init leaves B = 0, which would hide B's transposition
+        for name in ("q", "v", "inner.0"):
+            model.base_model.model.get_submodule(name).lora_B["default"].weight.normal_()
+    model.save_pretrained(str(tmp_path))
+    adapters = ml.peft.load_adapter(tmp_path)
+    assert set(adapters) == {"q", "v", "inner.0"}
+    for name in ("q", "v", "inner.0"):
+        module = model.base_model.model.get_submodule(name)
+        a = adapters[name]
+        np.testing.assert_array_equal(a.A, module.lora_A["default"].weight.detach().numpy())
+        np.testing.assert_array_equal(a.B, module.lora_B["default"].weight.detach().numpy())
+        assert a.scaling == pytest.approx(module.scaling["default"], rel=1e-12)
+        assert (a.r, a.alpha) == ((4, 3.0) if name == "v" else (2, 5.0))
+        if use_dora:
+            np.testing.assert_array_equal(
+                a.m, module.lora_magnitude_vector["default"].weight.detach().numpy())
