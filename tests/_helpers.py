@@ -55,3 +55,14 @@ def peft_layers(use_dora=False, use_rslora=False):
             layer.m *= 1.5
         layers[name] = layer
     return layers
+
+
+def assert_safetensors_refused(path, data, pattern):
+    """Write ``data`` to ``path``: minilora's reader refuses it with a SafetensorsError that
+    matches ``pattern`` and names the file."""
+    from minilora import safetensors
+
+    path.write_bytes(data)
+    with pytest.raises(safetensors.SafetensorsError, match=pattern) as e:
+        safetensors.load(path)
+    assert str(path) in str(e.value)

@@ -5,6 +5,7 @@ The safetensors reader is checked against the ``safetensors`` package on generat
 files (the package is installed in CI)."""
 
 import errno
+import importlib
 import io
 import json
 import os
@@ -15,6 +16,8 @@ import zipfile
 
 import numpy as np
 import pytest
+from _helpers import assert_safetensors_refused, requires
+from _helpers import safetensors_file as _file
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -35,17 +38,12 @@ TOKENS = [b" ", b",", b'"', b"{", b"}", b"[", b"]", b":", b"0", b"7", b"-", b"-0
           b"18446744073709551616", b"1" + b"0" * 400, b'"BF16"', b'"F8_E4M3"']
 
 
-def _package():
-    return pytest.importorskip("safetensors")
-
-
 @st.composite
 def safetensors_files(draw):
     """A valid file written by the package itself, then (usually) mutated: bytes flipped,
     inserted, deleted, the file cut or extended, or a token put into the JSON header with the
     length prefix fixed up so that the header's parser is reached."""
-    _package()
-    from safetensors.numpy import save as package_save
+    from safetensors.numpy import save as package_save  # the package, not minilora's module
 
     tensors = {}
     for i in range(draw(st.integers(0, 3))):
@@ -96,10 +94,11 @@ HOSTILE = settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.data
                    max_examples=int(os.environ.get("MINILORA_HOSTILE_EXAMPLES", 600)))
 
 
+@requires("safetensors")
 @HOSTILE
 @given(data=safetensors_files())
 def test_the_safetensors_reader_agrees_with_the_package(data):
-    pkg = _package()
+    pkg = importlib.import_module("safetensors")  # the package (the name is minilora's module)
     try:
         theirs = pkg.deserialize(data)
     except Exception as e:  # the package's verdict: refused
@@ -118,10 +117,6 @@ def test_the_safetensors_reader_agrees_with_the_package(data):
         got = ours[name]
         assert got.shape == expected.shape
         assert got.tobytes() == expected.astype(got.dtype).tobytes(), name
-
-
-def _file(header, body=b""):
-    return struct.pack("<Q", len(header)) + header + body
 
 
 def _mutated(draw, data):
@@ -161,14 +156,19 @@ def test_mutated_case_and_output_files_give_one_named_error_or_a_valid_case(tmp_
     good, bad = folder / f"good.{ext}", folder / f"bad.{ext}"
     ml.oracle.save_case(good, case)
     bad.write_bytes(_mutated(data.draw, good.read_bytes()))
+    reference = ml.oracle.reference(case)
     try:
         loaded = ml.oracle.load_case(bad)
     except OracleInputError as e:
         assert str(bad) in str(e)
     else:
         with np.errstate(all="ignore"):  # a mutated value may be huge: it must still compute
-            ml.oracle.reference(loaded)
-    ml.oracle.save_outputs(good, ml.oracle.reference(case))
+            got = ml.oracle.reference(loaded)
+        assert set(got) == set(reference)
+        if _same_case(loaded, case):  # the mutation missed every value: the same reference
+            for name, value in reference.items():
+                assert got[name].tobytes() == value.tobytes(), name
+    ml.oracle.save_outputs(good, reference)
     bad.write_bytes(_mutated(data.draw, good.read_bytes()))
     try:
         outputs = ml.oracle.load_outputs(bad, case)
@@ -176,9 +176,20 @@ def test_mutated_case_and_output_files_give_one_named_error_or_a_valid_case(tmp_
         assert str(bad) in str(e)
     else:
         try:
-            ml.oracle.compare(case, outputs, outputs=list(outputs))
-        except OracleInputError:
-            pass
+            report = ml.oracle.compare(case, outputs, outputs=list(outputs))
+        except OracleInputError:  # a named refusal of what was read (a non-finite value, ...)
+            return
+        if all(outputs[k].tobytes() == reference[k].tobytes() for k in outputs):
+            assert report.passed  # the reference's own bits, read back, pass
+
+
+def _same_case(a, b):
+    """The same problem: every tensor bit for bit, and the options."""
+    return (sorted(a.tensors) == sorted(b.tensors)
+            and all(a.tensors[k].dtype == b.tensors[k].dtype
+                    and a.tensors[k].tobytes() == b.tensors[k].tobytes() for k in a.tensors)
+            and (a.scaling, a.fan_in_fan_out, a.detach_norm, a.block)
+            == (b.scaling, b.fan_in_fan_out, b.detach_norm, b.block))
 
 
 @HOSTILE
@@ -192,8 +203,19 @@ def test_mutated_adapter_folders_give_an_adapter_error_or_a_valid_adapter(tmp_pa
         adapters = ml.peft.load_adapter(folder)
     except ml.peft.AdapterError:
         return
-    for a in adapters.values():
+    # a valid adapter: save_adapter accepts it and it reads back the same
+    ml.peft.save_adapter(folder.parent / "again", adapters)
+    again = ml.peft.load_adapter(folder.parent / "again")
+    assert set(again) == set(adapters)
+    for name, a in adapters.items():
+        b = again[name]
         assert a.A.ndim == 2 and a.B.shape[1] == a.A.shape[0] and np.isfinite(a.scaling)
+        for x, y in ((a.A, b.A), (a.B, b.B), (a.m, b.m)):
+            assert (x is None) == (y is None)
+            if x is not None:
+                assert x.dtype == y.dtype and x.tobytes() == y.tobytes()
+        assert (a.scaling, a.use_dora, a.fan_in_fan_out) == (b.scaling, b.use_dora,
+                                                             b.fan_in_fan_out)
 
 
 GOOD = b'{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,12]}}'
@@ -227,14 +249,9 @@ DATA = np.array([1, 2, 3], "<f4").tobytes()
      "duplicate field"),
 ])
 def test_malformed_safetensors_are_refused_by_name(tmp_path, data, pattern):
-    path = tmp_path / "bad.safetensors"
-    path.write_bytes(data)
     if pattern is None:  # the length prefix no longer matches the shifted data
-        path.write_bytes(_file(GOOD, b"\x00" + DATA))
-        pattern = "bytes beyond the last tensor"
-    with pytest.raises(safetensors.SafetensorsError, match=pattern) as e:
-        safetensors.load(path)
-    assert str(path) in str(e.value)
+        data, pattern = _file(GOOD, b"\x00" + DATA), "bytes beyond the last tensor"
+    assert_safetensors_refused(tmp_path / "bad.safetensors", data, pattern)
 
 
 def test_a_repeated_tensor_name_keeps_its_last_entry_as_the_package_does():
