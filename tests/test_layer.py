@@ -27,10 +27,20 @@ def test_fresh_layer_reproduces_the_base_layer(init, fan_in_fan_out, dtype):
     expected = _base_output(W0, b0, x.astype(np.float64), fan_in_fan_out)
     tol = 1e-4 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(layer(x), expected, rtol=tol, atol=tol * np.abs(expected).max())
-    if init in ("pissa", "olora"):
-        assert np.abs(layer.B).max() > 0, "the adapter must hold W's leading components"
+    W0_oi = (W0.T if fan_in_fan_out else W0)  # (d_out, d_in), as the math reads
+    W_oi = (layer.W.T if fan_in_fan_out else layer.W).astype(np.float64)
+    BA = layer.B.astype(np.float64) @ layer.A  # (d_out, d_in)
+    np.testing.assert_allclose(W_oi + layer.scaling * BA, W0_oi, atol=tol * np.abs(W0).max())
+    if init == "pissa":  # the adapter holds W's best rank-r part (Eckart–Young)
+        U, S, Vt = np.linalg.svd(W0_oi)
+        expected_part = (U[:, :4] * S[:4]) @ Vt[:4]
+    elif init == "olora":  # the projection of W on the span of its first r columns
+        C = W0_oi[:, :4]
+        expected_part = C @ np.linalg.lstsq(C, W0_oi, rcond=None)[0] * layer.scaling
     else:
+        expected_part = np.zeros_like(W0_oi)  # B = 0
         assert not layer.B.any()
+    np.testing.assert_allclose(layer.scaling * BA, expected_part, atol=tol * np.abs(W0).max())
 
 
 def test_pissa_holds_the_principal_components():
@@ -68,7 +78,15 @@ def test_dropout_in_training_only_and_reproducible_from_the_seed():
     no_dropout = ml.LoRALinear(32, 8, r=4, dropout=0.0, init="gaussian", seed=3)
     no_dropout.B[:] = 1.0
     np.testing.assert_array_equal(y_eval, no_dropout(x))
-    assert not np.allclose(train1, y_eval)
+    # the training forward is the functional pair with the layer's next mask from its seed:
+    # inverted dropout, 0 or 1/(1 − p) = 2, about half of each
+    again = ml.LoRALinear(32, 8, r=4, dropout=0.5, init="gaussian", seed=3)
+    again.B[:] = 1.0
+    mask = again.dropout_mask(x.shape)
+    assert set(np.unique(mask)) == {0.0, 2.0} and abs(np.mean(mask == 0) - 0.5) < 0.05
+    y_mask = ml.lora_forward(x, layer.W, layer.A, layer.B, scaling=layer.scaling,
+                             bias=layer.bias, dropout_mask=mask.astype(x.dtype))[0]
+    np.testing.assert_allclose(train1, y_mask, rtol=1e-6, atol=1e-6)
     again = ml.LoRALinear(32, 8, r=4, dropout=0.5, init="gaussian", seed=3)
     again.B[:] = 1.0
     np.testing.assert_array_equal(again(x), train1)
