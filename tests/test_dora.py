@@ -97,11 +97,25 @@ def test_zero_row_of_W_plus_sBA_is_defined_not_nan(backend):
     x, bias, m = rng.standard_normal((3, d_in)), rng.standard_normal(d_out), np.ones(d_out)
     y, cache = ml.dora_forward(x, W, A, B, m, scaling=s, bias=bias, detach_norm=False,
                                backend=backend)
-    grads = ml.dora_backward(np.ones_like(y), cache, need_dW=True)
-    for name, value in [("y", y), *grads._asdict().items()]:
-        assert value is None or np.all(np.isfinite(value)), name
+    dy = rng.standard_normal(y.shape)
+    grads = ml.dora_backward(dy, cache, need_dW=True, need_dbias=True)
     np.testing.assert_array_equal(y[:, 2], bias[2])  # c = 0: the row outputs its bias
-    assert grads.dm[2] == 0
+    # c_2 = 0 and 1/n_2 := 0: row 2 passes nothing back, so every other row, and dx and dA,
+    # are those of the same layer without row 2 (a regular DoRA problem); row 2's own dm, dB
+    # and dW are 0, its dbias is Σ dy
+    keep = [0, 1, 3]
+    y_ref, c_ref = ml.dora_forward(x, W[keep], A, B[keep], m[keep], scaling=s, bias=bias[keep],
+                                   detach_norm=False, backend="numpy")
+    ref = ml.dora_backward(dy[:, keep], c_ref, need_dW=True, need_dbias=True)
+    tol = dict(rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(y[:, keep], y_ref, **tol)
+    np.testing.assert_allclose(grads.dx, ref.dx, **tol)
+    np.testing.assert_allclose(grads.dA, ref.dA, **tol)
+    for name in ("dm", "dB", "dW", "dbias"):
+        np.testing.assert_allclose(getattr(grads, name)[keep], getattr(ref, name), **tol,
+                                   err_msg=name)
+    assert grads.dm[2] == 0 and not grads.dB[2].any() and not grads.dW[2].any()
+    np.testing.assert_allclose(grads.dbias[2], dy[:, 2].sum(), **tol)
 
 
 def test_norm_expansion_falls_back_where_it_cancels():
