@@ -118,13 +118,8 @@ def multi_problem(rng, lead=(3, 4), d_in=6, d_out=5, ranks=(2, 3, 1), dropout=Tr
             [rng.standard_normal((d_out, r)) for r in ranks], index, kw)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("fan_in_fan_out", [False, True])
-def test_multi_lora_gradients_match_finite_differences(backend, fan_in_fan_out):
-    rng = np.random.default_rng(4)
-    x, W, A, B, index, kw = multi_problem(rng)
-    if fan_in_fan_out:
-        W = W.T.copy()
+def _flat_multi(x, W, A, B, index, kw, backend, fan_in_fan_out=False):
+    """gradcheck's view of the mixed batch: (forward, backward, inputs) over x, W, A0, B0, ..."""
     K = len(A)
 
     def forward(x, W, **p):
@@ -133,12 +128,25 @@ def test_multi_lora_gradients_match_finite_differences(backend, fan_in_fan_out):
                                          fan_in_fan_out=fan_in_fan_out, backend=backend, **kw)
 
     def backward(dy, cache):
-        g = blocks.multi_lora_backward(dy, cache, need_dW=True, need_dbias=True)
+        g = blocks.multi_lora_backward(dy, cache, need_dW=True,
+                                       need_dbias=kw["bias"] is not None)
         return {"x": g.dx, "W": g.dW} | {f"A{k}": g.dA[k] for k in range(K)} \
             | {f"B{k}": g.dB[k] for k in range(K)}
 
     inputs = {"x": x, "W": W} | {f"A{k}": A[k] for k in range(K)} \
         | {f"B{k}": B[k] for k in range(K)}
+    return forward, backward, inputs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_multi_lora_gradients_match_finite_differences(backend, fan_in_fan_out):
+    rng = np.random.default_rng(4)
+    x, W, A, B, index, kw = multi_problem(rng)
+    if fan_in_fan_out:
+        W = W.T.copy()
+    forward, backward, inputs = _flat_multi(x, W, A, B, index, kw, backend,
+                                            fan_in_fan_out=fan_in_fan_out)
     ml.gradcheck(forward, backward, inputs)
 
 
@@ -178,10 +186,30 @@ def test_multi_lora_is_each_token_through_its_own_adapter(seed, samples, K, with
     np.testing.assert_allclose(g.dbias, dy.sum(axis=0), rtol=1e-12, atol=1e-12)
 
 
+BLOCK_OPS = {"qkv": (blocks.lora_qkv_forward, blocks.lora_qkv_backward),
+             "mlp": (blocks.lora_mlp_forward, blocks.lora_mlp_backward),
+             "multi": (blocks.multi_lora_forward, blocks.multi_lora_backward)}
+PROBLEMS = {"qkv": qkv_problem, "mlp": mlp_problem, "multi": multi_problem}
+
+
+def _block_run(name, problem, scaling=None, backend="numpy"):
+    """(outputs, grads) of one block on a problem (x, ..., kw), with ``scaling`` in place of the
+    problem's when given; the upstream gradients are drawn from a fixed seed."""
+    forward, backward = BLOCK_OPS[name]
+    *arrays, kw = problem
+    if scaling is not None:
+        kw = kw | {"scaling": scaling}
+    y, cache = forward(*arrays, backend=backend, **kw)
+    ys = y if isinstance(y, tuple) else (y,)
+    dys = tuple(np.random.default_rng(9).standard_normal(v.shape) for v in ys)
+    g = backward(dys if isinstance(y, tuple) else dys[0], cache, need_dW=True)
+    return ys, g
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_blocks_agree_across_backends_and_keep_dtype_and_inputs(dtype):
     rng = np.random.default_rng(5)
-    problems = {"qkv": qkv_problem(rng), "mlp": mlp_problem(rng), "multi": multi_problem(rng)}
+    problems = {name: make(rng) for name, make in PROBLEMS.items()}
     results = {}
     for backend in BACKENDS:
         for name, problem in problems.items():
@@ -193,10 +221,7 @@ def test_blocks_agree_across_backends_and_keep_dtype_and_inputs(dtype):
                       and k != "scaling" else v) for k, v in problem[-1].items()}
             before = [np.copy(a) if isinstance(a, np.ndarray) else [np.copy(b) for b in a]
                       for a in arrays]
-            forward, backward = {"qkv": (blocks.lora_qkv_forward, blocks.lora_qkv_backward),
-                                 "mlp": (blocks.lora_mlp_forward, blocks.lora_mlp_backward),
-                                 "multi": (blocks.multi_lora_forward,
-                                           blocks.multi_lora_backward)}[name]
+            forward, backward = BLOCK_OPS[name]
             y, cache = forward(*arrays, backend=backend, **kw)
             ys = y if isinstance(y, tuple) else (y,)
             assert all(v.dtype == dtype for v in ys)
@@ -218,18 +243,29 @@ def test_blocks_agree_across_backends_and_keep_dtype_and_inputs(dtype):
 
 
 def test_zero_size_batches_and_one_dimensional_x():
+    """A 1-D x is one token: the outputs and gradients of the same block on x[None], without
+    the leading 1. A zero-size batch gives outputs of shape (*lead, d) and gradients that sum
+    over no token: exactly 0."""
     rng = np.random.default_rng(6)
-    for lead in [(0,), (2, 0), ()]:
-        x, W, A, B, kw = qkv_problem(rng, lead=lead, dropout=False)
-        ys, cache = blocks.lora_qkv_forward(x, W, A, B, **kw)
-        g = blocks.lora_qkv_backward([np.zeros_like(y) for y in ys], cache)
-        assert g.dx.shape == x.shape and all(np.all(a == 0) for a in g.dA)
-        x, W, A, B, kw = mlp_problem(rng, lead=lead, dropout=False)
-        y, cache = blocks.lora_mlp_forward(x, W, A, B, **kw)
-        assert blocks.lora_mlp_backward(np.zeros_like(y), cache).dx.shape == x.shape
-        x, W, A, B, index, kw = multi_problem(rng, lead=lead, dropout=False)
-        y, cache = blocks.multi_lora_forward(x, W, A, B, index, **kw)
-        assert blocks.multi_lora_backward(np.zeros_like(y), cache).dx.shape == x.shape
+    for name, make in PROBLEMS.items():
+        for lead in [(0,), (2, 0), ()]:
+            problem = make(rng, lead=lead, dropout=False)
+            x = problem[0]
+            ys, g = _block_run(name, problem)
+            assert g.dx.shape == x.shape and all(v.shape[:-1] == lead for v in ys), name
+            weights = (*g.dA, *g.dB, *(g.dW if isinstance(g.dW, list | tuple) else [g.dW]))
+            if lead:
+                assert all(d.size and not d.any() for d in weights), name
+                continue
+            one = [x[None], *problem[1:]]
+            if name == "multi":
+                one[4] = np.asarray(one[4])[None]  # adapter_index, one entry per token
+            ys1, g1 = _block_run(name, one)
+            weights1 = (*g1.dA, *g1.dB, *(g1.dW if isinstance(g1.dW, list | tuple) else [g1.dW]))
+            for a, b in zip((*ys, g.dx), (*ys1, g1.dx), strict=True):
+                np.testing.assert_allclose(a, b[0], rtol=1e-14, atol=1e-14, err_msg=name)
+            for a, b in zip(weights, weights1, strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-14, atol=1e-14, err_msg=name)
 
 
 def test_bad_input_is_a_clear_error():
@@ -315,20 +351,7 @@ def test_every_block_gradient_matches_finite_differences(seed, block, backend, l
     if block == "multi":
         x, W, A, B, index, kw = multi_problem(rng, lead=lead, d_in=d_in, d_out=d_out,
                                               dropout=dropout, bias=bias)
-        K = len(A)
-
-        def forward(x, W, **p):
-            return blocks.multi_lora_forward(x, W, [p[f"A{k}"] for k in range(K)],
-                                             [p[f"B{k}"] for k in range(K)], index,
-                                             backend=backend, **kw)
-
-        def backward(dy, cache):
-            g = blocks.multi_lora_backward(dy, cache, need_dW=True)
-            return {"x": g.dx, "W": g.dW} | {f"A{k}": g.dA[k] for k in range(K)} \
-                | {f"B{k}": g.dB[k] for k in range(K)}
-
-        inputs = {"x": x, "W": W} | {f"A{k}": A[k] for k in range(K)} \
-            | {f"B{k}": B[k] for k in range(K)}
+        forward, backward, inputs = _flat_multi(x, W, A, B, index, kw, backend)
     else:
         if block == "qkv":
             x, W, A, B, kw = qkv_problem(rng, lead=lead, d_in=d_in, bias=bias, dropout=dropout)
@@ -360,26 +383,13 @@ def test_every_block_gradient_matches_finite_differences(seed, block, backend, l
     ml.gradcheck(forward, backward, inputs)
 
 
-def _block_run(name, problem, scaling, backend="numpy"):
-    """(outputs, grads) of one block with the given scaling in place of the problem's."""
-    forward, backward = {"qkv": (blocks.lora_qkv_forward, blocks.lora_qkv_backward),
-                         "mlp": (blocks.lora_mlp_forward, blocks.lora_mlp_backward),
-                         "multi": (blocks.multi_lora_forward, blocks.multi_lora_backward)}[name]
-    *arrays, kw = problem
-    y, cache = forward(*arrays, backend=backend, **(kw | {"scaling": scaling}))
-    ys = y if isinstance(y, tuple) else (y,)
-    dys = tuple(np.random.default_rng(9).standard_normal(v.shape) for v in ys)
-    g = backward(dys if isinstance(y, tuple) else dys[0], cache)
-    return ys, g
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["qkv", "mlp", "multi"])
 def test_scaling_arrays_give_the_list_forms_bits(name, backend):
     """Issue 20: a 1-D array of P (or K) reals is taken as the list is, a 0-d array as one
     value, with the same bits; any other array is a TypeError naming scaling."""
     rng = np.random.default_rng(11)
-    problem = {"qkv": qkv_problem, "mlp": mlp_problem, "multi": multi_problem}[name](rng)
+    problem = PROBLEMS[name](rng)
     values = [0.5, -1.5, 3.0]
     forms = {"list": (values, [np.array(values), np.array(values, np.float32).astype(float),
                                np.array(values)[::-1][::-1]]),
