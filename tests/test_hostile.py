@@ -174,7 +174,14 @@ def test_check_unchanged_detects_every_array_the_backward_reads(backend, op, nam
     p[name][0, 0] /= 1 + 2**-40
     p[name].flat[0] = np.nextafter(p[name].flat[0], np.inf)
     p[name].flat[0] = np.nextafter(p[name].flat[0], -np.inf)  # restored bit for bit
-    backward(p["dy"], cache)
+    got = backward(p["dy"], cache)
+    if op == "lora":  # the same bits as a pass that nothing touched
+        fresh = backward(p["dy"], ml.lora_forward(p["x"], p["W"], p["A"], p["B"], **kw)[1])
+    else:
+        fresh = backward(p["dy"], ml.dora_forward(p["x"], p["W"], p["A"], p["B"], p["m"],
+                                                  **kw)[1])
+    for a, b in zip(got, fresh, strict=True):
+        assert (a is None and b is None) or np.array_equal(a, b)
 
 
 @pytest.mark.parametrize("use_dora", [False, True])
@@ -191,10 +198,19 @@ def test_the_layer_detects_arrays_changed_between_forward_and_backward(use_dora,
 
 
 def test_the_layer_check_can_be_turned_off():
+    """Unchecked, the backward reads the arrays as they are when it runs: here B + 1 (the
+    cached h = x Aᵀ does not depend on B), so the gradients of a fresh pass with that B."""
+    x, dy = np.ones((3, 5)), np.random.default_rng(1).standard_normal((3, 4))
     layer = ml.LoRALinear(5, 4, r=2, dtype=np.float64, seed=0, check_unchanged=False)
-    y = layer(np.ones((3, 5)))
+    layer(x)
     layer.B += 1
-    layer.backward(np.ones_like(y))
+    dx = layer.backward(dy)
+    _, cache = ml.lora_forward(x, layer.W, layer.A, layer.B, scaling=layer.scaling,
+                               bias=layer.bias)
+    g = ml.lora_backward(dy, cache)
+    np.testing.assert_allclose(dx, g.dx, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(layer.grads["A"], g.dA, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(layer.grads["B"], g.dB, rtol=1e-13, atol=1e-13)
 
 
 # -- NaN and infinity: the reference's IEEE propagation on every route -----------------------------
@@ -253,3 +269,7 @@ def test_nan_and_inf_propagate_as_in_the_reference_on_every_route(
     for k in ref:
         for pattern in (np.isnan, np.isposinf, np.isneginf):
             assert np.array_equal(pattern(ref[k]), pattern(got[k])), (k, pattern.__name__)
+        finite = np.isfinite(ref[k])  # and the same values everywhere else
+        scale = max(1.0, float(np.max(np.abs(ref[k][finite]), initial=0.0)))
+        np.testing.assert_allclose(got[k][finite], ref[k][finite], rtol=1e-12,
+                                   atol=1e-12 * scale, err_msg=k)
