@@ -63,4 +63,9 @@ def test_clip_grad_norm():
     assert total == pytest.approx(np.sqrt(0.25 + 1 + 4 + 1 + 1))
     after = np.sqrt(sum(np.sum(g**2) for g in layer.grads.values()))
     assert after == pytest.approx(1.0)
+    np.testing.assert_allclose(layer.grads["W"], np.array([[0.5, -1.0], [2.0, 0.0]]) / total,
+                               rtol=1e-15)  # every gradient scaled by the same 1/total
+    clipped = {k: g.copy() for k, g in layer.grads.items()}
     assert clip_grad_norm(layer, 10.0) == pytest.approx(1.0)  # under the limit: unchanged
+    for k, g in layer.grads.items():
+        np.testing.assert_array_equal(g, clipped[k])
