@@ -15,14 +15,29 @@ case's dy and returns every output and gradient as float64 NumPy arrays, which t
 (``minilora.oracle.compare``). W is handed over as (d_out, d_in) whatever the case's layout (a
 Conv1D case's W is transposed for ``fn``, and its dW transposed back), the dropout mask as the
 multiplier on the LoRA branch's input (0 or 1/(1 − p)). Needs ``pip install minilora[torch]``.
+
+A QLoRA case (``make_case(base="nf4")``) hands ``fn`` its W as kernels hold it: the float32
+dequantization fl32(c[q]·a) rounded to the dtype (``minilora.oracle.nf4.honest_weight``). A
+kernel that dequantizes inside, as unsloth's do, asks for the 4-bit weight itself by naming a
+keyword ``W_4bit`` in its signature:
+
+    def my_qlora(x, W, A, B, *, scaling, bias=None, dropout_mask=None, m=None, W_4bit=None):
+        W = bitsandbytes.functional.dequantize_4bit(W_4bit, W_4bit.quant_state)  # (d_out, d_in)
+        ...
+
+``W_4bit`` is a ``bitsandbytes.nn.Params4bit`` built from the case's own codes and absmax
+(``params4bit``), so that bitsandbytes dequantizes it to exactly the W above; None for a case
+whose base is not quantized. A fn without that keyword is called as before.
 """
 
+import inspect
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from minilora.oracle import OracleInputError, compare
+from minilora.precision import precision
 from minilora.testing._harness import (
     check_returned,
     fn_inputs,
@@ -62,6 +77,128 @@ def resolve_device(device, owner=None):
     return dev
 
 
+QUANTIZED_KEYWORD = "W_4bit"  # the keyword through which fn asks for the 4-bit base weight
+
+
+def params4bit(weight, dtype="bf16", device="cpu"):
+    """An NF4 weight as bitsandbytes holds it: a ``bitsandbytes.nn.Params4bit`` whose
+    ``quant_state`` is built from the weight's own codes and scales, so that
+    ``bitsandbytes.functional.dequantize_4bit(P, P.quant_state)`` gives
+    ``nf4.honest_weight(weight, dtype)`` (at tf32: float32, fl32(c[q]·a), which a tf32 matmul
+    rounds itself), as ``torch_outputs`` checks before handing it to a kernel.
+
+    Parameters
+    ----------
+    weight : ``minilora.oracle.nf4.NF4Weight``, or a Case whose ``.base`` is one
+    dtype : the dequantization's dtype, ``quant_state.dtype`` ("bf16", "fp16", "tf32" or
+        "fp32"; bitsandbytes dequantizes to 16/32-bit floats only)
+    device : where the codes and the state are built
+
+    Returns
+    -------
+    P : Params4bit, data (⌈n/2⌉, 1) uint8 (the codes, high nibble first), ``P.quant_state``:
+        absmax (n_blocks,) float32, or with double quantization uint8 indices with ``offset``
+        (μ) and ``state2`` (absmax_absmax, the dynamic map, blocks of 256); shape, blocksize,
+        quant_type "nf4", dtype; ``P.blocksize``, ``P.compress_statistics``, ``P.quant_type``.
+    """
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    from minilora.oracle.nf4 import NF4Weight, check_nf4_weight
+
+    q = getattr(weight, "base", weight)
+    if not isinstance(q, NF4Weight):
+        raise ValueError(f"params4bit takes an NF4Weight or a Case with an NF4 base (make_case("
+                         f"base='nf4')), got {type(weight).__name__}"
+                         + (" whose base is None" if hasattr(weight, "base") else ""))
+    check_nf4_weight(q)
+    name = precision(dtype).name
+    if name == "fp64":
+        raise ValueError("params4bit: bitsandbytes dequantizes to bf16, fp16 or fp32 only, "
+                         "not fp64 (an fp64 case's W is the exact float64 c[q]·a, which no "
+                         "bitsandbytes dequantization gives); judge the kernel at fp32")
+    dev = torch.device(device)
+
+    def host(a):
+        return torch.from_numpy(np.array(a)).to(dev)  # a copy: the weight is never aliased
+
+    nested = {}
+    if q.double_quant:
+        state2 = F.QuantState(absmax=host(q.absmax_absmax),
+                              code=F.create_dynamic_map().to(dev),
+                              blocksize=256, dtype=torch.float32)  # bitsandbytes' state2
+        nested = {"offset": host(np.float32(q.offset)), "state2": state2}
+    state = F.QuantState(absmax=host(q.absmax), shape=torch.Size(q.shape),
+                         code=F.get_4bit_type("nf4", device=dev), blocksize=q.blocksize,
+                         quant_type="nf4", dtype=TORCH_DTYPES[name], **nested)
+    return bnb.nn.Params4bit(host(q.codes.reshape(-1, 1)), requires_grad=False,
+                             quant_state=state, blocksize=q.blocksize,
+                             compress_statistics=q.double_quant, quant_type="nf4",
+                             bnb_quantized=True)  # (⌈n/2⌉, 1) uint8, as quantize_4bit packs
+
+
+def _takes_keyword(fn, name):
+    """Whether ``fn``'s signature names a parameter ``name`` it can take by keyword."""
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
+    p = parameters.get(name)
+    return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+
+
+def _quantized_weight(case, name, dev, need_dW):
+    """The Params4bit ``fn`` asked for through ``W_4bit`` (None for a float base), refused
+    with the reason where it could not stand for the case's W."""
+    if case.layer.get("base") != "nf4":
+        return None
+    why = None
+    if case.base is None:
+        why = ("the case has no codes and scales (case.base is None: a case read back from a "
+               "file keeps only its exact W); draw it with make_case(base='nf4')")
+    elif case.fan_in_fan_out:
+        why = ("the case's W was quantized in the Conv1D layout (d_in, d_out); bitsandbytes "
+               "holds a 4-bit weight as (d_out, d_in): draw it with fan_in_fan_out=False")
+    elif name == "fp64":
+        why = ("bitsandbytes dequantizes to bf16, fp16 or fp32, never to the exact float64 "
+               "W an fp64 case holds: judge the kernel at fp32")
+    elif need_dW:
+        why = "need_dW: a quantized base is frozen, its W_4bit has no gradient"
+    if why is not None:
+        raise OracleInputError(f"fn takes {QUANTIZED_KEYWORD}, which cannot be given: {why}")
+    try:
+        import bitsandbytes
+        import bitsandbytes.functional as F
+    except ImportError as e:
+        raise OracleInputError(f"fn takes {QUANTIZED_KEYWORD}, a bitsandbytes Params4bit, but "
+                               f"bitsandbytes does not import here ({e}): pip install "
+                               f"bitsandbytes") from None
+    from minilora.oracle.nf4 import honest_weight
+
+    P = params4bit(case.base, name, dev)
+    got = _numpy(F.dequantize_4bit(P, P.quant_state))  # q.shape, what bitsandbytes gives here
+    want = honest_weight(case.base, "fp32" if name == "tf32" else name)  # q.shape float64,
+    #   the case's W as the kernel reads it (tf32: float32, which the tf32 matmul rounds)
+    if got.shape != want.shape:
+        how = f"a {got.shape} array, not the case's {want.shape}"
+    else:
+        bad = got != want  # q.shape
+        how = (f"{int(bad.sum())} of {want.size} entries differ, by up to "
+               f"{np.max(np.abs(got - want)):.3g}")
+    if got.shape != want.shape or bad.any():
+        known = ""
+        if dev.type == "cpu" and case.base.shape[-1] % case.base.blocksize:
+            known = (f" (its CPU kernel's vectorized path indexes the absmax row by row, "
+                     f"wrong when a row's {case.base.shape[-1]} values are not a multiple of "
+                     f"the blocksize {case.base.blocksize}: draw the case with d_in a multiple "
+                     f"of {case.base.blocksize})")
+        raise OracleInputError(
+            f"fn takes {QUANTIZED_KEYWORD}, but bitsandbytes {bitsandbytes.__version__}'s "
+            f"dequantize_4bit on {dev} does not give this case's W from it: {how}{known}; a "
+            f"kernel dequantizing with it would be judged on a wrong W")
+    return P
+
+
 def _numpy(t):
     """A tensor (on any device) as float64 NumPy on the host."""
     return t.detach().to("cpu", torch.float64).numpy()
@@ -80,6 +217,19 @@ def torch_outputs(fn, case, dtype=None, *, need_dW=False, need_dbias=False, devi
         ``torch.device``); default the device of fn's module when fn is one (or a bound method
         of one), else "cpu". "meta" and a device torch does not have raise ValueError.
 
+    A QLoRA case (``make_case(base="nf4")``): W is handed over as kernels hold it,
+    p(fl32(c[q]·a)) (``nf4.honest_weight``); when fn's signature names a keyword ``W_4bit``,
+    it also receives the base as bitsandbytes stores it, a ``bitsandbytes.nn.Params4bit``
+    from the case's codes and absmax (``params4bit``; ``quant_state.dtype`` the dtype), so a
+    kernel that dequantizes inside (``dequantize_4bit(W_4bit, W_4bit.quant_state)``, unsloth's
+    pattern) is judged as it runs. ``W_4bit`` is None for a float base. Before handing it over
+    the harness dequantizes it with bitsandbytes on the device and refuses (OracleInputError)
+    when that is not exactly the case's W: bitsandbytes 0.50.2's CPU kernel gets rows whose
+    length is a multiple of 16 but not of the blocksize wrong (other rows it gets right). Also
+    refused: fp64 (bitsandbytes dequantizes to 16/32-bit floats), a Conv1D-layout case
+    (bitsandbytes holds (d_out, d_in)), ``need_dW``, a case read back from a file (no codes),
+    bitsandbytes not installed.
+
     Returns
     -------
     dict of float64 host arrays: "y", "dx", "dA", "dB", and "dm" for DoRA, "dW", "dbias" when
@@ -90,6 +240,7 @@ def torch_outputs(fn, case, dtype=None, *, need_dW=False, need_dbias=False, devi
     tdt = TORCH_DTYPES[precision_name(case, dtype)]
     dev = resolve_device(device, fn)
     given = fn_inputs(case)
+    quantized = case.layer.get("base") == "nf4" and tdt != torch.float64
 
     def tensor(a, grad=False):
         if a is None:
@@ -101,8 +252,13 @@ def torch_outputs(fn, case, dtype=None, *, need_dW=False, need_dbias=False, devi
         return torch.from_numpy(a).to(dev, tdt).requires_grad_(grad)
 
     x, A, B = tensor(given["x"], True), tensor(given["A"], True), tensor(given["B"], True)
+    if quantized:  # kernels multiply c[q]·a in float32, then hold W in the dtype
+        given["W"] = given["W"].astype(np.float32)  # (d_out, d_in) fl32(c[q]·a)
     W, bias = tensor(given["W"], need_dW), tensor(given["bias"], need_dbias)
     kwargs = dict(given["kwargs"], bias=bias, dropout_mask=tensor(given["dropout_mask"]))
+    if _takes_keyword(fn, QUANTIZED_KEYWORD):
+        kwargs[QUANTIZED_KEYWORD] = _quantized_weight(case, precision_name(case, dtype), dev,
+                                                      need_dW)
     m = tensor(given.get("m"), True)
     if m is not None:
         kwargs["m"] = m
