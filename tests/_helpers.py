@@ -66,3 +66,41 @@ def assert_safetensors_refused(path, data, pattern):
     with pytest.raises(safetensors.SafetensorsError, match=pattern) as e:
         safetensors.load(path)
     assert str(path) in str(e.value)
+
+
+def functional_grads(layer, x, dy):
+    """The functional pair's gradients (dx, dA, dB, ...) on a LoRA layer's arrays as they are
+    now, without dropout: what ``layer.backward`` must agree with."""
+    _, cache = ml.lora_forward(x, layer.W, layer.A, layer.B, scaling=layer.scaling,
+                               bias=layer.bias, fan_in_fan_out=layer.fan_in_fan_out)
+    return ml.lora_backward(dy, cache)
+
+
+def assert_adapters_equal(got, expected):
+    """Two ``{name: Adapter}`` (or LoRALinear) dicts hold the same adapters: A, B and m bit for
+    bit with their dtypes, and the same alpha, options and scaling."""
+    assert set(got) == set(expected)
+    for name, e in expected.items():
+        e = e if isinstance(e, ml.peft.Adapter) else ml.peft.Adapter.from_layer(e)
+        g = got[name]
+        for field in ("A", "B", "m"):
+            a, b = getattr(g, field), getattr(e, field)
+            assert (a is None) == (b is None), (name, field)
+            if a is not None:
+                assert a.dtype == b.dtype and a.shape == b.shape, (name, field)
+                np.testing.assert_array_equal(a, b, err_msg=f"{name}.{field}")
+        assert (g.alpha, g.use_rslora, g.use_dora, g.fan_in_fan_out, g.scaling) == \
+            (float(e.alpha), e.use_rslora, e.use_dora, e.fan_in_fan_out, e.scaling), name
+
+
+def torch_step(model, x, rng):
+    """A torch model's forward and backward on x with an upstream gradient drawn from ``rng``:
+    (xt, yt, dy), with xt.grad and the parameters' .grad filled. (torch is imported here, so
+    the light install can import this module.)"""
+    import torch
+
+    xt = torch.from_numpy(x).requires_grad_(True)
+    yt = model(xt)
+    dy = rng.standard_normal(yt.shape)
+    yt.backward(torch.from_numpy(dy))
+    return xt, yt, dy

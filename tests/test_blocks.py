@@ -4,17 +4,12 @@ mutation, clear errors), and parity with PEFT's modules and mixed batches."""
 
 import numpy as np
 import pytest
+from _helpers import BACKENDS, dropout_mask
 from hypothesis import given
 from hypothesis import strategies as st
 
 import minilora as ml
 from minilora import blocks
-
-BACKENDS = ["numpy", "numba"]
-
-
-def _mask(rng, shape, p=0.3):
-    return (rng.random(shape) >= p) / (1 - p)
 
 
 def qkv_problem(rng, lead=(2, 3), d_in=5, outs=(4, 3, 6), ranks=(2, 1, 3), bias=True,
@@ -26,7 +21,7 @@ def qkv_problem(rng, lead=(2, 3), d_in=5, outs=(4, 3, 6), ranks=(2, 1, 3), bias=
     kw = dict(scaling=[0.5, 2.0, -1.5][:len(outs)],
               bias=[rng.standard_normal(d) if bias and j != 1 else None
                     for j, d in enumerate(outs)],
-              dropout_mask=[_mask(rng, x.shape) if dropout and j != 2 else None
+              dropout_mask=[dropout_mask(rng, x.shape) if dropout and j != 2 else None
                             for j in range(len(outs))])
     return x, W, A, B, kw
 
@@ -75,7 +70,7 @@ def mlp_problem(rng, lead=(2, 3), d_in=5, hidden=7, d_out=4, ranks=(2, 3, 1), dr
     A = [rng.standard_normal((r, s[1])) for r, s in zip(ranks, shapes, strict=True)]
     B = [rng.standard_normal((s[0], r)) for r, s in zip(ranks, shapes, strict=True)]
     x = rng.standard_normal((*lead, d_in))
-    masks = [_mask(rng, x.shape), _mask(rng, x.shape), _mask(rng, (*lead, hidden))] \
+    masks = [dropout_mask(rng, shape) for shape in (x.shape, x.shape, (*lead, hidden))] \
         if dropout else None
     biases = [rng.standard_normal(hidden), None, rng.standard_normal(d_out)] if bias else None
     return x, W, A, B, dict(scaling=[0.7, 1.5, -2.0], bias=biases, dropout_mask=masks)
@@ -113,7 +108,7 @@ def multi_problem(rng, lead=(3, 4), d_in=6, d_out=5, ranks=(2, 3, 1), dropout=Tr
         index[index == k] = -1
     kw = dict(scaling=[0.5, -1.5, 3.0][:K] if K <= 3 else 2.0,
               bias=rng.standard_normal(d_out) if bias else None,
-              dropout_mask=_mask(rng, x.shape) if dropout else None)
+              dropout_mask=dropout_mask(rng, x.shape) if dropout else None)
     return (x, rng.standard_normal((d_out, d_in)), [rng.standard_normal((r, d_in)) for r in ranks],
             [rng.standard_normal((d_out, r)) for r in ranks], index, kw)
 
@@ -431,7 +426,7 @@ def test_multi_backends_are_two_routes_that_agree(dtype, monkeypatch):
     A = [rng.standard_normal((r, d)).astype(dtype) / 8 for r in (4, 2, 3)]
     B = [rng.standard_normal((d, r)).astype(dtype) for r in (4, 2, 3)]
     dy = rng.standard_normal((N, d)).astype(dtype)
-    mask = _mask(rng, x.shape).astype(dtype)
+    mask = dropout_mask(rng, x.shape).astype(dtype)
     calls = []
     true_forward, true_backward = lora_numpy.forward, lora_numpy.backward
 

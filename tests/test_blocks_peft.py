@@ -3,10 +3,9 @@ mixed-batch forward (``adapter_names=``). Skipped without torch + peft (CI insta
 
 import numpy as np
 import pytest
+from _helpers import BACKENDS, torch_step
 
 from minilora import blocks
-
-BACKENDS = ["numpy", "numba"]
 
 # -- PEFT parity --------------------------------------------------------------------------------
 
@@ -50,17 +49,20 @@ def _peft(module, names, r=4, alpha=6, seed=0):
     return model, layers
 
 
-def _torch_step(model, x, rng):
-    """PEFT's forward and backward on x with a random upstream gradient: (xt, yt, dy), xt.grad
-    and the adapters' .grad filled."""
-    xt = torch.from_numpy(x).requires_grad_(True)
-    yt = model(xt)
-    dy = rng.standard_normal(yt.shape)
-    yt.backward(torch.from_numpy(dy))
-    return xt, yt, dy
+def _peft_step(module, names, x_shape, seed, **config):
+    """PEFT's adapters on ``module``'s ``names``, their weights as five tuples (W, A, B, bias,
+    scaling, one entry per layer), a drawn x and PEFT's step on it (xt, yt, dy)."""
+    model, layers = _peft(module, names, **config)
+    weights = tuple(zip(*map(_weights, layers), strict=True))
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(x_shape)
+    return layers, weights, x, torch_step(model, x, rng)
 
 
-def _assert_adapters_match(grads, layers):
+def _assert_matches(y, grads, yt, xt, layers):
+    """Our output (the projections' concatenated), dx and every adapter's dA, dB are PEFT's."""
+    np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(grads.dx, xt.grad.numpy(), rtol=1e-11, atol=1e-11)
     for j, layer in enumerate(layers):
         for mine, theirs in ((grads.dA[j], layer.lora_A), (grads.dB[j], layer.lora_B)):
             np.testing.assert_allclose(mine, theirs["default"].weight.grad.numpy(),
@@ -80,34 +82,22 @@ def _weights(layer, name="default"):
                                             ("gelu_tanh", torch.nn.GELU(approximate="tanh"))])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mlp_matches_peft(activation, act, backend):
-    model, layers = _peft(_MLP(6, 10, act), ["gate_proj", "up_proj", "down_proj"])
-    W, A, B, _, s = zip(*map(_weights, layers), strict=True)
-    rng = np.random.default_rng(8)
-    x = rng.standard_normal((2, 5, 6))
-    xt, yt, dy = _torch_step(model, x, rng)
+    layers, (W, A, B, _, s), x, (xt, yt, dy) = _peft_step(
+        _MLP(6, 10, act), ["gate_proj", "up_proj", "down_proj"], (2, 5, 6), seed=8)
     y, cache = blocks.lora_mlp_forward(x, list(W), list(A), list(B), scaling=list(s),
                                        activation=activation, backend=backend)
-    g = blocks.lora_mlp_backward(dy, cache)
-    np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(g.dx, xt.grad.numpy(), rtol=1e-11, atol=1e-11)
-    _assert_adapters_match(g, layers)
+    _assert_matches(y, blocks.lora_mlp_backward(dy, cache), yt, xt, layers)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_qkv_matches_peft(backend):
-    model, layers = _peft(_Attention(8, 4), ["q_proj", "k_proj", "v_proj"], r=3, alpha=5)
-    W, A, B, bias, s = zip(*map(_weights, layers), strict=True)
-    rng = np.random.default_rng(9)
-    x = rng.standard_normal((3, 4, 8))
-    xt, yt, dy = _torch_step(model, x, rng)
+    layers, (W, A, B, bias, s), x, (xt, yt, dy) = _peft_step(
+        _Attention(8, 4), ["q_proj", "k_proj", "v_proj"], (3, 4, 8), seed=9, r=3, alpha=5)
     ys, cache = blocks.lora_qkv_forward(x, list(W), list(A), list(B), scaling=list(s),
                                         bias=list(bias), backend=backend)
     sizes = [y.shape[-1] for y in ys]
     g = blocks.lora_qkv_backward(np.split(dy, np.cumsum(sizes)[:-1], axis=-1), cache)
-    np.testing.assert_allclose(np.concatenate(ys, -1), yt.detach().numpy(), rtol=1e-12,
-                               atol=1e-12)
-    np.testing.assert_allclose(g.dx, xt.grad.numpy(), rtol=1e-11, atol=1e-11)
-    _assert_adapters_match(g, layers)
+    _assert_matches(np.concatenate(ys, -1), g, yt, xt, layers)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

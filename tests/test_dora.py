@@ -5,6 +5,7 @@ import functools
 
 import numpy as np
 import pytest
+from _helpers import BACKENDS, lora_arrays
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -12,29 +13,29 @@ import minilora as ml
 from minilora import dora
 from minilora.testing import assert_matches_reference, dora_cases
 
-BACKENDS = ["numpy", "numba"]
 
+def _gradcheck(case, backend, **options):
+    """Every gradient of dora_forward (with ``options``: detach_norm, norms) on a drawn case,
+    bias included when the case has one, against central differences."""
+    kw = case.kwargs()
+    kw.pop("bias")
 
-def _inputs(case):
+    def forward(x, W, A, B, m, bias=None):
+        return ml.dora_forward(x, W, A, B, m, bias=bias, backend=backend, **kw, **options)
+
+    backward = functools.partial(ml.dora_backward, need_dW=True,
+                                 need_dbias=case.bias is not None)
     inputs = dict(x=case.x, W=case.W, A=case.A, B=case.B, m=case.m)
     if case.bias is not None:
         inputs["bias"] = case.bias
-    return inputs
+    ml.gradcheck(forward, backward, inputs, max_jacobian=2_000)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @given(case=dora_cases(dtypes=(np.float64,), max_dim=8))
 def test_full_gradient_matches_finite_differences(backend, case):
     """detach_norm=False: every gradient, including through n, is the true derivative."""
-    kw = case.kwargs()
-    kw.pop("bias")
-
-    def forward(x, W, A, B, m, bias=None):
-        return ml.dora_forward(x, W, A, B, m, bias=bias, detach_norm=False, backend=backend, **kw)
-
-    backward = functools.partial(ml.dora_backward, need_dW=True,
-                                 need_dbias=case.bias is not None)
-    ml.gradcheck(forward, backward, _inputs(case), max_jacobian=2_000)
+    _gradcheck(case, backend, detach_norm=False)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -42,16 +43,8 @@ def test_full_gradient_matches_finite_differences(backend, case):
 def test_detached_gradient_is_the_derivative_with_n_held_fixed(backend, case):
     """detach_norm=True (PEFT): the derivative of the forward whose n is computed from the
     point's own W, A, B and then held constant (the ``norms`` argument)."""
-    kw = case.kwargs()
-    kw.pop("bias")
     frozen = dora.row_norms(case.W, case.A, case.B, case.scaling, case.fan_in_fan_out)[0]
-
-    def forward(x, W, A, B, m, bias=None):
-        return ml.dora_forward(x, W, A, B, m, bias=bias, norms=frozen, backend=backend, **kw)
-
-    backward = functools.partial(ml.dora_backward, need_dW=True,
-                                 need_dbias=case.bias is not None)
-    ml.gradcheck(forward, backward, _inputs(case), max_jacobian=2_000)
+    _gradcheck(case, backend, norms=frozen)
 
 
 def _reference_pair(scaling, mask, fan_in_fan_out, detach_norm):
@@ -159,7 +152,7 @@ def test_float32_matches_float64(backend, case):
 
 def test_bad_m_is_named():
     rng = np.random.default_rng(3)
-    x, W, A, B = (rng.standard_normal(s) for s in ((2, 4), (3, 4), (2, 4), (3, 2)))
+    x, W, A, B = lora_arrays(rng, N=2, d_in=4, d_out=3, r=2).values()
     with pytest.raises(ValueError, match=r"m must be \(d_out,\) = \(3,\), got m \(4,\)"):
         ml.dora_forward(x, W, A, B, np.ones(4), scaling=1.0)
     with pytest.raises(TypeError, match="m is float32"):
@@ -183,7 +176,7 @@ def test_no_fallback_for_a_typical_adapter():
 def test_fixed_norms_with_the_full_gradient_is_an_error():
     """norms= holds n fixed, which contradicts detach_norm=False (the gradient through n)."""
     rng = np.random.default_rng(0)
-    x, W, A, B = (rng.standard_normal(s) for s in ((3, 5), (4, 5), (2, 5), (4, 2)))
+    x, W, A, B = lora_arrays(rng, N=3, d_in=5, d_out=4, r=2).values()
     m = np.ones(4)
     n = dora.row_norms(W, A, B, 0.5, False)[0]
     with pytest.raises(ValueError, match="detach_norm=False"):

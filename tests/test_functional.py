@@ -5,14 +5,13 @@ import functools
 
 import numpy as np
 import pytest
+from _helpers import BACKENDS, lora_arrays
 from hypothesis import given
 from hypothesis import strategies as st
 
 import minilora as ml
 from minilora.testing import lora_cases
 from minilora.tolerance import UNIT_ROUNDOFF, lora_error_bounds
-
-BACKENDS = ["numpy", "numba"]
 
 
 def _all_grads(case, backend):
@@ -129,11 +128,7 @@ def test_scaling_alpha_over_r_and_rslora():
 
 
 def _ok_inputs(dtype=np.float64):
-    rng = np.random.default_rng(2)
-    return dict(x=rng.standard_normal((3, 5)).astype(dtype),
-                W=rng.standard_normal((4, 5)).astype(dtype),
-                A=rng.standard_normal((2, 5)).astype(dtype),
-                B=rng.standard_normal((4, 2)).astype(dtype))
+    return lora_arrays(np.random.default_rng(2), N=3, d_in=5, d_out=4, r=2, dtype=dtype)
 
 
 @pytest.mark.parametrize(("change", "error", "pattern"), [

@@ -4,14 +4,13 @@ import functools
 
 import numpy as np
 import pytest
+from _helpers import lora_arrays
 
 import minilora as ml
 
 
 def _lora_problem(seed=0, N=4, d_in=5, d_out=3, r=2):
-    rng = np.random.default_rng(seed)
-    inputs = dict(x=rng.standard_normal((N, d_in)), W=rng.standard_normal((d_out, d_in)),
-                  A=rng.standard_normal((r, d_in)), B=rng.standard_normal((d_out, r)))
+    inputs = lora_arrays(np.random.default_rng(seed), N, d_in, d_out, r)
 
     def forward(x, W, A, B):
         return ml.lora_forward(x, W, A, B, scaling=0.5, backend="numpy")

@@ -4,6 +4,7 @@ import functools
 
 import numpy as np
 import pytest
+from _helpers import dropout_mask, lora_arrays
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -85,7 +86,7 @@ def test_large_batch_takes_the_blocked_and_merged_routes_and_matches():
     N, d_in, d_out, r = 1500, 96, 80, 6
     assert N * d_in * d_out > lora_numba.SMALL_WORK and N > 2 * lora_numba.ROW_BLOCK
     assert lora_numba._merges(N, d_in, d_out, None)
-    for mask in (None, ((rng.random((N, d_in)) > 0.2) / 0.8)):
+    for mask in (None, dropout_mask(rng, (N, d_in), p=0.2)):
         case = _Case(rng, N, d_in, d_out, r, mask)
         _assert_close_to_reference(case, _run(case, "numba"), _run(case, "numpy"))
         first, second = _run(case, "numba"), _run(case, "numba")
@@ -112,10 +113,7 @@ def test_merged_route_keeps_its_weight_for_the_backward_and_not_y():
 
 class _Case:
     def __init__(self, rng, N, d_in, d_out, r, mask):
-        self.x = rng.standard_normal((N, d_in))
-        self.W = rng.standard_normal((d_out, d_in))
-        self.A = rng.standard_normal((r, d_in))
-        self.B = rng.standard_normal((d_out, r))
+        self.x, self.W, self.A, self.B = lora_arrays(rng, N, d_in, d_out, r).values()
         self.dy = rng.standard_normal((N, d_out))
         self.bias = rng.standard_normal(d_out)
         self.mask = mask

@@ -3,7 +3,7 @@ that each side writes read by the other. Skipped without torch + peft (CI instal
 
 import numpy as np
 import pytest
-from _helpers import peft_layers
+from _helpers import BACKENDS, dropout_mask, peft_layers, torch_step
 
 import minilora as ml
 
@@ -63,22 +63,16 @@ def _peft_layer(d_in, d_out, r, *, use_dora, fan_in_fan_out, rslora, seed):
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
 @pytest.mark.parametrize("dropout", [False, True])
 @pytest.mark.parametrize("rslora", [False, True])
-@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_peft_forward_and_gradients(use_dora, fan_in_fan_out, dropout, rslora, backend):
     d_in, d_out, r = 9, 6, 3
     model, layer = _peft_layer(d_in, d_out, r, use_dora=use_dora, fan_in_fan_out=fan_in_fan_out,
                                rslora=rslora, seed=1)
     rng = np.random.default_rng(2)
     x = rng.standard_normal((2, 4, d_in))
-    mask = ((rng.random(x.shape) > 0.3) / 0.7) if dropout else None
-    if dropout:
-        layer.lora_dropout["default"] = FixedMask(mask)
-    else:
-        layer.lora_dropout["default"] = torch.nn.Identity()
-    xt = torch.from_numpy(x).requires_grad_(True)
-    y_t = model(xt)
-    dy = rng.standard_normal(y_t.shape)
-    y_t.backward(torch.from_numpy(dy))
+    mask = dropout_mask(rng, x.shape) if dropout else None
+    layer.lora_dropout["default"] = FixedMask(mask) if dropout else torch.nn.Identity()
+    xt, y_t, dy = torch_step(model, x, rng)
 
     def t(p):
         return p.detach().numpy()
@@ -106,7 +100,7 @@ def test_matches_peft_forward_and_gradients(use_dora, fan_in_fan_out, dropout, r
 
 
 @pytest.mark.parametrize("dropout", [False, True])
-@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_full_dora_gradient_matches_torch_autograd(dropout, backend):
     """detach_norm=False against autograd through an independent torch transcription of the
     API formula y = x Wᵀ + bias + (c − 1)⊙(x_d Wᵀ) + c⊙s·(x_d Aᵀ)Bᵀ, c = m/‖W + sBA‖."""
@@ -115,7 +109,7 @@ def test_full_dora_gradient_matches_torch_autograd(dropout, backend):
     arrays = dict(x=rng.standard_normal((N, d_in)), W=rng.standard_normal((d_out, d_in)),
                   A=rng.standard_normal((r, d_in)), B=rng.standard_normal((d_out, r)),
                   m=rng.random(d_out) + 0.5, bias=rng.standard_normal(d_out))
-    mask = ((rng.random((N, d_in)) > 0.3) / 0.7) if dropout else np.ones((N, d_in))
+    mask = dropout_mask(rng, (N, d_in)) if dropout else np.ones((N, d_in))
     tt = {k: torch.from_numpy(v).requires_grad_(True) for k, v in arrays.items()}
     x_d = tt["x"] * torch.from_numpy(mask)
     n = torch.linalg.norm(tt["W"] + s * tt["B"] @ tt["A"], dim=1)

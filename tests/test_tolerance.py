@@ -3,6 +3,7 @@ bounds that hold for a float32 computation while being reached within a modest f
 
 import numpy as np
 import pytest
+from _helpers import lora_arrays
 
 import minilora as ml
 from minilora.tolerance import (
@@ -27,9 +28,8 @@ def test_reduction_lengths():
 
 def _inputs(seed=0, N=6, d_in=5, d_out=4, r=3):
     rng = np.random.default_rng(seed)
-    return (rng.standard_normal((N, d_in)), rng.standard_normal((d_out, d_in)),
-            rng.standard_normal((r, d_in)), rng.standard_normal((d_out, r)),
-            rng.standard_normal((N, d_out)), rng.standard_normal(d_out))
+    x, W, A, B = lora_arrays(rng, N, d_in, d_out, r).values()
+    return x, W, A, B, rng.standard_normal((N, d_out)), rng.standard_normal(d_out)
 
 
 def test_magnitudes_are_the_formulas_on_absolute_values():
