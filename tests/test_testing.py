@@ -5,6 +5,7 @@ import pytest
 from hypothesis import assume, given
 
 from minilora.testing import assert_matches_reference, block_cases, dora_cases, lora_cases
+from minilora.testing.strategies import nf4_cases
 
 
 def my_lora(x, W, A, B, scaling, dy):
@@ -93,3 +94,25 @@ def test_block_cases_are_judged_like_any_case(case):
     if np.any(honest["dx"]):
         with pytest.raises(AssertionError):
             assert_matches_reference({**honest, "dx": honest["dx"] * 0.5}, case)
+
+
+@given(case=nf4_cases())
+def test_nf4_cases_are_qlora_cases_an_honest_kernel_passes(case):
+    """A drawn NF4 case keeps its codes and scales, W is their exact dequantization, the
+    reference is finite, and a kernel holding W as kernels do (fl32(c[q]·a) in the precision)
+    passes at the case's precision; with its absmax 10% too large it fails (in a LoRA case:
+    DoRA rescales each row of W + s·B A to its magnitude m, which can hide a scaled W)."""
+    from minilora.oracle import nf4, reference
+    from minilora.oracle.cases import emulate
+
+    q, dtype = case.base, case.input_precision
+    assert isinstance(q, nf4.NF4Weight) and case.layer["base"] == "nf4"
+    assert (q.blocksize, q.double_quant) == (case.layer["blocksize"], case.layer["double_quant"])
+    assert np.array_equal(case.tensors["W"], nf4.dequantize_nf4(q))
+    assert all(np.all(np.isfinite(v)) for v in reference(case).values())
+    honest = nf4.honest_case(case, dtype)
+    assert_matches_reference(emulate(honest, dtype), case)
+    if not case.dora and case.tensors["x"].size and np.any(case.tensors["W"]):
+        off = honest.with_tensors({**honest.tensors, "W": honest.tensors["W"] * 1.1})
+        with pytest.raises(AssertionError, match="FAIL"):
+            assert_matches_reference(emulate(off, dtype), case)

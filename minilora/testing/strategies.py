@@ -134,3 +134,51 @@ def block_cases(draw, block=None, dtype="fp32", max_dim=12, min_tokens=0):
                      adapters=draw(st.integers(1, 4)),
                      fan_in_fan_out=block == "multi" and draw(st.booleans()), dtype=dtype,
                      seed=draw(st.integers(0, 2**32 - 1)))
+
+
+@st.composite
+def nf4_cases(draw, dtype=None, dtypes=("bf16", "fp16", "fp32", "fp64"), max_dim=96,
+              blocksizes=(32, 64, 128, 256), double_quant=None, dora=None):
+    """A ``minilora.oracle.Case`` with a QLoRA base (``make_case(base="nf4")``): W quantized
+    to bitsandbytes' NF4 in blocks of a drawn ``blocksize`` (from ``blocksizes``), its absmax
+    double-quantized or not (``double_quant`` drawn unless given), ``case.base`` keeping the
+    codes and scales and ``case.tensors["W"]`` their exact float64 dequantization.
+
+    Drawn too: d_in (1 to ``max_dim``, so that W's rows cut through blocks or hold several)
+    and d_out (1 to 24; the last block is then often shorter), r, the leading shape, the
+    precision (``dtype``, or one of ``dtypes``), LoRA or DoRA (``dora``), bias, dropout,
+    rsLoRA, the Conv1D layout and the detached norm. A kernel holds W as
+    ``minilora.oracle.nf4.honest_case(case, dtype)`` has it; judge its outputs with
+    ``assert_matches_reference(outputs, case, dtype=...)``, or run a torch kernel on the case
+    with ``minilora.testing.torch.assert_torch_matches`` (which can hand it bitsandbytes'
+    4-bit weight, ``W_4bit``). DoRA cases with a row of W + s·B A that cancels below the
+    precision's resolution (the judge refuses them: no honest norm has a correct bit) are not
+    drawn."""
+    from hypothesis import assume
+
+    from minilora.oracle import OracleInputError, make_case
+    from minilora.oracle.judge import _check_norms_resolve
+    from minilora.oracle.nf4 import BLOCKSIZES
+    from minilora.precision import precision as precision_of
+
+    if not blocksizes or any(b not in BLOCKSIZES for b in blocksizes):
+        raise ValueError(f"blocksizes must be a non-empty selection of {BLOCKSIZES}, got "
+                         f"{blocksizes!r}")
+    precision = draw(st.sampled_from(dtypes)) if dtype is None else dtype
+    use_dora = draw(st.booleans()) if dora is None else bool(dora)
+    case = make_case(d_in=draw(st.integers(1, max_dim)), d_out=draw(st.integers(1, 24)),
+                     r=draw(st.integers(1, 8)), batch=draw(st.integers(0, 3)),
+                     seq=draw(st.sampled_from([None, 1, 4])), rslora=draw(st.booleans()),
+                     dora=use_dora, detach_norm=not use_dora or draw(st.booleans()),
+                     dropout=draw(st.sampled_from([0.0, 0.1, 0.5])), bias=draw(st.booleans()),
+                     fan_in_fan_out=draw(st.booleans()), dtype=precision,
+                     seed=draw(st.integers(0, 2**32 - 1)), base="nf4",
+                     blocksize=draw(st.sampled_from(blocksizes)),
+                     double_quant=draw(st.booleans()) if double_quant is None
+                     else bool(double_quant))
+    if use_dora:
+        try:
+            _check_norms_resolve(case, precision_of(precision))
+        except OracleInputError:
+            assume(False)
+    return case
