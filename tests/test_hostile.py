@@ -105,13 +105,29 @@ def _tampered_caches(op):
 
 
 @pytest.mark.parametrize("op", ["lora", "dora"])
-def test_a_tampered_cache_is_refused_before_any_kernel_runs(op):
+def test_a_tampered_cache_is_refused_before_any_kernel_runs(op, monkeypatch):
+    """Refused by the public entry's check: no backend's backward (whose kernels would raise a
+    ValueError of their own, or index out of bounds) is reached."""
+    from minilora import dora, lora_numpy
+
+    reached = []
+    for module in (lora_numba, lora_numpy, dora):
+        def spy(*args, _real=module.backward, _name=module.__name__, **kw):
+            reached.append(_name)
+            return _real(*args, **kw)
+        monkeypatch.setattr(module, "backward", spy)
     backward = ml.lora_backward if op == "lora" else ml.dora_backward
     dy = _problem()["dy"]
     for description, cache in _tampered_caches(op):
         with pytest.raises((TypeError, ValueError)):
             backward(dy, cache, need_dW=True)
             pytest.fail(f"accepted a cache with {description}")
+        assert reached == [], f"a cache with {description} reached {reached}"
+    p = _problem()
+    _, cache = (ml.lora_forward(p["x"], p["W"], p["A"], p["B"], scaling=0.5) if op == "lora"
+                else ml.dora_forward(p["x"], p["W"], p["A"], p["B"], p["m"], scaling=0.5))
+    backward(dy, cache)  # the spies see an untampered cache through
+    assert reached
 
 
 # -- ndarray subclasses ----------------------------------------------------------------------------
