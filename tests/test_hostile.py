@@ -119,7 +119,7 @@ def test_a_tampered_cache_is_refused_before_any_kernel_runs(op, monkeypatch):
     backward = ml.lora_backward if op == "lora" else ml.dora_backward
     dy = _problem()["dy"]
     for description, cache in _tampered_caches(op):
-        with pytest.raises((TypeError, ValueError)):
+        with pytest.raises((TypeError, ValueError), match="cache"):  # the entry's message
             backward(dy, cache, need_dW=True)
             pytest.fail(f"accepted a cache with {description}")
         assert reached == [], f"a cache with {description} reached {reached}"

@@ -349,9 +349,14 @@ def _model():
                                  ml.modules.ReLU(), ml.LoRALinear(3, 2, r=1, seed=1))
 
 
-@pytest.mark.parametrize("change", ["float64", "int", "complex", "string", "nan", "inf",
-                                    "missing m", "extra", "shape"])
-def test_load_trainable_validates_everything_before_assigning_anything(tmp_path, change):
+@pytest.mark.parametrize(("change", "pattern"), [
+    ("float64", r"0\.m is float64\(3,\), the model's is float32\(3,\)"),
+    ("int", r"0\.m is int32"), ("complex", r"0\.m is complex64"), ("string", r"0\.m is <U1"),
+    ("nan", r"0\.m holds NaN or infinity"), ("inf", r"0\.m holds NaN or infinity"),
+    ("missing m", r"missing \['0\.m'\]"), ("extra", r"unexpected \['9\.Z'\]"),
+    ("shape", r"0\.m is float32\(7,\)")])
+def test_load_trainable_validates_everything_before_assigning_anything(tmp_path, change,
+                                                                       pattern):
     import minilora.modules  # noqa: F401
 
     model = _model()
@@ -375,8 +380,9 @@ def test_load_trainable_validates_everything_before_assigning_anything(tmp_path,
         saved[name] = np.zeros(7, np.float32)
     np.savez(tmp_path / "t.npz", **saved)
     before = {k: v.copy() for k, v in model.parameters().items()}
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=pattern) as e:  # the array and what is wrong, by name
         checkpoint.load_trainable(tmp_path / "t.npz", model)
+    assert str(tmp_path / "t.npz") in str(e.value)
     for k, v in model.parameters().items():
         np.testing.assert_array_equal(v, before[k])
 
@@ -471,7 +477,7 @@ def test_save_adapter_validates_before_touching_the_old_folder(tmp_path):
     layer = ml.LoRALinear(6, 4, r=2, seed=1)
     adapter = ml.peft.Adapter.from_layer(layer)
     adapter.alpha = tmp_path  # a Path is no number
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="alpha must be a real number, got PosixPath"):
         ml.peft.save_adapter(path, {"q": adapter})
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
     adapter.alpha = np.float32(6.0)  # a NumPy number is written as a JSON number
