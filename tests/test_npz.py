@@ -1,6 +1,7 @@
 """minilora.npz: what numpy.savez writes reads back equal; duplicate names, non-.npy members,
 object dtypes and sizes that disagree with the header are refused before any data is read."""
 
+import contextlib
 import io
 import zipfile
 
@@ -62,18 +63,10 @@ def test_check_sees_every_header_before_any_data(tmp_path, monkeypatch):
 ])
 def test_malformed_archives_raise_npz_error_naming_the_member(tmp_path, members, message):
     path = tmp_path / "bad.npz"
-    with pytest.warns(UserWarning) if len(members) == 2 else _nothing():
+    with pytest.warns(UserWarning) if len(members) == 2 else contextlib.nullcontext():
         _zip(path, members)
     with pytest.raises(npz.NpzError, match=message):
         npz.load(path)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_missing_and_non_zip_files(tmp_path):
