@@ -7,9 +7,10 @@ implementation with tolerances derived from its precision, the reduction lengths
     assert report.passed, report
 """
 
-from minilora.oracle.cases import INPUTS, OUTPUTS, Case, OracleInputError, make_case, reference
+from minilora.oracle.cases import Case, OracleInputError, make_case, reference
 from minilora.oracle.files import load_case, load_outputs, save_case, save_outputs
 from minilora.oracle.judge import Judge, Report, TensorVerdict, compare, required_outputs
+from minilora.oracle.kinds import INPUTS, OUTPUTS
 
 __all__ = [
            "INPUTS",

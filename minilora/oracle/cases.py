@@ -14,16 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from minilora._checks import check_dy, check_layer_shapes, check_positive_int, check_scaling
-from minilora.blocks import ACTIVATIONS
-from minilora.dora import row_norms, trained_magnitude
-from minilora.functional import dora_backward, dora_forward, lora_backward, lora_forward
-from minilora.oracle import block_cases
-from minilora.oracle.block_cases import BLOCKS
+from minilora._checks import check_positive_int, check_scaling
+from minilora.oracle.kinds import of_block
 from minilora.precision import DEFAULT_ACCUMULATION, precision
-
-INPUTS = ("x", "W", "A", "B", "bias", "m", "dropout_mask", "dy")
-OUTPUTS = ("y", "dx", "dA", "dB", "dm", "dbias", "dW")
 
 
 class OracleInputError(ValueError):
@@ -42,15 +35,19 @@ class Case:
     layer: dict = field(default_factory=dict)  # how make_case drew it: r, alpha, use_rslora,
     #   dropout p, lead_shape, lora_only (JSON values), so a candidate can build its own layer
     block: str | None = None  # a fused block (minilora.blocks): "qkv", "mlp" or "multi", whose
-    #   scaling is then a tuple (one per projection or adapter; see block_cases)
+    #   scaling is then a tuple (one per projection or adapter); ``kind`` is what it names
     activation: str = "silu"  # the MLP block's
     base: object = None  # a QLoRA base's NF4Weight (minilora.oracle.nf4): its codes and absmax,
     #   of which tensors["W"] is the exact float64 dequantization; None for a float base
 
     def __post_init__(self):
         self.input_precision = precision(self.input_precision).name  # "bfloat16" -> "bf16"
-        if self.block is not None and self.block not in BLOCKS:
-            raise ValueError(f"block must be one of {BLOCKS}, got {self.block!r}")
+        of_block(self.block)  # ValueError for an unknown block
+
+    @property
+    def kind(self):
+        """What this kind of case is (``minilora.oracle.kinds``): a single layer or a block."""
+        return of_block(self.block)
 
     @property
     def dtype(self):
@@ -68,22 +65,19 @@ class Case:
     def with_scaling(self, scaling):
         """The same problem with another scaling (an honest candidate's rounded s; a sequence
         for a block)."""
-        scaling = float(scaling) if self.block is None else tuple(map(float, scaling))
-        return dataclasses.replace(self, scaling=scaling)
+        return dataclasses.replace(self, scaling=self.kind.scaling(scaling))
 
     @property
     def scalings(self):
         """The scaling as a tuple (one entry for a single layer)."""
-        return (self.scaling,) if self.block is None else tuple(self.scaling)
+        return self.kind.scalings(self.scaling)
 
     def metadata(self):
-        op = self.block or ("dora" if self.dora else "lora")
-        scaling = repr(self.scaling) if self.block is None else json.dumps(list(self.scaling))
-        meta = {"format": "minilora-oracle-case/1", "op": op, "scaling": scaling,
+        kind = self.kind
+        meta = {"format": "minilora-oracle-case/1", "op": kind.op(self),
+                "scaling": kind.scaling_text(self.scaling),
                 "fan_in_fan_out": self.fan_in_fan_out, "detach_norm": self.detach_norm,
-                "dtype": self.input_precision}
-        if self.block == "mlp":
-            meta["activation"] = self.activation
+                "dtype": self.input_precision, **kind.extra_metadata(self)}
         if self.layer:
             meta["layer"] = json.dumps(self.layer, sort_keys=True)
         return meta
@@ -109,7 +103,7 @@ def make_case(*, d_in, d_out, r, batch=4, seq=None, alpha=None, rslora=False, do
     records r, alpha, use_rslora, the dropout p, the leading shape and lora_only; the mask
     itself is rounded to ``dtype`` like every input: use the mask, not p, to reproduce it.
 
-    ``block`` draws a fused block's case instead (``minilora.oracle.block_cases``): "qkv"
+    ``block`` draws a fused block's case instead (``minilora.oracle.kinds``): "qkv"
     (three projections of x, to d_out, d_out/2, d_out/2), "mlp" (gate and up to ``hidden``,
     default 2·d_in, then down to d_out, with ``activation``) or "multi" (``adapters`` adapters
     of ranks r, 2r, r, 2r, ... on one layer, each token given one or none); every projection
@@ -144,56 +138,20 @@ def make_case(*, d_in, d_out, r, batch=4, seq=None, alpha=None, rslora=False, do
     N = math.prod(lead)
     check_fits_memory(N * (2 * d_in + d_out) + d_out * d_in + r * (d_in + d_out), "the case")
     rng = np.random.default_rng(seed)
-    if block is not None:
-        if block not in BLOCKS:
-            raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
-        if dora or lora_only or (fan_in_fan_out and block != "multi"):
-            raise ValueError(f"a {block} case takes neither dora nor lora_only"
-                             f"{'' if block == 'multi' else ' nor fan_in_fan_out'}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-        hidden = None if hidden is None else check_positive_int(hidden, "hidden")
-        adapters = check_positive_int(adapters, "adapters")
-        t, scalings = block_cases.make(
-            block, d_in=d_in, d_out=d_out, r=r, batch=batch, seq=seq, alpha=alpha,
-            rslora=rslora, dropout=dropout, bias=bias, fan_in_fan_out=fan_in_fan_out,
-            hidden=hidden, activation=activation, adapters=adapters, rng=rng, draw=prec.round)
-        layer = {"r": r, "alpha": alpha, "use_rslora": bool(rslora), "dropout": dropout,
-                 "lead_shape": list(lead), "block": block}
-        return Case(t, scalings, bool(fan_in_fan_out), True, prec.name, layer, block,
-                    activation if block == "mlp" else "silu")
-    scaling = alpha / (np.sqrt(r) if rslora else r)
-    if abs(scaling) == 1.0:
-        raise ValueError(f"alpha={alpha} gives the scaling |s| = 1, where a scaling applied "
-                         f"twice or not at all is invisible; choose another alpha")
-
-    def draw(a):
-        return prec.round(a)
-
-    W = rng.standard_normal((d_out, d_in)) / np.sqrt(d_in)  # (d_out, d_in)
-    A = rng.uniform(-1, 1, (r, d_in)) / np.sqrt(d_in)  # (r, d_in)
-    B = rng.standard_normal((d_out, r))  # (d_out, r)
-    B *= 1.25 * np.linalg.norm(W) / max(np.linalg.norm(scaling * B @ A), 1e-300)  # ‖s·B A‖
-    #   = 1.25·‖W‖: comparable, and a 1×1 layer's W + s·B A is never exactly 0
-    if lora_only:
-        W[...] = 0.0
-    t = {"x": draw(rng.standard_normal((*lead, d_in))),
-         "W": draw(W.T.copy() if fan_in_fan_out else W), "A": draw(A), "B": draw(B),
-         "dy": draw(rng.standard_normal((*lead, d_out)))}
-    if bias:
-        t["bias"] = draw(0.1 * rng.standard_normal(d_out))
-    if dropout > 0:
-        keep = rng.random((*lead, d_in)) >= dropout
-        if keep.size >= 2:  # both kept and dropped entries, wherever they fall
-            keep.flat[rng.choice(keep.size, 2, replace=False)] = (True, False)
-        t["dropout_mask"] = draw(keep / (1.0 - dropout))
-    if dora:
-        n = row_norms(t["W"].astype(np.float64), t["A"].astype(np.float64),
-                      t["B"].astype(np.float64), scaling, fan_in_fan_out)[0]
-        t["m"] = draw(trained_magnitude(n, rng))
+    kind = of_block(block)
+    hidden, adapters = kind.check_options(dora=dora, lora_only=lora_only,
+                                          fan_in_fan_out=fan_in_fan_out, activation=activation,
+                                          hidden=hidden, adapters=adapters)
+    t, scaling = kind.draw(rng, prec.round, lead, d_in=d_in, d_out=d_out, r=r, alpha=alpha,
+                           rslora=rslora, dropout=dropout, bias=bias,
+                           fan_in_fan_out=fan_in_fan_out, dora=dora, lora_only=lora_only,
+                           hidden=hidden, activation=activation, adapters=adapters)
+    record, options = kind.drawn(lora_only=lora_only, detach_norm=detach_norm,
+                                 activation=activation)
     layer = {"r": r, "alpha": alpha, "use_rslora": bool(rslora), "dropout": dropout,
-             "lead_shape": list(lead), "lora_only": bool(lora_only)}
-    return Case(t, float(scaling), bool(fan_in_fan_out), bool(detach_norm), prec.name, layer)
+             "lead_shape": list(lead), **record}
+    return Case(t, scaling, bool(fan_in_fan_out), input_precision=prec.name, layer=layer,
+                **options)
 
 
 def check_fits_memory(elements, what):
@@ -216,20 +174,7 @@ def reference(case):
 
 def evaluate(case, backend="numpy"):
     """Every output and gradient of a case, computed in the dtype of the case's tensors."""
-    if case.block is not None:
-        return block_cases.evaluate(case, backend)
-    t = case.tensors
-    kw = dict(scaling=case.scaling, bias=t.get("bias"), dropout_mask=t.get("dropout_mask"),
-              fan_in_fan_out=case.fan_in_fan_out, backend=backend)
-    need = dict(need_dx=True, need_dW=True, need_dbias="bias" in t)
-    if case.dora:
-        y, cache = dora_forward(t["x"], t["W"], t["A"], t["B"], t["m"],
-                                detach_norm=case.detach_norm, **kw)
-        grads = dora_backward(t["dy"], cache, **need)
-    else:
-        y, cache = lora_forward(t["x"], t["W"], t["A"], t["B"], **kw)
-        grads = lora_backward(t["dy"], cache, **need)
-    return {"y": y, **{k: v for k, v in grads._asdict().items() if v is not None}}
+    return case.kind.evaluate(case, backend)
 
 
 def emulate(case, prec, accum=None, backend="numpy"):
@@ -249,19 +194,4 @@ def emulate(case, prec, accum=None, backend="numpy"):
 def reference_shapes(case):
     """The shape of every output, in the canonical order (OUTPUTS', or the block's), checking
     the case's shapes on the way (ValueError if wrong)."""
-    if case.block is not None:
-        shapes = block_cases.shapes(case)
-        for name, shape in block_cases.upstream_shapes(case).items():
-            if name not in case.tensors:
-                raise ValueError(f"the case lacks {name}")
-            check_dy(case.tensors[name], shape, case.tensors[name].dtype)
-        return shapes
-    t = case.tensors
-    _, d_out, _ = check_layer_shapes(t["x"], t["W"], t["A"], t["B"],
-                                        fan_in_fan_out=case.fan_in_fan_out, bias=t.get("bias"),
-                                        dropout_mask=t.get("dropout_mask"), m=t.get("m"))
-    check_dy(t["dy"], t["x"].shape[:-1] + (d_out,), t["dy"].dtype)
-    shapes = {"y": t["dy"].shape, "dx": t["x"].shape, "dA": t["A"].shape, "dB": t["B"].shape,
-              "dm": t["m"].shape if "m" in t else None,
-              "dbias": t["bias"].shape if "bias" in t else None, "dW": t["W"].shape}
-    return {k: v for k, v in shapes.items() if v is not None}
+    return case.kind.shapes(case)

@@ -17,20 +17,9 @@ import numpy as np
 from minilora import npz, safetensors
 from minilora._io import refuse_overwrite, write_atomic
 from minilora.blocks import ACTIVATIONS
-from minilora.oracle import block_cases
-from minilora.oracle.block_cases import block_of
-from minilora.oracle.cases import (
-    INPUTS,
-    OUTPUTS,
-    Case,
-    OracleInputError,
-    check_fits_memory,
-    reference_shapes,
-)
+from minilora.oracle.cases import Case, OracleInputError, check_fits_memory, reference_shapes
+from minilora.oracle.kinds import of_names
 from minilora.precision import precision
-
-REQUIRED_INPUTS = ("x", "W", "A", "B", "dy")
-BLOCK_INPUTS = ("x", "W", "A", "B", "bias", "dropout_mask", "dy", "adapter_index")
 
 
 def _placeholders(shapes):
@@ -108,20 +97,8 @@ def save_case(path, case):
 
 
 def _check_case_shapes(shapes):
-    block = block_of(shapes)
-    if block is None:
-        unknown = sorted(set(shapes) - set(INPUTS))
-        if unknown:
-            raise OracleInputError(f"unknown tensors {unknown}; a case holds {INPUTS}")
-        missing = [k for k in REQUIRED_INPUTS if k not in shapes]
-    else:
-        unknown = sorted(k for k in shapes if k.split(".")[0] not in BLOCK_INPUTS
-                         or (k.count(".") != (k not in ("x", "W", "bias", "dropout_mask", "dy",
-                                                         "adapter_index"))))
-        if unknown:
-            raise OracleInputError(f"unknown tensors {unknown} in a {block} case "
-                                   f"(docs/oracle.md names a block's tensors)")
-        missing = [k for k in ("x", "A.0", "B.0") if k not in shapes]
+    kind = of_names(shapes)
+    missing = kind.check_names(shapes)  # (refusing names the kind does not hold)
     if missing:
         raise OracleInputError(f"missing tensors {missing}")
     for name, (_, dtype) in shapes.items():
@@ -129,14 +106,14 @@ def _check_case_shapes(shapes):
             raise OracleInputError(f"tensor {name} has dtype {dtype}, not a float")
     check_fits_memory(sum(math.prod(shape) for shape, _ in shapes.values()), "this case")
     arrays = _placeholders(shapes)
-    scaling = 1.0 if block is None else (1.0,) * len(block_cases.indexed(arrays, "A"))
+    scaling = kind.from_scalings((1.0,) * kind.count(arrays))
     try:  # the layout of W is in the metadata, read with the data: either is fine here
-        reference_shapes(Case(arrays, scaling, fan_in_fan_out=False, block=block))
+        reference_shapes(Case(arrays, scaling, fan_in_fan_out=False, block=kind.block))
     except ValueError as first:
-        if block not in (None, "multi"):
+        if not kind.fan_in_fan_out:
             raise
         try:
-            reference_shapes(Case(arrays, scaling, fan_in_fan_out=True, block=block))
+            reference_shapes(Case(arrays, scaling, fan_in_fan_out=True, block=kind.block))
         except ValueError as second:  # the error about W's layout names the other layout
             raise (second if str(first).startswith("W must be") else first) from None
 
@@ -144,13 +121,15 @@ def _check_case_shapes(shapes):
 def load_case(path):
     """Read and validate a case file; OracleInputError names what is wrong."""
     tensors, meta = read_tensors(path, check=_check_case_shapes)
-    block = block_of(tensors)
-    op = str(meta.get("op", block or "lora"))
-    if (block or "lora") != op and not (block is None and op == "dora"):
+    kind = of_names(tensors)
+    op = str(meta.get("op", kind.ops[0]))
+    if op not in kind.ops:
         raise OracleInputError(f"{path}: metadata op={op!r} but the tensors are a "
-                               f"{block or 'single layer'}'s")
-    scaling = _scaling(path, meta.get("scaling", "nan"), block,
-                       len(block_cases.indexed(tensors, "A")))
+                               f"{kind.label}'s")
+    try:
+        scaling = kind.read_scaling(meta.get("scaling", "nan"), kind.count(tensors))
+    except ValueError as e:
+        raise OracleInputError(f"{path}: {e}") from None
     activation = str(meta.get("activation", "silu"))
     if activation not in ACTIVATIONS:
         raise OracleInputError(f"{path}: metadata activation={activation!r} is not one of "
@@ -172,31 +151,12 @@ def load_case(path):
     tensors = {k: v.astype(common) if v.dtype.kind == "f" else v.astype(np.int64)
                for k, v in tensors.items()}
     case = Case(tensors, scaling, flags["fan_in_fan_out"], flags["detach_norm"],
-                input_precision, _layer(path, meta.get("layer")), block, activation)
+                input_precision, _layer(path, meta.get("layer")), kind.block, activation)
     try:
         reference_shapes(case)
     except ValueError as e:
         raise OracleInputError(f"{path}: {e}") from None
     return case
-
-
-def _scaling(path, text, block, count):
-    """The case's scaling from its metadata: a finite float, or for a block a JSON list of
-    ``count`` finite floats."""
-    try:
-        value = float(text) if block is None else json.loads(str(text))
-    except (ValueError, RecursionError):
-        value = None
-    if block is None:
-        if value is None or not np.isfinite(value):
-            raise OracleInputError(f"{path}: metadata lacks a finite 'scaling'")
-        return value
-    if not isinstance(value, list) or len(value) != count or not all(
-            isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v)
-            for v in value):
-        raise OracleInputError(f"{path}: metadata 'scaling' must be a JSON list of {count} "
-                               f"finite numbers (one per projection or adapter)")
-    return tuple(float(v) for v in value)
 
 
 def _layer(path, text):
@@ -222,7 +182,7 @@ def load_outputs(path, case):
     shapes = reference_shapes(case)
 
     def check(declared):
-        known = OUTPUTS if case.block is None else tuple(shapes)
+        known = case.kind.output_names(shapes)
         unknown = sorted(set(declared) - set(known))
         if unknown:
             raise OracleInputError(f"unknown tensors {unknown}; outputs are {known}")

@@ -37,10 +37,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from minilora.dora import inverse_norms, norm_bounds, row_norms
-from minilora.oracle import block_cases, emulation, nf4
+from minilora.oracle import emulation, nf4
 from minilora.oracle.cases import OracleInputError, reference, reference_shapes
 from minilora.precision import DEFAULT_ACCUMULATION, PRECISIONS, precision
-from minilora.tolerance import dora_magnitudes, gamma, lora_magnitudes, lora_reduction_lengths
+from minilora.tolerance import gamma
 
 ROUNDINGS = 6
 NORM_ROUNDINGS = 3  # DoRA: the inputs' rounding moves n by up to u·t (f ≥ t/n covers it), c, 1/n
@@ -132,38 +132,13 @@ class Report:
 def magnitudes(case):
     """mag of every output, each output's reduction length K, and (DoRA) the magnitudes of what
     the norms' own error moves with the norms' K: ``(mags, K, norm_mags, norm_K)``."""
-    if case.block is not None:
-        mags, K = block_cases.magnitudes(case)
-        return mags, K, None, 0
-    t = {k: v.astype(np.float64) for k, v in case.tensors.items()}
-    kw = dict(scaling=case.scaling, dy=t["dy"], bias=t.get("bias"),
-              dropout_mask=t.get("dropout_mask"), fan_in_fan_out=case.fan_in_fan_out)
-    N = int(np.prod(t["x"].shape[:-1]))
-    (r, d_in), d_out = t["A"].shape, t["B"].shape[0]
-    K = lora_reduction_lengths(N, d_in, d_out, r)
-    if not case.dora:
-        return lora_magnitudes(t["x"], t["W"], t["A"], t["B"], **kw), K, None, 0
-    args = (t["x"], t["W"], t["A"], t["B"], t["m"])
-    mags, extra = dora_magnitudes(*args, detach_norm=case.detach_norm, **kw)
-    norm_mags, _ = dora_magnitudes(*args, detach_norm=case.detach_norm, norm_error=True, **kw)
-    K = {k: v + (0 if k == "dbias" else extra) for k, v in K.items()}  # c = m/n scales all but
-    # dbias = Σ dy (dW = (c ⊙ dy)ᵀ x_d + ...)
-    K["dm"] = K["y"] + N
-    if not case.detach_norm:  # the gradient through n adds W Aᵀ-sized sums to dA, dB, dW
-        for k in ("dA", "dB", "dW"):
-            K[k] += d_in + d_out + r
-    return mags, K, norm_mags, extra
-
-
-REQUIRED = ("y", "dx", "dA", "dB")  # every case defines these, DoRA cases dm too
+    return case.kind.magnitudes(case)
 
 
 def required_outputs(case):
     """The outputs a candidate must give unless the caller names a subset: y, dx, dA, dB, and
     dm for DoRA (dW and dbias are judged when given); for a block every y.j, dA.j and dB.j."""
-    if case.block is not None:
-        return tuple(block_cases.required(case))
-    return REQUIRED + (("dm",) if case.dora else ())
+    return case.kind.required(case)
 
 
 def check_candidate(case, candidate, outputs=None):
@@ -414,14 +389,8 @@ def _merged_sizes(case):
     (minilora's numba backend does, and PEFT's merged inference), whose rounding moves every
     row of y or dx alike; the random runs give W that rounding."""
     t = {k: v.astype(np.float64) for k, v in case.tensors.items() if v.dtype.kind == "f"}
-    if case.block is None:
-        updates = {"W": [(case.scaling, t["B"], t["A"])]}
-    elif case.block == "multi":
-        updates = {"W": [(s, t[f"B.{k}"], t[f"A.{k}"]) for k, s in enumerate(case.scaling)]}
-    else:
-        updates = {f"W.{j}": [(s, t[f"B.{j}"], t[f"A.{j}"])] for j, s in enumerate(case.scaling)}
     sizes = {}
-    for name, terms in updates.items():
+    for name, terms in case.kind.merged_updates(case, t).items():
         W = np.abs(t[name])
         update = np.max([np.abs(s * B @ A) for s, B, A in terms], axis=0)  # (d_out, d_in)
         sizes[name] = W + (update.T if case.fan_in_fan_out else update)
@@ -475,7 +444,7 @@ def _scaling_rounding(case, ref, formats):
         s = tuple(float(fmt.round(np.float64(v))) for v in case.scalings)
         if s == case.scalings:
             continue
-        moved = reference(case.with_scaling(s if case.block else s[0]))
+        moved = reference(case.with_scaling(case.kind.from_scalings(s)))
         for name, r in ref.items():
             unit = _unit(r)
             norm2 = float(np.sum((r / unit)**2))

@@ -20,7 +20,6 @@ array per projection or adapter for the blocks (multi: one W, bias and mask), sc
 import numpy as np
 
 from minilora.oracle import Case, OracleInputError
-from minilora.oracle.block_cases import indexed
 from minilora.precision import precision
 
 DTYPE_NAMES = ("bf16", "fp16", "tf32", "fp32", "fp64")  # the keys of each framework's dtype map
@@ -36,10 +35,6 @@ def precision_name(case, dtype):
     return precision(case.input_precision if dtype is None else dtype).name
 
 
-def _float64(a):
-    return None if a is None else np.ascontiguousarray(a, dtype=np.float64)
-
-
 def fn_inputs(case):
     """The case's inputs as ``fn`` takes them, float64 (integers kept: adapter_index).
 
@@ -50,35 +45,7 @@ def fn_inputs(case):
     (a list of P for qkv, of one otherwise), and "kwargs": scaling (and activation for mlp).
     W is (d_out, d_in) whatever the case's layout.
     """
-    t = case.tensors
-    if case.block is None:
-        W = t["W"].T if case.fan_in_fan_out else t["W"]  # (d_out, d_in)
-        return {"x": _float64(t["x"]), "W": _float64(W), "A": _float64(t["A"]),
-                "B": _float64(t["B"]), "bias": _float64(t.get("bias")),
-                "dropout_mask": _float64(t.get("dropout_mask")), "m": _float64(t.get("m")),
-                "dys": [_float64(t["dy"])], "kwargs": {"scaling": case.scaling}}
-    P = len(indexed(t, "A"))
-
-    def listed(name, optional=False):
-        values = [_float64(t.get(f"{name}.{j}")) for j in range(P)]
-        return None if optional and all(v is None for v in values) else values
-
-    out = {"x": _float64(t["x"]), "A": listed("A"), "B": listed("B"),
-           "kwargs": {"scaling": list(case.scaling)}}
-    if case.block == "multi":
-        W = t["W"].T if case.fan_in_fan_out else t["W"]  # (d_out, d_in)
-        out |= {"W": _float64(W), "bias": _float64(t.get("bias")),
-                "dropout_mask": _float64(t.get("dropout_mask")),
-                "adapter_index": np.ascontiguousarray(t["adapter_index"]),
-                "dys": [_float64(t["dy"])]}
-    else:
-        out |= {"W": listed("W"), "bias": listed("bias", optional=True),
-                "dropout_mask": listed("dropout_mask", optional=True),
-                "dys": [_float64(d) for d in indexed(t, "dy")] if case.block == "qkv"
-                else [_float64(t["dy"])]}
-        if case.block == "mlp":
-            out["kwargs"]["activation"] = case.activation
-    return out
+    return case.kind.fn_inputs(case)
 
 
 def check_returned(ys, dys):
@@ -104,24 +71,7 @@ def named_outputs(case, ys, grads):
     dict: "y" (or "y.j"), "dx", "dA", "dB" (or "dA.j", "dB.j"), "dm", "dW", "dbias" (".j"
     for qkv and mlp); dW in the case's layout (transposed back for a Conv1D case).
     """
-    out = {"dx": grads["x"]}
-    if case.block is None:
-        out |= {"y": ys[0], "dA": grads["A"], "dB": grads["B"]}
-        for name in ("m", "W", "bias"):
-            if grads.get(name) is not None:
-                out["d" + name] = grads[name]
-    else:
-        out |= {f"y.{j}": v for j, v in enumerate(ys)} if case.block == "qkv" else {"y": ys[0]}
-        out |= {f"dA.{j}": a for j, a in enumerate(grads["A"])}
-        out |= {f"dB.{j}": b for j, b in enumerate(grads["B"])}
-        for name in ("W", "bias"):
-            value = grads.get(name)
-            if value is None:
-                continue
-            if case.block == "multi":
-                out["d" + name] = value
-            else:
-                out |= {f"d{name}.{j}": v for j, v in enumerate(value) if v is not None}
+    out = case.kind.named_outputs(case, ys, grads)
     out = {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in out.items()}
     if "dW" in out and case.fan_in_fan_out:
         out["dW"] = np.ascontiguousarray(out["dW"].T)  # back to the case's (d_in, d_out)

@@ -52,7 +52,7 @@ def jax_outputs(fn, case, dtype=None, *, need_dW=False, need_dbias=False):
     Returns
     -------
     dict of float64 arrays: "y", "dx", "dA", "dB", and "dm" for DoRA, "dW", "dbias" when asked
-    for (block cases: "y.j", "dA.j", ... as ``minilora.oracle.block_cases`` names them).
+    for (block cases: "y.j", "dA.j", ... as ``minilora.oracle.kinds`` names them).
     """
     case = oracle_case(case)
     name = precision_name(case, dtype)
@@ -99,8 +99,8 @@ def _outputs(fn, case, jdt, need_dW, need_dbias):
         if "m" in args:
             kwargs["m"] = args["m"]
         lead = (args["x"], args["W"], args["A"], args["B"])
-        y = fn(*lead, index, **kwargs) if case.block == "multi" else fn(*lead, **kwargs)
-        ys = list(y) if case.block == "qkv" and isinstance(y, (tuple, list)) else [y]
+        y = case.kind.call(fn, lead, index, kwargs)  # fn(*lead, **kwargs); multi: with index
+        ys = case.kind.split(y)  # qkv: P outputs
         if not all(isinstance(v, jax.Array) for v in ys):
             raise OracleInputError(f"fn returned {type(y).__name__}, not jax arrays")
         check_returned(ys, given["dys"])
