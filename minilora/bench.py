@@ -277,8 +277,12 @@ def run(quick=False, with_torch=True, json_path=None, out=print):
 BLOCK_CASES = {"mlp": dict(N=2048, d=1024, hidden=2816, r=16),
                "qkv": dict(N=2048, d=1024, r=16),
                "multi": dict(N=4096, d=1024, r=16, adapters=8)}  # issue 20's row
+FLOOR_NOTES = {"multi": " (floor: one adapter)"}  # where the floor is not the block's products
 QUICK_BLOCK_CASES = {"mlp": dict(N=64, d=64, hidden=176, r=4), "qkv": dict(N=64, d=64, r=4),
                      "multi": dict(N=64, d=64, r=4, adapters=8)}
+# each fused block's projections (d_out, d_in); multi has one layer and K adapters instead
+BLOCK_PROJECTIONS = {"mlp": lambda d, hidden: [(hidden, d), (hidden, d), (d, hidden)],
+                     "qkv": lambda d, hidden: [(d, d), (d, d), (d, d)]}
 
 
 def _block_contenders(block, N, d, r, hidden=None, adapters=8, with_torch=True, seed=0):
@@ -286,70 +290,67 @@ def _block_contenders(block, N, d, r, hidden=None, adapters=8, with_torch=True, 
     large products alone (MLP: gate, up, down forward and their three dx products; QKV: the
     three projections and their dx products; multi: the single-adapter op on the same tokens,
     the baseline its target is stated against)."""
+    from minilora.oracle.kinds import KINDS
+
     rng = np.random.default_rng(seed)
 
     def arr(*shape, scale=1.0):
         return (rng.standard_normal(shape) * scale).astype(np.float32)
 
+    kind = KINDS[block]
     x = arr(N, d)
-    if block == "multi":
-        W, dy = arr(d, d, scale=d**-0.5), arr(N, d)
-        A = [arr(r, d, scale=d**-0.5) for _ in range(adapters)]
-        B = [arr(d, r, scale=0.1) for _ in range(adapters)]
-        index = rng.integers(0, adapters, N)
-
-        def single():
-            _, cache = ml.lora_forward(x, W, A[0], B[0], scaling=2.0)
-            ml.lora_backward(dy, cache)
-
-        def multi(backend):
-            def step():
-                _, cache = ml.multi_lora_forward(x, W, A, B, index, scaling=2.0,
-                                                 backend=backend)
-                ml.multi_lora_backward(dy, cache)
-            return step
-
-        return {"floor": single, "numba": multi("numba"), "numpy": multi("numpy")}
-    if block == "mlp":
-        shapes = [(hidden, d), (hidden, d), (d, hidden)]
-    else:
-        shapes = [(d, d), (d, d), (d, d)]
+    if block not in BLOCK_PROJECTIONS:  # multi: K adapters on one layer
+        return _multi_contenders(kind, rng, arr, x, N, d, r, adapters)
+    shapes = BLOCK_PROJECTIONS[block](d, hidden)  # (d_out_j, d_in_j)
     W = [arr(*s, scale=s[1] ** -0.5) for s in shapes]
     A = [arr(r, s[1], scale=s[1] ** -0.5) for s in shapes]
     B = [arr(s[0], r, scale=0.1) for s in shapes]
     dy = arr(N, d)
-    dys = [arr(N, s[0]) for s in shapes]
-    z = arr(N, hidden) if block == "mlp" else None
+    dys = [arr(N, s[0]) for s in shapes]  # (N, d_out_j): each projection's upstream
+    inner = {"x": x, "z": arr(N, hidden) if "z" in kind.inputs else None}
+    inputs = [inner[name] for name in kind.inputs]  # x, or the MLP's z = act(gate x) ⊙ up x
+    cotangent = dys if kind.dy_each else dy  # what the block's backward takes
 
     def floor():
-        if block == "mlp":
-            x @ W[0].T, x @ W[1].T, z @ W[2].T
-            dys[0] @ W[0], dys[1] @ W[1], dy @ W[2]
-        else:
-            for j in range(3):
-                x @ W[j].T
-                dys[j] @ W[j]
+        for j in range(3):
+            inputs[j] @ W[j].T  # (N, d_out_j)
+            dys[j] @ W[j]  # (N, d_in_j)
 
     def step(backend):
-        if block == "mlp":
-            def run():
-                _, cache = ml.lora_mlp_forward(x, W, A, B, scaling=2.0, backend=backend)
-                ml.lora_mlp_backward(dy, cache)
-        else:
-            def run():
-                _, cache = ml.lora_qkv_forward(x, W, A, B, scaling=2.0, backend=backend)
-                ml.lora_qkv_backward(dys, cache)
+        def run():
+            _, cache = kind.forward(x, W, A, B, scaling=2.0, backend=backend)
+            kind.backward(cotangent, cache)
         return run
 
     out = {"floor": floor, "numba": step("numba"), "numpy": step("numpy")}
     if with_torch:
-        torch_step = _torch_peft_block_step(block, x, W, A, B, dy if block == "mlp" else dys)
+        torch_step = _torch_peft_block_step(kind, x, W, A, B, cotangent)
         if torch_step is not None:
             out["torch+peft"] = torch_step
     return out
 
 
-def _torch_peft_block_step(block, x, W, A, B, dy):
+def _multi_contenders(kind, rng, arr, x, N, d, r, adapters):
+    """Multi-LoRA's contenders: "floor" the single-adapter op on the same tokens."""
+    W, dy = arr(d, d, scale=d**-0.5), arr(N, d)
+    A = [arr(r, d, scale=d**-0.5) for _ in range(adapters)]
+    B = [arr(d, r, scale=0.1) for _ in range(adapters)]
+    index = rng.integers(0, adapters, N)
+
+    def single():
+        _, cache = ml.lora_forward(x, W, A[0], B[0], scaling=2.0)
+        ml.lora_backward(dy, cache)
+
+    def multi(backend):
+        def step():
+            _, cache = kind.forward(x, W, A, B, index, scaling=2.0, backend=backend)
+            kind.backward(dy, cache)
+        return step
+
+    return {"floor": single, "numba": multi("numba"), "numpy": multi("numpy")}
+
+
+def _torch_peft_block_step(kind, x, W, A, B, dy):
     """PEFT's LoRA on a LLaMA-style MLP or on three attention projections (None without
     torch and peft)."""
     try:
@@ -357,8 +358,7 @@ def _torch_peft_block_step(block, x, W, A, B, dy):
         import torch
     except ImportError:
         return None
-    names = ["gate_proj", "up_proj", "down_proj"] if block == "mlp" else \
-        ["q_proj", "k_proj", "v_proj"]
+    names = kind.peft_modules
 
     class Block(torch.nn.Module):
         def __init__(self):
@@ -368,12 +368,10 @@ def _torch_peft_block_step(block, x, W, A, B, dy):
             self.act = torch.nn.SiLU()
 
         def forward(self, x):
-            if block == "mlp":
-                return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            return kind.compose([getattr(self, name) for name in names], x, self.act)
 
     config = peft.LoraConfig(r=A[0].shape[0], lora_alpha=2 * A[0].shape[0],
-                             target_modules=names, lora_dropout=0.0)
+                             target_modules=list(names), lora_dropout=0.0)
     model = peft.get_peft_model(Block(), config)
     with torch.no_grad():
         for name, w, a, b in zip(names, W, A, B, strict=True):
@@ -401,9 +399,8 @@ def blocks_run(quick=False, with_torch=True, json_path=None, out=print):
         f"{'torch/floor':>11} {'numba/torch':>11} {'floor ms':>9}")
     for block, kw in (QUICK_BLOCK_CASES if quick else BLOCK_CASES).items():
         res = time_case(_block_contenders(block, with_torch=with_torch, **kw), repeats, inner)
-        name = f"{block} " + " ".join(f"{k}={v}" for k, v in kw.items())
-        if block == "multi":
-            name += " (floor: one adapter)"
+        name = f"{block} " + " ".join(f"{k}={v}" for k, v in kw.items()) \
+            + FLOOR_NOTES.get(block, "")
         results[name] = res
         cells = " ".join(f"{res[k]:>11.3f}" if k in res else f"{'-':>11}" for k in (
             "numba/floor", "numpy/floor", "numba/numpy", "torch+peft/floor", "numba/torch+peft"))

@@ -362,6 +362,9 @@ class _Projections(_Block):
 
     projections = None  # how many a case has (None: any number)
     roles = ""  # their names, for an error message
+    inputs = ("x", "x", "x")  # what each projection of a drawn case takes
+    dy_each = False  # a cotangent dy.j per projection's output (qkv), or one dy
+    peft_modules = ()  # the projections' names in a transformers model, as PEFT targets them
 
     def _inputs(self, t):
         """Each projection's input (mlp's down: a placeholder shaped like z)."""
@@ -386,8 +389,7 @@ class _Projections(_Block):
         out |= {f"dW.{j}": t[f"W.{j}"].shape for j in range(n)}
         return out
 
-    def _draw(self, rng, rounded, lead, dims, inputs, dy_each, *, r, alpha, rslora, dropout,
-              bias):
+    def _draw(self, rng, rounded, lead, dims, inputs, *, r, alpha, rslora, dropout, bias):
         """x, then W.j, A.j, B.j (bias.j, dropout_mask.j; dy.j with ``dy_each``) of the
         projections ``dims[j]`` = (d_out_j, d_in_j) on inputs shaped ``inputs[j]``."""
         t, scalings = {"x": rounded(rng.standard_normal(inputs[0]))}, []
@@ -401,7 +403,7 @@ class _Projections(_Block):
                 t[f"bias.{j}"] = rounded(0.1 * rng.standard_normal(d_o))
             if dropout > 0:
                 t[f"dropout_mask.{j}"] = _mask(rng, rounded, inputs[j], dropout)
-            if dy_each:
+            if self.dy_each:
                 t[f"dy.{j}"] = rounded(rng.standard_normal(lead + (d_o,)))
         return t, tuple(scalings)
 
@@ -443,8 +445,17 @@ class _Projections(_Block):
 class Qkv(_Projections):
     """P projections of one x (``ml.lora_qkv_forward``), each with its own output y.j."""
 
+    dy_each = True
+    peft_modules = ("q_proj", "k_proj", "v_proj")
+    forward = staticmethod(blocks.lora_qkv_forward)
+    backward = staticmethod(blocks.lora_qkv_backward)
+
     def __init__(self):
         super().__init__("qkv")
+
+    def compose(self, projections, x, act=None):
+        """The block from its projections (callables): (q(x), k(x), v(x))."""
+        return tuple(p(x) for p in projections)
 
     def _ys(self, ys):
         return {f"y.{j}": y for j, y in enumerate(ys)}
@@ -462,18 +473,18 @@ class Qkv(_Projections):
              **unused):
         """q to d_out, k and v to d_out/2, each drawn as a single layer is."""
         dims = [(d_out, d_in), (max(1, d_out // 2), d_in), (max(1, d_out // 2), d_in)]
-        return self._draw(rng, rounded, lead, dims, [lead + (d_in,)] * 3, True, r=r,
-                          alpha=alpha, rslora=rslora, dropout=dropout, bias=bias)
+        return self._draw(rng, rounded, lead, dims, [lead + (d_in,)] * 3, r=r, alpha=alpha,
+                          rslora=rslora, dropout=dropout, bias=bias)
 
     def evaluate(self, case, backend):
         t = case.tensors
         n = self.count(t)
-        ys, cache = blocks.lora_qkv_forward(
+        ys, cache = self.forward(
             t["x"], indexed(t, "W"), indexed(t, "A"), indexed(t, "B"),
             scaling=list(case.scaling), bias=optional(t, "bias", n),
             dropout_mask=optional(t, "dropout_mask", n), backend=backend)
-        g = blocks.lora_qkv_backward(indexed(t, "dy"), cache, need_dx=True, need_dW=True,
-                                     need_dbias=optional(t, "bias", n) is not None)
+        g = self.backward(indexed(t, "dy"), cache, need_dx=True, need_dW=True,
+                          need_dbias=optional(t, "bias", n) is not None)
         return self._named_grads(self._ys(ys), g)
 
     def magnitudes(self, case):
@@ -486,9 +497,18 @@ class Mlp(_Projections):
 
     projections = 3
     roles = " (gate, up, down)"
+    inputs = ("x", "x", "z")  # z = act(gate(x)) ⊙ up(x), down's input
+    peft_modules = ("gate_proj", "up_proj", "down_proj")
+    forward = staticmethod(blocks.lora_mlp_forward)
+    backward = staticmethod(blocks.lora_mlp_backward)
 
     def __init__(self):
         super().__init__("mlp")
+
+    def compose(self, projections, x, act):
+        """The block from its projections (callables): down(act(gate(x)) ⊙ up(x))."""
+        gate, up, down = projections
+        return down(act(gate(x)) * up(x))
 
     def extra_metadata(self, case):
         return {"activation": case.activation}
@@ -512,21 +532,21 @@ class Mlp(_Projections):
         """gate and up to ``hidden`` (default 2·d_in), down to d_out."""
         hidden = hidden or 2 * d_in
         dims = [(hidden, d_in), (hidden, d_in), (d_out, hidden)]
-        inputs = [lead + (d_in,)] * 2 + [lead + (hidden,)]
-        t, scalings = self._draw(rng, rounded, lead, dims, inputs, False, r=r, alpha=alpha,
-                                 rslora=rslora, dropout=dropout, bias=bias)
+        shape = {"x": lead + (d_in,), "z": lead + (hidden,)}
+        t, scalings = self._draw(rng, rounded, lead, dims, [shape[n] for n in self.inputs],
+                                 r=r, alpha=alpha, rslora=rslora, dropout=dropout, bias=bias)
         t["dy"] = rounded(rng.standard_normal(lead + (d_out,)))
         return t, scalings
 
     def evaluate(self, case, backend):
         t = case.tensors
-        y, cache = blocks.lora_mlp_forward(
+        y, cache = self.forward(
             t["x"], indexed(t, "W"), indexed(t, "A"), indexed(t, "B"),
             scaling=list(case.scaling), activation=case.activation,
             bias=optional(t, "bias", 3), dropout_mask=optional(t, "dropout_mask", 3),
             backend=backend)
-        g = blocks.lora_mlp_backward(t["dy"], cache, need_dx=True, need_dW=True,
-                                     need_dbias=optional(t, "bias", 3) is not None)
+        g = self.backward(t["dy"], cache, need_dx=True, need_dW=True,
+                          need_dbias=optional(t, "bias", 3) is not None)
         return self._named_grads({"y": y}, g)
 
     def magnitudes(self, case):
@@ -543,6 +563,8 @@ class Multi(_Block):
     """K adapters on one layer, each token given one or none (``ml.multi_lora_forward``)."""
 
     fan_in_fan_out = True
+    forward = staticmethod(blocks.multi_lora_forward)
+    backward = staticmethod(blocks.multi_lora_backward)
 
     def __init__(self):
         super().__init__("multi")
@@ -597,12 +619,12 @@ class Multi(_Block):
 
     def evaluate(self, case, backend):
         t = case.tensors
-        y, cache = blocks.multi_lora_forward(
+        y, cache = self.forward(
             t["x"], t["W"], indexed(t, "A"), indexed(t, "B"), t["adapter_index"],
             scaling=list(case.scaling), bias=t.get("bias"), dropout_mask=t.get("dropout_mask"),
             fan_in_fan_out=case.fan_in_fan_out, backend=backend)
-        g = blocks.multi_lora_backward(t["dy"], cache, need_dx=True, need_dW=True,
-                                       need_dbias="bias" in t)
+        g = self.backward(t["dy"], cache, need_dx=True, need_dW=True,
+                          need_dbias="bias" in t)
         out = {"y": y, "dx": g.dx, **{f"dA.{k}": a for k, a in enumerate(g.dA)},
                **{f"dB.{k}": b for k, b in enumerate(g.dB)}, "dW": g.dW}
         if "bias" in t:
