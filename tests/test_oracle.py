@@ -23,6 +23,13 @@ def honest(case, dtype, backend="numba"):
     return emulate(case, dtype, backend=backend)
 
 
+@pytest.fixture(scope="module")
+def torch():
+    """torch, for the test that compares with it: skipped where torch is not installed (the
+    light install), run everywhere else (CI installs it)."""
+    return pytest.importorskip("torch")
+
+
 OPTIONS = [dict(), dict(bias=True, dropout=0.2), dict(fan_in_fan_out=True, rslora=True, seq=3),
            dict(dora=True), dict(dora=True, detach_norm=False, dropout=0.1, bias=True)]
 
@@ -316,10 +323,9 @@ def test_a_candidate_stored_finer_or_coarser_than_claimed_gets_a_warning():
     assert oracle.compare(case, bf16, dtype="bf16").warnings == []
 
 
-def test_bf16_and_fp16_rounding_are_bit_for_bit_torchs():
+def test_bf16_and_fp16_rounding_are_bit_for_bit_torchs(torch):
     """The emulation every bf16 and fp16 verdict rests on: round to nearest even, on every
     float32 bit pattern class (normals, subnormals, ties, the largest values, inf, NaN)."""
-    torch = pytest.importorskip("torch")
     rng = np.random.default_rng(0)
     bits = np.concatenate([rng.integers(0, 2**32, 200_000, dtype=np.uint64),
                            np.arange(0, 2**16, dtype=np.uint64) << np.uint64(16 - 15),
