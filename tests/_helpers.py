@@ -1,6 +1,7 @@
-"""Setup that several test files share: the backends, LoRA problems drawn from a generator,
-dropout masks, safetensors files built by hand, PEFT-style adapter layers, and the marker for
-tests that need a package of the parity extra.
+"""Setup and checks that several test files share: the backends, the marker for tests that need
+a package of the parity extra, LoRA arrays drawn from a generator, dropout masks, safetensors
+files built by hand and their refusal, PEFT-style adapter layers and their comparison, a
+layer's functional gradients, and one torch forward-backward step.
 
 Test files import it as ``from _helpers import ...`` (pytest puts tests/ on sys.path)."""
 
