@@ -21,17 +21,19 @@ def qlora_case(dtype, seed=0, **options):
     return ml.oracle.make_case(**args)
 
 
-def dequantize(W_4bit, *, blocksize=None, offset=True):
+def dequantize(W_4bit, *, blocksize=None, offset=True, absmax_dtype=torch.float32):
     """The 4-bit weight dequantized from its quant_state's fields, as a fused kernel reads them
     (unsloth's fast_dequantize: absmax, state2's absmax, code and blocksize, offset, dtype):
-    W = c[q]·a in float32, then the state's dtype. ``blocksize`` and ``offset=False`` plant
-    the bugs of a kernel that assumes another blocksize or forgets the nested absmax's mean."""
+    W = c[q]·a in float32, then the state's dtype. ``blocksize``, ``offset=False`` and
+    ``absmax_dtype`` plant the bugs of a kernel that assumes another blocksize, forgets the
+    nested absmax's mean, or holds the absmax in a 16-bit type."""
     qs = W_4bit.quant_state
     a = qs.absmax
     if qs.nested:
         s2 = qs.state2
         a2 = s2.absmax.repeat_interleave(s2.blocksize)[:a.numel()]  # (n_blocks,)
         a = s2.code[a.long()] * a2 + (qs.offset if offset else 0)  # (n_blocks,) float32
+    a = a.to(absmax_dtype).float()  # (n_blocks,)
     packed = W_4bit.data.reshape(-1)  # (n/2,) uint8
     idx = torch.stack([packed >> 4, packed & 0x0F], dim=1).reshape(-1).long()  # (n,)
     n = qs.shape.numel()
@@ -152,6 +154,15 @@ def test_a_forgotten_absmax_offset_in_the_backward_fails_in_dx(dtype):
     with pytest.raises(AssertionError, match="FAILED") as e:
         assert_torch_matches(fn, qlora_case(dtype))
     assert failed_outputs(e) == ["dx"]
+
+
+def test_absmax_held_in_bf16_fails_at_fp32_in_y_and_dx():
+    """A kernel that loads the absmax as bf16 scales W by up to 2⁻⁹ off: at fp32 that shows in
+    y and dx (at bf16 it is the size of bf16's own rounding of W, docs/oracle.md)."""
+    fn = unsloth_style(lambda P: dequantize(P, absmax_dtype=torch.bfloat16))
+    with pytest.raises(AssertionError, match="FAILED") as e:
+        assert_torch_matches(fn, qlora_case("fp32"))
+    assert failed_outputs(e) == ["y", "dx"]
 
 
 def test_w_is_handed_over_as_kernels_hold_it_and_w_4bit_only_when_asked():

@@ -224,8 +224,9 @@ def torch_outputs(fn, case, dtype=None, *, need_dW=False, need_dbias=False, devi
     kernel that dequantizes inside (``dequantize_4bit(W_4bit, W_4bit.quant_state)``, unsloth's
     pattern) is judged as it runs. ``W_4bit`` is None for a float base. Before handing it over
     the harness dequantizes it with bitsandbytes on the device and refuses (OracleInputError)
-    when that is not exactly the case's W: bitsandbytes 0.50.2's CPU kernel gets rows whose
-    length is a multiple of 16 but not of the blocksize wrong (other rows it gets right). Also
+    when that is not exactly the case's W: bitsandbytes 0.50.2's CPU kernel gets a weight of
+    several rows wrong when their length is a multiple of 16 but not of the blocksize
+    (docs/oracle.md, "QLoRA bases (NF4)", gives the measured condition). Also
     refused: fp64 (bitsandbytes dequantizes to 16/32-bit floats), a Conv1D-layout case
     (bitsandbytes holds (d_out, d_in)), ``need_dW``, a case read back from a file (no codes),
     bitsandbytes not installed.
