@@ -7,6 +7,7 @@ import pathlib
 
 import numpy as np
 import pytest
+from _helpers import requires
 from hypothesis import given
 
 import minilora as ml
@@ -21,13 +22,6 @@ def honest(case, dtype, backend="numba"):
     """A correct candidate at ``dtype``: inputs rounded, fp32 (fp64) arithmetic, outputs rounded.
     It runs minilora's numba backend, a different summation order from the oracle's baseline."""
     return emulate(case, dtype, backend=backend)
-
-
-@pytest.fixture(scope="module")
-def torch():
-    """torch, for the test that compares with it: skipped where torch is not installed (the
-    light install), run everywhere else (CI installs it)."""
-    return pytest.importorskip("torch")
 
 
 OPTIONS = [dict(), dict(bias=True, dropout=0.2), dict(fan_in_fan_out=True, rslora=True, seq=3),
@@ -323,9 +317,12 @@ def test_a_candidate_stored_finer_or_coarser_than_claimed_gets_a_warning():
     assert oracle.compare(case, bf16, dtype="bf16").warnings == []
 
 
-def test_bf16_and_fp16_rounding_are_bit_for_bit_torchs(torch):
+@requires("torch")
+def test_bf16_and_fp16_rounding_are_bit_for_bit_torchs():
     """The emulation every bf16 and fp16 verdict rests on: round to nearest even, on every
     float32 bit pattern class (normals, subnormals, ties, the largest values, inf, NaN)."""
+    import torch
+
     rng = np.random.default_rng(0)
     bits = np.concatenate([rng.integers(0, 2**32, 200_000, dtype=np.uint64),
                            np.arange(0, 2**16, dtype=np.uint64) << np.uint64(16 - 15),
