@@ -218,3 +218,100 @@ def test_the_hand_written_mlp_backward_matches_finite_differences_in_float64():
         lambda *a: LoRAMLP.apply(a[0], Wg, *a[1:3], Wu, *a[3:5], Wd, *a[5:], mg.double(),
                                  mu.double(), md.double(), (2.0, 0.5, 1.5), "indicator"),
         (x, Ag, Bg, Au, Bu, Ad, Bd), raise_exception=False)
+
+
+def test_a_model_without_lora_dropout_is_judged():
+    """lora_dropout=0: PEFT's dropout is an nn.Identity, which check_model's mask hook skips."""
+    report = check_model(tiny_llama(torch.float32, dropout=0.0), batch(), dtype="fp32")
+    assert report.passed and len(report.layers) == 6, str(report)
+
+
+def qlora_llama(dtype, hidden=64, intermediate=128, blocksize=64, seed=0):
+    """QLoRA as bitsandbytes and PEFT build it: the tiny LLaMA's seven projections replaced by
+    bitsandbytes Linear4bit (NF4, double quantization, ``blocksize``) quantized on this CPU,
+    then PEFT LoRA on them (r 4, alpha 8), B drawn nonzero, no LoRA dropout."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=hidden,
+                                      intermediate_size=intermediate, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=32)
+    model = transformers.LlamaForCausalLM(config).to(dtype)
+    for module in list(model.modules()):
+        for child, linear in list(module.named_children()):
+            if child in PROJECTIONS:
+                q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False,
+                                      compute_dtype=dtype, quant_type="nf4",
+                                      compress_statistics=True)
+                q.weight = bnb.nn.Params4bit(linear.weight.data.float(), requires_grad=False,
+                                             quant_type="nf4", compress_statistics=True,
+                                             blocksize=blocksize)
+                setattr(module, child, q.to("cpu"))  # quantized here
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                       target_modules=PROJECTIONS))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.3)
+    return model.train()
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_a_qlora_model_passes_with_its_4bit_bases_judged_exactly(dtype):
+    """Each 4-bit base is read back from its quant_state (codes, nested absmax, offset) and
+    judged at its exact dequantization, with the honest model bitsandbytes' p(fl32(c[q]·a))."""
+    model = qlora_llama(DTYPES[dtype])
+    report = check_model(model, batch(), dtype=dtype)
+    assert report.passed and len(report.layers) == 14, str(report)
+    assert {r.block for r in report.layers} == {"linear"}  # blocks hold float bases only
+    assert all({"y", "dx", "dA", "dB"} <= {t.name for t in r.report.tensors}
+               for r in report.layers)
+
+
+def test_a_dequantization_bug_in_one_qlora_layer_fails_exactly_there():
+    """One Linear4bit's forward dequantizes with twice its blocksize (a fused kernel that
+    hard-codes 128), its backward through that W by autograd: that module fails in y and dx
+    (dA and dB do not depend on W), and every other passes."""
+    F = pytest.importorskip("bitsandbytes.functional")
+    model = qlora_llama(torch.float32)
+    down = model.base_model.model.model.layers[0].mlp.down_proj
+    base = down.get_base_layer()
+    qs = base.weight.quant_state
+    wrong = F.QuantState(absmax=qs.absmax, shape=qs.shape, code=qs.code,
+                         blocksize=2 * qs.blocksize, quant_type="nf4", dtype=qs.dtype,
+                         offset=qs.offset, state2=qs.state2)
+    base.forward = lambda x: x @ F.dequantize_4bit(base.weight.data, wrong).to(x.dtype).T
+    report = check_model(model, batch(), dtype="fp32")
+    name = "base_model.model.model.layers.0.mlp.down_proj"
+    assert report.failed == [name], str(report)
+    row = next(r for r in report.layers if r.name == name)
+    assert [t.name for t in row.report.tensors if not t.passed] == ["y", "dx"]
+
+
+def test_bitsandbytes_own_cpu_dequantization_bug_is_caught():
+    """bitsandbytes 0.50.2's CPU kernel dequantizes rows of 32 and 48 values in blocks of 64
+    wrongly (docs/oracle.md, "QLoRA bases (NF4)"): the QLoRA model built so fails in every
+    module, judged against the weights' exact dequantization, while the same model in blocks
+    of 32 (its rows of 32 and 64 values whole blocks) passes."""
+    F = pytest.importorskip("bitsandbytes.functional")
+    model = qlora_llama(torch.float32, hidden=32, intermediate=48, blocksize=64)
+    w = model.base_model.model.model.layers[0].self_attn.q_proj.get_base_layer().weight
+    if not _cpu_kernel_wrong(F, w):
+        pytest.skip("this bitsandbytes build dequantizes rows of 32 in blocks of 64 correctly")
+    report = check_model(model, batch(), dtype="fp32")
+    assert len(report.failed) == 14, str(report)
+    report = check_model(qlora_llama(torch.float32, hidden=32, intermediate=64, blocksize=32),
+                         batch(), dtype="fp32")
+    assert report.passed, str(report)
+
+
+def _cpu_kernel_wrong(F, w):
+    """bitsandbytes' dequantize_4bit against its own reference (default backend) path."""
+    from bitsandbytes.backends.default import ops as default_ops
+
+    qs = w.quant_state
+    absmax = F.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
+    ref = default_ops._dequantize_4bit_compute.__wrapped__(
+        w.data.reshape(-1), absmax.float(), F.get_4bit_type("nf4", device="cpu"),
+        qs.blocksize, qs.shape, qs.dtype)
+    return not torch.equal(F.dequantize_4bit(w.data, qs), ref)

@@ -395,14 +395,48 @@ def _host(t):
     return None if t is None else t.detach().to("cpu", torch.float64).numpy()
 
 
+def _nf4_base(layer):
+    """A LoRA layer's 4-bit base weight (a bitsandbytes ``Params4bit``, as in QLoRA) as an
+    ``NF4Weight``: (weight, None); (None, why) when it is one minilora cannot judge; (None,
+    None) for a float base."""
+    weight = getattr(layer.get_base_layer(), "weight", None)
+    qs = getattr(weight, "quant_state", None)
+    if qs is None:
+        return None, None
+    from minilora.oracle.nf4 import ABSMAX_BLOCKSIZE, NF4_CODE, NF4Weight, dynamic_map
+
+    if qs.quant_type != "nf4":
+        return None, f"a {qs.quant_type} 4-bit base: check_model judges bitsandbytes' NF4"
+    if not np.array_equal(_host(qs.code), NF4_CODE):
+        return None, "its 4-bit base's code book is not bitsandbytes' NF4 table"
+    nested = qs.state2 is not None
+    if nested and (qs.state2.blocksize != ABSMAX_BLOCKSIZE
+                   or not np.array_equal(_host(qs.state2.code), dynamic_map())):
+        return None, "its 4-bit base's absmax are quantized otherwise than bitsandbytes' default"
+    try:
+        q = NF4Weight(weight.data.detach().view(torch.uint8).cpu().numpy().reshape(-1).copy(),
+                      qs.absmax.detach().cpu().numpy().copy(), tuple(int(v) for v in qs.shape),
+                      int(qs.blocksize),
+                      qs.state2.absmax.detach().cpu().numpy().copy() if nested else None,
+                      np.float32(qs.offset.item()) if nested else None)
+    except (ValueError, RuntimeError) as e:
+        return None, f"its 4-bit base's quant_state is not one NF4 weight: {e}"
+    return q, None
+
+
 def _lora_parts(layer, adapter):
-    """(W, A, B, bias, m, scaling) of a PEFT LoRA Linear's adapter, float64 on the host."""
+    """(W, A, B, bias, m, scaling) of a PEFT LoRA Linear's adapter, float64 on the host; a
+    4-bit base's W is the exact dequantization of its codes and absmax."""
+    from minilora.oracle.nf4 import dequantize_nf4
+
     base = layer.get_base_layer()
     m = None
     if layer.use_dora.get(adapter, False):
         m = _host(layer.lora_magnitude_vector[adapter].weight).reshape(-1)
     bias = getattr(base, "bias", None)
-    return (_host(base.weight), _host(layer.lora_A[adapter].weight),
+    q, _ = _nf4_base(layer)
+    W = dequantize_nf4(q) if q is not None else _host(base.weight)  # (d_out, d_in)
+    return (W, _host(layer.lora_A[adapter].weight),
             _host(layer.lora_B[adapter].weight), _host(bias), m, float(layer.scaling[adapter]))
 
 
@@ -450,7 +484,9 @@ def check_model(model, batch, loss_fn=None, dtype="bf16", device=None):
     made to require grad during the run so that the first layer's dx is computed too, and each
     LoRA dropout's mask is drawn by a hook (its output is input ⊙ mask, keep ~ Bernoulli(1 − p),
     the same distribution as torch's) so that the mask is known at every entry, zeros of the
-    input included.
+    input included. A QLoRA base (a bitsandbytes ``Params4bit``, NF4) is read back from its
+    ``quant_state`` and its module judged as an NF4 case (W the exact dequantization of the
+    codes and absmax), always as a linear layer; another 4-bit format is not judged.
     """
     import peft
 
@@ -479,6 +515,9 @@ def check_model(model, batch, loss_fn=None, dtype="bf16", device=None):
         elif len(layer.active_adapters) != 1 or layer.merged or layer.disable_adapters:
             not_judged.append((name, "not exactly one active, unmerged adapter"))
             claimed.add(name)
+        elif _nf4_base(layer)[1] is not None:
+            not_judged.append((name, _nf4_base(layer)[1]))
+            claimed.add(name)
     for name, module in named.items():
         prefix = f"{name}." if name else ""
         for block, children in (("mlp", ("gate_proj", "up_proj", "down_proj")),
@@ -488,8 +527,9 @@ def check_model(model, batch, loss_fn=None, dtype="bf16", device=None):
                 continue
             adapters = {layers[m].active_adapters[0] for m in members}
             if len(adapters) > 1 or any(layers[m].use_dora.get(layers[m].active_adapters[0])
+                                        or _nf4_base(layers[m])[0] is not None
                                         for m in members):
-                continue  # judged as linear layers
+                continue  # judged as linear layers (a block's case holds float bases only)
             if block == "mlp":
                 activation = _activation(getattr(module, "act_fn", None))
                 if activation is None:
@@ -508,7 +548,7 @@ def check_model(model, batch, loss_fn=None, dtype="bf16", device=None):
         handles += captures[n].attach(named[n])
 
     def on_dropout(mod, args, output):  # the mask drawn here, so that every entry is known
-        if not (mod.training and mod.p > 0):
+        if not (isinstance(mod, torch.nn.Dropout) and mod.training and mod.p > 0):
             return None
         keep = torch.rand(args[0].shape, device=args[0].device) >= mod.p  # (..., d)
         mask = (keep / (1.0 - mod.p)).to(args[0].dtype)  # 0 or 1/(1 − p), in the model's dtype
@@ -594,6 +634,11 @@ def _judge_unit(block, name, members, activation, layers, captures, dropouts, pr
         t |= {k: v for k, v in (("bias", bias), ("m", m), ("dropout_mask", masks[0]))
               if v is not None}
         case = Case(t, s, bool(layers[name].fan_in_fan_out), True, prec.name)
+        q, _ = _nf4_base(layers[name])
+        if q is not None:  # a QLoRA base: W exact, the judge's honest model holds p(fl32(W))
+            case.layer = {"base": "nf4", "blocksize": q.blocksize,
+                          "double_quant": q.double_quant}
+            case.base = q
         cand = {"y": _host(captures[name].forward[0][1]), "dA": grads[0][0], "dB": grads[0][1]}
         if m is not None:
             cand["dm"] = grads[0][2]
