@@ -80,6 +80,11 @@ class Kind:
     block = None  # the Case's ``block``: None for a single layer, else ``name``
     ops = ()  # the values of a file's metadata "op"; the first is assumed when it has none
     fan_in_fan_out = False  # whether W may be stored as (d_in, d_out), GPT-2's Conv1D layout
+    inputs = ("x",)  # what each projection takes: x, or the MLP's z = act(gate(x)) ⊙ up(x)
+    dy_each = False  # a cotangent dy.j per projection's output (qkv), or one dy
+    separable = False  # its projections are single layers on one x (qkv): judged one by one
+    #   where they turn out not to share x
+    peft_modules = ()  # the projections' names in a transformers model, as PEFT targets them
 
     def __repr__(self):
         return f"<{self.name} case kind>"
@@ -362,9 +367,7 @@ class _Projections(_Block):
 
     projections = None  # how many a case has (None: any number)
     roles = ""  # their names, for an error message
-    inputs = ("x", "x", "x")  # what each projection of a drawn case takes
-    dy_each = False  # a cotangent dy.j per projection's output (qkv), or one dy
-    peft_modules = ()  # the projections' names in a transformers model, as PEFT targets them
+    inputs = ("x", "x", "x")
 
     def _inputs(self, t):
         """Each projection's input (mlp's down: a placeholder shaped like z)."""
@@ -445,7 +448,7 @@ class _Projections(_Block):
 class Qkv(_Projections):
     """P projections of one x (``ml.lora_qkv_forward``), each with its own output y.j."""
 
-    dy_each = True
+    dy_each = separable = True
     peft_modules = ("q_proj", "k_proj", "v_proj")
     forward = staticmethod(blocks.lora_qkv_forward)
     backward = staticmethod(blocks.lora_qkv_backward)
