@@ -11,15 +11,23 @@ ask ``case.kind`` instead of testing ``case.block``.
 j = 0 … P−1 the projections (mlp: 0 gate, 1 up, 2 down), k = 0 … K−1 the adapters. A single
 layer's scaling is a float, a block's a tuple (one per projection or adapter). Each kind:
 
-    draw(rng, round, lead, ...)      a case's tensors and scaling (``cases.make_case``)
+    check_options, draw, drawn       a drawn case's options, tensors and scaling, and record
+                                     (``cases.make_case``)
     evaluate(case, backend)          every output, in the case's dtype (the reference in float64)
-    shapes(case)                     every output's shape, checking the case's shapes
-    required(case)                   the outputs a candidate must give
+    shapes(case), upstream           every output's shape (and the cotangents'), checking the
+                                     case's shapes; required(case): what a candidate must give
     magnitudes(case)                 what its tolerances scale with (``judge``)
     merged_updates(case, t)          the weights an honest kernel may merge the adapters into
-    scaling_text / read_scaling      its scaling in a file's metadata (``files``)
-    check_names(names)               a file's tensor names
-    fn_inputs, call, split, named_outputs    the harnesses' wiring (``minilora.testing``)
+    scaling, scalings, from_scalings its scaling as the Case holds it, as a tuple, and back
+    scaling_text, read_scaling       its scaling in a file's metadata (``files``), and
+    check_names, output_names        the tensor names its files may hold
+    fn_inputs, call, split,          the harnesses' wiring (``minilora.testing``): fn's
+    named_outputs                    arguments, the call, its outputs, the candidate's names
+    inputs, dy_each, separable,      what each projection takes, its cotangents, and its
+    peft_modules                     modules in a transformers model (``check_model``, bench)
+
+and a block's ``forward``, ``backward`` (its ``minilora.blocks`` op) and, for qkv and mlp,
+``compose(projections, x, act)``: the block built from its projections as callables.
 """
 
 import json
