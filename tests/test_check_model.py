@@ -315,3 +315,19 @@ def _cpu_kernel_wrong(F, w):
         w.data.reshape(-1), absmax.float(), F.get_4bit_type("nf4", device="cpu"),
         qs.blocksize, qs.shape, qs.dtype)
     return not torch.equal(F.dequantize_4bit(w.data, qs), ref)
+
+
+def test_a_4bit_base_of_another_format_is_not_judged_and_says_why():
+    bnb = pytest.importorskip("bitsandbytes")
+    model = qlora_llama(torch.float32)
+    v = model.base_model.model.model.layers[1].self_attn.v_proj
+    fp4 = bnb.nn.Linear4bit(v.in_features, v.out_features, bias=False,
+                            compute_dtype=torch.float32, quant_type="fp4")
+    fp4.weight = bnb.nn.Params4bit(torch.randn(v.out_features, v.in_features) * 0.1,
+                                   requires_grad=False, quant_type="fp4")
+    v.base_layer = fp4.to("cpu")
+    report = check_model(model, batch(), dtype="fp32")
+    name = "base_model.model.model.layers.1.self_attn.v_proj"
+    assert not report.passed and [n for n, _ in report.not_judged] == [name], str(report)
+    assert "fp4 4-bit base" in dict(report.not_judged)[name]
+    assert len(report.layers) == 13 and all(r.passed for r in report.layers)

@@ -395,38 +395,42 @@ def _host(t):
     return None if t is None else t.detach().to("cpu", torch.float64).numpy()
 
 
-def _nf4_base(layer):
-    """A LoRA layer's 4-bit base weight (a bitsandbytes ``Params4bit``, as in QLoRA) as an
-    ``NF4Weight``: (weight, None); (None, why) when it is one minilora cannot judge; (None,
-    None) for a float base."""
-    weight = getattr(layer.get_base_layer(), "weight", None)
-    qs = getattr(weight, "quant_state", None)
+def _quantized_base(layer):
+    """Whether a LoRA layer's base weight is 4-bit (a bitsandbytes ``Params4bit``, as in
+    QLoRA), and why it cannot be judged (None when it can): (is_4bit, why)."""
+    qs = getattr(getattr(layer.get_base_layer(), "weight", None), "quant_state", None)
     if qs is None:
-        return None, None
-    from minilora.oracle.nf4 import ABSMAX_BLOCKSIZE, NF4_CODE, NF4Weight, dynamic_map
+        return False, None
+    from minilora.oracle.nf4 import ABSMAX_BLOCKSIZE, BLOCKSIZES, NF4_CODE, dynamic_map
 
     if qs.quant_type != "nf4":
-        return None, f"a {qs.quant_type} 4-bit base: check_model judges bitsandbytes' NF4"
-    if not np.array_equal(_host(qs.code), NF4_CODE):
-        return None, "its 4-bit base's code book is not bitsandbytes' NF4 table"
+        return True, f"a {qs.quant_type} 4-bit base: check_model judges bitsandbytes' NF4"
+    if qs.blocksize not in BLOCKSIZES or not np.array_equal(_host(qs.code), NF4_CODE):
+        return True, "its 4-bit base's blocksize or code book is not bitsandbytes' NF4"
+    if qs.state2 is not None and (qs.state2.blocksize != ABSMAX_BLOCKSIZE or not np.array_equal(
+            _host(qs.state2.code), dynamic_map())):
+        return True, "its 4-bit base's absmax are quantized otherwise than bitsandbytes' default"
+    return True, None
+
+
+def _nf4_weight(layer):
+    """A 4-bit base (``_quantized_base`` True, no reason against) as an NF4Weight on the host:
+    the codes (n/2 bytes), absmax, and with double quantization state2's absmax and μ."""
+    from minilora.oracle.nf4 import NF4Weight
+
+    weight = layer.get_base_layer().weight
+    qs = weight.quant_state
     nested = qs.state2 is not None
-    if nested and (qs.state2.blocksize != ABSMAX_BLOCKSIZE
-                   or not np.array_equal(_host(qs.state2.code), dynamic_map())):
-        return None, "its 4-bit base's absmax are quantized otherwise than bitsandbytes' default"
-    try:
-        q = NF4Weight(weight.data.detach().view(torch.uint8).cpu().numpy().reshape(-1).copy(),
-                      qs.absmax.detach().cpu().numpy().copy(), tuple(int(v) for v in qs.shape),
-                      int(qs.blocksize),
-                      qs.state2.absmax.detach().cpu().numpy().copy() if nested else None,
-                      np.float32(qs.offset.item()) if nested else None)
-    except (ValueError, RuntimeError) as e:
-        return None, f"its 4-bit base's quant_state is not one NF4 weight: {e}"
-    return q, None
+    return NF4Weight(weight.data.detach().view(torch.uint8).cpu().numpy().reshape(-1).copy(),
+                     qs.absmax.detach().cpu().numpy().copy(), tuple(int(v) for v in qs.shape),
+                     int(qs.blocksize),
+                     qs.state2.absmax.detach().cpu().numpy().copy() if nested else None,
+                     np.float32(qs.offset.item()) if nested else None)
 
 
-def _lora_parts(layer, adapter):
-    """(W, A, B, bias, m, scaling) of a PEFT LoRA Linear's adapter, float64 on the host; a
-    4-bit base's W is the exact dequantization of its codes and absmax."""
+def _lora_parts(layer, adapter, base_nf4=None):
+    """(W, A, B, bias, m, scaling) of a PEFT LoRA Linear's adapter, float64 on the host; with
+    ``base_nf4`` (the layer's 4-bit base as an NF4Weight) W is its exact dequantization."""
     from minilora.oracle.nf4 import dequantize_nf4
 
     base = layer.get_base_layer()
@@ -434,8 +438,7 @@ def _lora_parts(layer, adapter):
     if layer.use_dora.get(adapter, False):
         m = _host(layer.lora_magnitude_vector[adapter].weight).reshape(-1)
     bias = getattr(base, "bias", None)
-    q, _ = _nf4_base(layer)
-    W = dequantize_nf4(q) if q is not None else _host(base.weight)  # (d_out, d_in)
+    W = _host(base.weight) if base_nf4 is None else dequantize_nf4(base_nf4)  # (d_out, d_in)
     return (W, _host(layer.lora_A[adapter].weight),
             _host(layer.lora_B[adapter].weight), _host(bias), m, float(layer.scaling[adapter]))
 
@@ -515,8 +518,8 @@ def check_model(model, batch, loss_fn=None, dtype="bf16", device=None):
         elif len(layer.active_adapters) != 1 or layer.merged or layer.disable_adapters:
             not_judged.append((name, "not exactly one active, unmerged adapter"))
             claimed.add(name)
-        elif _nf4_base(layer)[1] is not None:
-            not_judged.append((name, _nf4_base(layer)[1]))
+        elif _quantized_base(layer)[1] is not None:
+            not_judged.append((name, _quantized_base(layer)[1]))
             claimed.add(name)
     for name, module in named.items():
         prefix = f"{name}." if name else ""
@@ -527,7 +530,7 @@ def check_model(model, batch, loss_fn=None, dtype="bf16", device=None):
                 continue
             adapters = {layers[m].active_adapters[0] for m in members}
             if len(adapters) > 1 or any(layers[m].use_dora.get(layers[m].active_adapters[0])
-                                        or _nf4_base(layers[m])[0] is not None
+                                        or _quantized_base(layers[m])[0]
                                         for m in members):
                 continue  # judged as linear layers (a block's case holds float bases only)
             if block == "mlp":
@@ -606,10 +609,16 @@ def _judge_unit(block, name, members, activation, layers, captures, dropouts, pr
                     members, layers, captures, dropouts, prec, Case)
             return [(n, why)]
     parts, masks, grads = [], [], []
+    base_nf4 = None  # blocks hold float bases only
+    if block == "linear" and _quantized_base(layers[name])[0]:
+        try:
+            base_nf4 = _nf4_weight(layers[name])
+        except ValueError as e:  # NF4Weight's checks: names the field that does not fit
+            return [(name, f"its 4-bit base's quant_state is not one NF4 weight: {e}")]
     for n in members:
         layer = layers[n]
         adapter = layer.active_adapters[0]
-        parts.append(_lora_parts(layer, adapter))
+        parts.append(_lora_parts(layer, adapter, base_nf4))
         grads.append(tuple(_host(p.grad) if p.grad is not None else None
                            for p in (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight,
                                      *([layer.lora_magnitude_vector[adapter].weight]
@@ -634,11 +643,10 @@ def _judge_unit(block, name, members, activation, layers, captures, dropouts, pr
         t |= {k: v for k, v in (("bias", bias), ("m", m), ("dropout_mask", masks[0]))
               if v is not None}
         case = Case(t, s, bool(layers[name].fan_in_fan_out), True, prec.name)
-        q, _ = _nf4_base(layers[name])
-        if q is not None:  # a QLoRA base: W exact, the judge's honest model holds p(fl32(W))
-            case.layer = {"base": "nf4", "blocksize": q.blocksize,
-                          "double_quant": q.double_quant}
-            case.base = q
+        if base_nf4 is not None:  # a QLoRA base: W exact, the judge's honest W p(fl32(W))
+            case.layer = {"base": "nf4", "blocksize": base_nf4.blocksize,
+                          "double_quant": base_nf4.double_quant}
+            case.base = base_nf4
         cand = {"y": _host(captures[name].forward[0][1]), "dA": grads[0][0], "dB": grads[0][1]}
         if m is not None:
             cand["dm"] = grads[0][2]
