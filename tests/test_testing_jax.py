@@ -12,24 +12,13 @@ import jax.numpy as jnp  # noqa: E402
 
 import minilora as ml  # noqa: E402
 from minilora.oracle import OracleInputError  # noqa: E402
+from minilora.testing._harness import lora_fn  # noqa: E402
 from minilora.testing.jax import assert_jax_matches, jax_outputs  # noqa: E402
 
 
 def jnp_lora(detach_norm=True):
     """A correct LoRA (and DoRA, PEFT's formulation) in jax.numpy."""
-
-    def fn(x, W, A, B, *, scaling, bias=None, dropout_mask=None, m=None):
-        x_d = x if dropout_mask is None else x * dropout_mask
-        lora = (x_d @ A.T) @ B.T
-        if m is None:
-            y = x @ W.T + scaling * lora
-        else:
-            n = jnp.linalg.norm(W + scaling * B @ A, axis=1)
-            c = m / (jax.lax.stop_gradient(n) if detach_norm else n)
-            y = x @ W.T + (c - 1) * (x_d @ W.T) + c * scaling * lora
-        return y if bias is None else y + bias
-
-    return fn
+    return lora_fn(lambda V: jnp.linalg.norm(V, axis=1), jax.lax.stop_gradient, detach_norm)
 
 
 def planted_lora(bug):

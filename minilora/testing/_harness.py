@@ -25,6 +25,43 @@ from minilora.precision import precision
 DTYPE_NAMES = ("bf16", "fp16", "tf32", "fp32", "fp64")  # the keys of each framework's dtype map
 
 
+def dtype_map(bf16, fp16, fp32, fp64):
+    """A framework's dtype for each of ``DTYPE_NAMES``: tf32 runs on fp32 tensors (TF32 is how
+    the matrix products round, not a storage type)."""
+    return {"bf16": bf16, "fp16": fp16, "tf32": fp32, "fp32": fp32, "fp64": fp64}
+
+
+def lora_fn(row_norms, constant, detach_norm=True):
+    """A correct ``fn`` for either harness: LoRA, and DoRA as PEFT computes it, in any
+    framework's array operations (``@``, ``*``, ``+``, ``.T``).
+
+    Parameters
+    ----------
+    row_norms : V -> ‖V_j‖ per row, (d_out, d_in) -> (d_out,) (torch: ``torch.linalg.norm(V,
+        dim=1)``; jax: ``jnp.linalg.norm(V, axis=1)``)
+    constant : n -> n without a gradient (``torch.Tensor.detach``, ``jax.lax.stop_gradient``)
+    detach_norm : DoRA's n a constant in the backward (PEFT's default) or not
+
+    Notes
+    -----
+    y = x Wᵀ + s·(x_d Aᵀ) Bᵀ (+ bias); DoRA: n = ‖W + s·B A‖ per row, c = m / n,
+    y = x Wᵀ + (c − 1) ⊙ (x_d Wᵀ) + c ⊙ s·(x_d Aᵀ) Bᵀ (+ bias).
+    """
+
+    def fn(x, W, A, B, *, scaling, bias=None, dropout_mask=None, m=None):
+        x_d = x if dropout_mask is None else x * dropout_mask  # (..., d_in)
+        lora = (x_d @ A.T) @ B.T  # (..., d_out)
+        if m is None:
+            y = x @ W.T + scaling * lora
+        else:
+            n = row_norms(W + scaling * B @ A)  # (d_out,)
+            c = m / (constant(n) if detach_norm else n)  # (d_out,)
+            y = x @ W.T + (c - 1) * (x_d @ W.T) + c * scaling * lora
+        return y if bias is None else y + bias
+
+    return fn
+
+
 def oracle_case(case):
     """A ``minilora.oracle.Case`` (a ``minilora.testing.LoRACase`` converted)."""
     return case if isinstance(case, Case) else case.to_oracle()

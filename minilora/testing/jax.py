@@ -29,14 +29,14 @@ import numpy as np
 from minilora.oracle import OracleInputError, compare
 from minilora.testing._harness import (
     check_returned,
+    dtype_map,
     fn_inputs,
     named_outputs,
     oracle_case,
     precision_name,
 )
 
-JAX_DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "tf32": jnp.float32,
-              "fp32": jnp.float32, "fp64": jnp.float64}
+JAX_DTYPES = dtype_map(jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64)
 
 
 def jax_outputs(fn, case, dtype=None, *, need_dW=False, need_dbias=False):
