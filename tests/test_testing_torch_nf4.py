@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given
 
 torch = pytest.importorskip("torch")
 F = pytest.importorskip("bitsandbytes.functional")
@@ -12,6 +13,7 @@ bnb = pytest.importorskip("bitsandbytes")
 
 import minilora as ml  # noqa: E402
 from minilora.oracle import OracleInputError, nf4  # noqa: E402
+from minilora.testing.strategies import nf4_cases  # noqa: E402
 from minilora.testing.torch import assert_torch_matches, params4bit, torch_outputs  # noqa: E402
 
 
@@ -216,3 +218,40 @@ def test_what_cannot_be_given_as_w_4bit_is_refused(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(OracleInputError, match="pip install bitsandbytes"):
         torch_outputs(fn, qlora_case("fp32"))
+
+
+def qlora_autograd(detach_norm=True):
+    """A correct QLoRA LoRA and DoRA in plain torch autograd, W dequantized from W_4bit."""
+
+    def fn(x, W, A, B, *, scaling, bias=None, dropout_mask=None, m=None, W_4bit=None):
+        W = bnb_dequantize(W_4bit)  # (d_out, d_in) in the dtype
+        x_d = x if dropout_mask is None else x * dropout_mask
+        lora = scaling * ((x_d @ A.T) @ B.T)  # (..., d_out)
+        if m is None:
+            y = x @ W.T + lora
+        else:
+            n = torch.linalg.norm(W + scaling * B @ A, dim=1)  # (d_out,)
+            c = m / (n.detach() if detach_norm else n)
+            y = x @ W.T + (c - 1) * (x_d @ W.T) + c * lora
+        return y if bias is None else y + bias
+
+    return fn
+
+
+@given(case=nf4_cases(dtypes=("bf16", "fp16", "fp32"), fan_in_fan_out=False))
+def test_drawn_nf4_cases_an_honest_dequantizing_kernel_passes_or_is_refused(case):
+    """On every drawn QLoRA case an honest kernel computing from W_4bit passes, unless the
+    harness refuses W_4bit because bitsandbytes here dequantizes it wrongly (then that is
+    true: its dequantization differs from the case's W)."""
+    fn = qlora_autograd(case.detach_norm)
+    try:
+        outputs = torch_outputs(fn, case)
+    except OracleInputError as e:
+        assert "does not give this case's W" in str(e)
+        P = params4bit(case, case.input_precision)
+        got = bnb_dequantize(P).double().numpy()
+        want = nf4.honest_weight(case.base, case.input_precision)
+        assert got.shape != want.shape or not np.array_equal(got, want)
+        return
+    report = ml.oracle.compare(case, outputs)
+    assert report.passed, str(report)

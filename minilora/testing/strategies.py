@@ -138,7 +138,8 @@ def block_cases(draw, block=None, dtype="fp32", max_dim=12, min_tokens=0):
 
 @st.composite
 def nf4_cases(draw, dtype=None, dtypes=("bf16", "fp16", "fp32", "fp64"), max_dim=96,
-              blocksizes=(32, 64, 128, 256), double_quant=None, dora=None):
+              blocksizes=(32, 64, 128, 256), double_quant=None, dora=None,
+              fan_in_fan_out=None):
     """A ``minilora.oracle.Case`` with a QLoRA base (``make_case(base="nf4")``): W quantized
     to bitsandbytes' NF4 in blocks of a drawn ``blocksize`` (from ``blocksizes``), its absmax
     double-quantized or not (``double_quant`` drawn unless given), ``case.base`` keeping the
@@ -147,7 +148,8 @@ def nf4_cases(draw, dtype=None, dtypes=("bf16", "fp16", "fp32", "fp64"), max_dim
     Drawn too: d_in (1 to ``max_dim``, so that W's rows cut through blocks or hold several)
     and d_out (1 to 24; the last block is then often shorter), r, the leading shape, the
     precision (``dtype``, or one of ``dtypes``), LoRA or DoRA (``dora``), bias, dropout,
-    rsLoRA, the Conv1D layout and the detached norm. A kernel holds W as
+    rsLoRA, the Conv1D layout (``fan_in_fan_out``; bitsandbytes' own 4-bit weights are
+    (d_out, d_in)) and the detached norm. A kernel holds W as
     ``minilora.oracle.nf4.honest_case(case, dtype)`` has it; judge its outputs with
     ``assert_matches_reference(outputs, case, dtype=...)``, or run a torch kernel on the case
     with ``minilora.testing.torch.assert_torch_matches`` (which can hand it bitsandbytes'
@@ -171,7 +173,8 @@ def nf4_cases(draw, dtype=None, dtypes=("bf16", "fp16", "fp32", "fp64"), max_dim
                      seq=draw(st.sampled_from([None, 1, 4])), rslora=draw(st.booleans()),
                      dora=use_dora, detach_norm=not use_dora or draw(st.booleans()),
                      dropout=draw(st.sampled_from([0.0, 0.1, 0.5])), bias=draw(st.booleans()),
-                     fan_in_fan_out=draw(st.booleans()), dtype=precision,
+                     fan_in_fan_out=draw(st.booleans()) if fan_in_fan_out is None
+                     else bool(fan_in_fan_out), dtype=precision,
                      seed=draw(st.integers(0, 2**32 - 1)), base="nf4",
                      blocksize=draw(st.sampled_from(blocksizes)),
                      double_quant=draw(st.booleans()) if double_quant is None
