@@ -81,6 +81,24 @@ def test_the_harness_wiring_hands_fn_the_case_and_names_the_reference_back(name,
     assert all(np.array_equal(out[k], ref[k]) for k in ref)
 
 
+@pytest.mark.parametrize("name, kw", [(n, kw) for n, kw in ALL if n != "multi"
+                                      and not kw.get("fan_in_fan_out")])
+def test_named_inputs_undo_fn_inputs(name, kw):
+    """A case rebuilt from fn's arguments (as check_model builds one from a model's modules)
+    is the case."""
+    case = make(kw)
+    kind, given = case.kind, case.kind.fn_inputs(case)
+
+    def listed(key):  # one entry per projection
+        value = given.get(key)
+        return value if isinstance(value, list) else [value] * len(kind.scalings(case.scaling))
+
+    t = kind.named_inputs(given["x"], given["dys"], listed("W"), listed("A"), listed("B"),
+                          listed("bias"), listed("m"), listed("dropout_mask"))
+    assert set(t) == set(case.tensors)
+    assert all(np.array_equal(t[k], case.tensors[k]) for k in t)
+
+
 def test_call_passes_multi_its_adapter_index_and_split_gives_qkv_its_outputs():
     def fn(*args, **kwargs):
         return args, kwargs

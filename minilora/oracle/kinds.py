@@ -93,6 +93,7 @@ class Kind:
     separable = False  # its projections are single layers on one x (qkv): judged one by one
     #   where they turn out not to share x
     peft_modules = ()  # the projections' names in a transformers model, as PEFT targets them
+    nf4_base = False  # whether W may be a QLoRA base's exact dequantization (``case.base``)
 
     def __repr__(self):
         return f"<{self.name} case kind>"
@@ -127,6 +128,7 @@ class Linear(Kind):
     name = "linear"
     ops = ("lora", "dora")
     fan_in_fan_out = True
+    nf4_base = True
     label = "single layer"
 
     def op(self, case):
@@ -265,6 +267,18 @@ class Linear(Kind):
                 "dropout_mask": _float64(t.get("dropout_mask")), "m": _float64(t.get("m")),
                 "dys": [_float64(t["dy"])], "kwargs": {"scaling": case.scaling}}
 
+    def per_projection(self, values):
+        """A list of one value per projection as ``fn_inputs`` and ``named_outputs`` hold it:
+        the one value."""
+        return values[0]
+
+    def named_inputs(self, x, dys, W, A, B, bias, m, masks):
+        """A case's tensors from lists of one per projection (None where absent), in the case's
+        layout: the inverse of ``fn_inputs`` (``check_model`` builds its cases so)."""
+        t = {"x": x, "W": W[0], "A": A[0], "B": B[0], "dy": dys[0]}
+        return t | {k: v[0] for k, v in (("bias", bias), ("m", m), ("dropout_mask", masks))
+                    if v[0] is not None}
+
     def named_outputs(self, case, ys, grads):
         out = {"dx": grads["x"], "y": ys[0], "dA": grads["A"], "dB": grads["B"]}
         for name in ("m", "W", "bias"):
@@ -289,6 +303,9 @@ class _Block(Kind):
 
     def from_scalings(self, scalings):
         return scalings
+
+    def per_projection(self, values):
+        return list(values)
 
     def count(self, t):
         """P (projections) or K (adapters)."""
@@ -445,6 +462,17 @@ class _Projections(_Block):
     def _dys(self, t):
         return [_float64(t["dy"])]
 
+    def named_inputs(self, x, dys, W, A, B, bias, m, masks):
+        t = {"x": x} | self._named_dys(dys)
+        for j in range(len(W)):
+            t |= {f"W.{j}": W[j], f"A.{j}": A[j], f"B.{j}": B[j]}
+            if bias[j] is not None:
+                t[f"bias.{j}"] = bias[j]
+        return t | {f"dropout_mask.{j}": mk for j, mk in enumerate(masks) if mk is not None}
+
+    def _named_dys(self, dys):
+        return {"dy": dys[0]}
+
     def named_outputs(self, case, ys, grads):
         out = super().named_outputs(case, ys, grads)
         for name in ("W", "bias"):
@@ -476,6 +504,9 @@ class Qkv(_Projections):
 
     def _dys(self, t):
         return [_float64(d) for d in indexed(t, "dy")]
+
+    def _named_dys(self, dys):
+        return {f"dy.{j}": d for j, d in enumerate(dys)}
 
     def split(self, y):
         return list(y) if isinstance(y, (tuple, list)) else [y]
