@@ -13,6 +13,7 @@ bnb = pytest.importorskip("bitsandbytes")
 
 import minilora as ml  # noqa: E402
 from minilora.oracle import OracleInputError, nf4  # noqa: E402
+from minilora.precision import precision  # noqa: E402
 from minilora.testing.strategies import nf4_cases  # noqa: E402
 from minilora.testing.torch import assert_torch_matches, params4bit, torch_outputs  # noqa: E402
 
@@ -174,11 +175,13 @@ def test_w_is_handed_over_as_kernels_hold_it_and_w_4bit_only_when_asked():
         seen["W"], seen["rest"] = W, rest
         return x @ W.T + scaling * (x @ A.T) @ B.T
 
-    case = qlora_case("bf16")
+    case = qlora_case("fp16", seed=1)  # 4 entries where p(W) ≠ p(fl32(W)): a double rounding
+    assert np.sum(precision("fp16").round(case.tensors["W"])
+                  != nf4.honest_weight(case.base, "fp16")) == 4
     assert_torch_matches(plain, case)
     assert seen["rest"] == {}  # **kwargs does not opt in: only a parameter named W_4bit does
-    assert seen["W"].dtype == torch.bfloat16
-    assert np.array_equal(seen["W"].double().numpy(), nf4.honest_weight(case.base, "bf16"))
+    assert seen["W"].dtype == torch.float16  # and it holds fl32(c[q]·a) rounded, as kernels do
+    assert np.array_equal(seen["W"].double().numpy(), nf4.honest_weight(case.base, "fp16"))
 
     def asks(x, W, A, B, *, scaling, bias=None, dropout_mask=None, m=None, W_4bit=None):
         seen["W_4bit"] = W_4bit

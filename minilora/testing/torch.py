@@ -179,7 +179,7 @@ def _quantized_weight(case, name, dev, need_dW):
     got = _numpy(F.dequantize_4bit(P, P.quant_state))  # q.shape, what bitsandbytes gives here
     want = honest_weight(case.base, "fp32" if name == "tf32" else name)  # q.shape float64,
     #   the case's W as the kernel reads it (tf32: float32, which the tf32 matmul rounds)
-    if got.shape != want.shape:
+    if got.shape != want.shape:  # a 2-value weight comes back transposed (a compat shim)
         how = f"a {got.shape} array, not the case's {want.shape}"
     else:
         bad = got != want  # q.shape
@@ -187,7 +187,8 @@ def _quantized_weight(case, name, dev, need_dW):
                f"{np.max(np.abs(got - want)):.3g}")
     if got.shape != want.shape or bad.any():
         known = ""
-        if dev.type == "cpu" and case.base.shape[-1] % case.base.blocksize:
+        if dev.type == "cpu" and got.shape == want.shape and \
+                case.base.shape[-1] % case.base.blocksize:
             known = (f" (its CPU kernel's vectorized path indexes the absmax row by row, "
                      f"wrong when a row's {case.base.shape[-1]} values are not a multiple of "
                      f"the blocksize {case.base.blocksize}: draw the case with d_in a multiple "
