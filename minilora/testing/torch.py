@@ -37,17 +37,18 @@ import numpy as np
 import torch
 
 from minilora.oracle import OracleInputError, compare
+from minilora.oracle.kinds import LINEAR, MLP, QKV
 from minilora.precision import precision
 from minilora.testing._harness import (
     check_returned,
+    dtype_map,
     fn_inputs,
     named_outputs,
     oracle_case,
     precision_name,
 )
 
-TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "tf32": torch.float32,
-                "fp32": torch.float32, "fp64": torch.float64}
+TORCH_DTYPES = dtype_map(torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
 def resolve_device(device, owner=None):
@@ -264,11 +265,8 @@ def torch_outputs(fn, case, dtype=None, *, need_dW=False, need_dbias=False, devi
     m = tensor(given.get("m"), True)
     if m is not None:
         kwargs["m"] = m
-    if case.block == "multi":
-        y = fn(x, W, A, B, tensor(given["adapter_index"]), **kwargs)
-    else:
-        y = fn(x, W, A, B, **kwargs)
-    ys = list(y) if case.block == "qkv" and isinstance(y, (tuple, list)) else [y]
+    y = case.kind.call(fn, (x, W, A, B), tensor(given.get("adapter_index")), kwargs)
+    ys = case.kind.split(y)  # qkv: P outputs
     if not all(isinstance(v, torch.Tensor) for v in ys):
         raise OracleInputError(f"fn returned {type(y).__name__}, not torch tensors")
     check_returned(ys, given["dys"])
@@ -524,9 +522,8 @@ def check_model(model, batch, loss_fn=None, dtype="bf16", device=None):
             claimed.add(name)
     for name, module in named.items():
         prefix = f"{name}." if name else ""
-        for block, children in (("mlp", ("gate_proj", "up_proj", "down_proj")),
-                                ("qkv", ("q_proj", "k_proj", "v_proj"))):
-            members = [prefix + c for c in children]
+        for kind in (MLP, QKV):
+            members = [prefix + c for c in kind.peft_modules]
             if not all(m in layers and m not in claimed for m in members):
                 continue
             adapters = {layers[m].active_adapters[0] for m in members}
@@ -534,20 +531,18 @@ def check_model(model, batch, loss_fn=None, dtype="bf16", device=None):
                                         or _quantized_base(layers[m])[0]
                                         for m in members):
                 continue  # judged as linear layers (a block's case holds float bases only)
-            if block == "mlp":
+            activation = None
+            if "z" in kind.inputs:  # down takes z = act(gate(x)) ⊙ up(x): the module's act_fn
                 activation = _activation(getattr(module, "act_fn", None))
                 if activation is None:
                     continue
-                units.append(("mlp", name, members, activation))
-            else:
-                units.append(("qkv", name, members, None))
+            units.append((kind, name, members, activation))
             claimed.update(members)
-    units += [("linear", n, [n], None) for n in layers if n not in claimed]
+    units += [(LINEAR, n, [n], None) for n in layers if n not in claimed]
 
     captures = {n: _Capture() for n in named}
     dropouts, handles = {}, []
-    watched = {n for block, name, members, _ in units
-               for n in ([name] if block == "mlp" else members)}  # the units' boundaries
+    watched = {n for kind, name, members, _ in units for n in _boundary(kind, name, members)}
     for n in watched:
         handles += captures[n].attach(named[n])
 
@@ -583,8 +578,8 @@ def check_model(model, batch, loss_fn=None, dtype="bf16", device=None):
 
     report = ModelReport(prec.name)
     try:
-        for block, name, members, activation in units:
-            row = _judge_unit(block, name, members, activation, layers, captures, dropouts,
+        for kind, name, members, activation in units:
+            row = _judge_unit(kind, name, members, activation, layers, captures, dropouts,
                               prec, Case)
             if isinstance(row, LayerVerdict):
                 report.layers.append(row)
@@ -597,21 +592,27 @@ def check_model(model, batch, loss_fn=None, dtype="bf16", device=None):
     return report
 
 
-def _judge_unit(block, name, members, activation, layers, captures, dropouts, prec, Case):
+def _boundary(kind, name, members):
+    """The modules whose hooks carry a unit's x and dy: each projection where each has its own
+    output and dy (qkv), else the unit's own module (the MLP, or the single layer)."""
+    return members if kind.dy_each else [name]
+
+
+def _judge_unit(kind, name, members, activation, layers, captures, dropouts, prec, Case):
     """One unit's case from its captures, judged: a LayerVerdict, or [(name, why)]."""
     from minilora.oracle import compare
 
-    boundary = [name] if block == "mlp" else members  # the modules whose hooks carry x, dy
+    boundary = _boundary(kind, name, members)
     for n in boundary:
         why = captures[n].problem()
         if why is not None:
-            if block == "qkv":  # judge each projection alone where its hooks fired
+            if kind.separable:  # judge each projection alone where its hooks fired
                 return [(n, f"{why}")] if len(boundary) == 1 else _qkv_fallback(
                     members, layers, captures, dropouts, prec, Case)
             return [(n, why)]
     parts, masks, grads = [], [], []
     base_nf4 = None  # blocks hold float bases only
-    if block == "linear" and _quantized_base(layers[name])[0]:
+    if kind.nf4_base and _quantized_base(layers[name])[0]:
         try:
             base_nf4 = _nf4_weight(layers[name])
         except ValueError as e:  # NF4Weight's checks: names the field that does not fit
@@ -627,78 +628,60 @@ def _judge_unit(block, name, members, activation, layers, captures, dropouts, pr
     if any(g is None for gs in grads for g in gs):
         return [(name, "an adapter's parameter received no gradient in the backward")]
     x = _host(captures[boundary[0]].forward[0][0])
+    shapes = []
     for j, n in enumerate(members):
         layer = layers[n]
         adapter = layer.active_adapters[0]
-        shape = x.shape
-        if block == "mlp" and j == 2:
-            shape = (*x.shape[:-1], parts[2][0].shape[-1])  # z: (..., d_ff)
+        shape = x.shape if kind.inputs[j] == "x" else \
+            (*x.shape[:-1], parts[j][0].shape[-1])  # the MLP's z: (..., d_ff)
         mask, why = _mask(layer, adapter, dropouts, shape)
         if why is not None:
             return [(n, why)]
         masks.append(mask)
-    if block == "linear":
-        W, A, B, bias, m, s = parts[0]
-        dx, dy = (_host(t) for t in captures[name].backward[0])
-        t = {"x": x, "W": W, "A": A, "B": B, "dy": dy}
-        t |= {k: v for k, v in (("bias", bias), ("m", m), ("dropout_mask", masks[0]))
-              if v is not None}
-        case = Case(t, s, bool(layers[name].fan_in_fan_out), True, prec.name)
-        if base_nf4 is not None:  # a QLoRA base: W exact, the judge's honest W p(fl32(W))
-            case.layer = {"base": "nf4", "blocksize": base_nf4.blocksize,
-                          "double_quant": base_nf4.double_quant}
-            case.base = base_nf4
-        cand = {"y": _host(captures[name].forward[0][1]), "dA": grads[0][0], "dB": grads[0][1]}
-        if m is not None:
-            cand["dm"] = grads[0][2]
-    else:
-        if any(layers[n].fan_in_fan_out for n in members):
-            return [(name, "a fan_in_fan_out (Conv1D) block: judged blocks take (d_out, d_in)")]
-        t = {"x": x}
-        if block == "qkv":
-            inputs = [captures[n].forward[0][0] for n in members]
-            if not all(i.shape == inputs[0].shape and torch.equal(i, inputs[0]) for i in inputs):
-                return _qkv_fallback(members, layers, captures, dropouts, prec, Case)
-            dys = [_host(captures[n].backward[0][1]) for n in members]
-            dxs = [captures[n].backward[0][0] for n in members]
-            dx = None if any(d is None for d in dxs) else sum(_host(d) for d in dxs)
-            t |= {f"dy.{j}": d for j, d in enumerate(dys)}
-            cand = {f"y.{j}": _host(captures[n].forward[0][1]) for j, n in enumerate(members)}
-        else:
-            dx, dy = (_host(v) for v in captures[name].backward[0])
-            t["dy"] = dy
-            cand = {"y": _host(captures[name].forward[0][1])}
-        for j, (W, A, B, bias, _, _) in enumerate(parts):
-            t |= {f"W.{j}": W, f"A.{j}": A, f"B.{j}": B}
-            if bias is not None:
-                t[f"bias.{j}"] = bias
-            cand |= {f"dA.{j}": grads[j][0], f"dB.{j}": grads[j][1]}
-        if any(mk is not None for mk in masks):
-            for j, mk in enumerate(masks):
-                inner = x.shape if not (block == "mlp" and j == 2) else \
-                    (*x.shape[:-1], parts[2][0].shape[-1])
-                t[f"dropout_mask.{j}"] = np.ones(inner) if mk is None else mk
-        case = Case(t, tuple(p[5] for p in parts), False, True, prec.name, block=block,
-                    activation=activation or "silu")
+        shapes.append(shape)
+    if any(mk is not None for mk in masks):  # every projection's, ones where it has none
+        masks = [np.ones(shape) if mk is None else mk for mk, shape in zip(masks, shapes,
+                                                                           strict=True)]
+    if not kind.fan_in_fan_out and any(layers[n].fan_in_fan_out for n in members):
+        return [(name, "a fan_in_fan_out (Conv1D) block: judged blocks take (d_out, d_in)")]
+    inputs = [captures[n].forward[0][0] for n in boundary]
+    if kind.separable and not all(i.shape == inputs[0].shape and torch.equal(i, inputs[0])
+                                  for i in inputs):
+        return _qkv_fallback(members, layers, captures, dropouts, prec, Case)
+    dxs = [captures[n].backward[0][0] for n in boundary]
+    dx = None if any(d is None for d in dxs) else sum(map(_host, dxs[1:]), _host(dxs[0]))
+    dys = [_host(captures[n].backward[0][1]) for n in boundary]  # qkv: dx summed over q, k, v
+    W, A, B, bias, m, s = zip(*parts, strict=True)  # one entry per projection
+    t = kind.named_inputs(x, dys, W, A, B, bias, m, masks)
+    case = Case(t, kind.from_scalings(s), bool(layers[members[0]].fan_in_fan_out), True,
+                prec.name, block=kind.block, activation=activation or "silu")
+    if base_nf4 is not None:  # a QLoRA base: W exact, the judge's honest W p(fl32(W))
+        case.layer = {"base": "nf4", "blocksize": base_nf4.blocksize,
+                      "double_quant": base_nf4.double_quant}
+        case.base = base_nf4
+    ys = [_host(captures[n].forward[0][1]) for n in boundary]
+    dms = [g[2] if len(g) > 2 else None for g in grads]
+    cand = kind.named_outputs(case, ys, {"x": dx, "A": kind.per_projection([g[0] for g in grads]),
+                                         "B": kind.per_projection([g[1] for g in grads]),
+                                         "m": kind.per_projection(dms)})
     outputs = None
     if dx is None:
-        outputs = [k for k in cand]  # the input needed no gradient: dx is not judged
-    else:
-        cand["dx"] = dx
+        del cand["dx"]
+        outputs = list(cand)  # the input needed no gradient: dx is not judged
     try:
         rep = compare(case, cand, dtype=prec.name, outputs=outputs)
     except OracleInputError as e:
         return [(name, f"its case cannot be judged at {prec.name}: {e}")]
     failing = [v for v in rep.tensors if not v.passed] or rep.tensors
     worst = max(failing, key=lambda v: v.margin)
-    return LayerVerdict(name, block, rep.passed, (worst.decided_by, float(worst.margin),
-                                                  worst.name), rep)
+    return LayerVerdict(name, kind.name, rep.passed, (worst.decided_by, float(worst.margin),
+                                                      worst.name), rep)
 
 
 def _qkv_fallback(members, layers, captures, dropouts, prec, Case):
     """q, k, v judged one by one (their inputs differ, or some hooks never fired)."""
     rows = []
     for n in members:
-        row = _judge_unit("linear", n, [n], None, layers, captures, dropouts, prec, Case)
+        row = _judge_unit(LINEAR, n, [n], None, layers, captures, dropouts, prec, Case)
         rows.extend(row if isinstance(row, list) else [row])
     return rows
