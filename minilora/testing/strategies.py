@@ -123,6 +123,7 @@ def block_cases(draw, block=None, dtype="fp32", max_dim=12, min_tokens=0):
     from minilora.blocks import ACTIVATIONS
     from minilora.oracle import make_case
     from minilora.oracle.block_cases import BLOCKS
+    from minilora.oracle.kinds import of_block
 
     block = draw(st.sampled_from(BLOCKS)) if block is None else block
     return make_case(block=block, d_in=draw(st.integers(1, max_dim)),
@@ -132,7 +133,8 @@ def block_cases(draw, block=None, dtype="fp32", max_dim=12, min_tokens=0):
                      dropout=draw(st.sampled_from([0.0, 0.2])), bias=draw(st.booleans()),
                      activation=draw(st.sampled_from(ACTIVATIONS)),
                      adapters=draw(st.integers(1, 4)),
-                     fan_in_fan_out=block == "multi" and draw(st.booleans()), dtype=dtype,
+                     fan_in_fan_out=of_block(block).fan_in_fan_out and draw(st.booleans()),
+                     dtype=dtype,
                      seed=draw(st.integers(0, 2**32 - 1)))
 
 
