@@ -16,19 +16,11 @@ import sys
 import torch
 
 from minilora import oracle
+from minilora.testing._harness import lora_fn
 from minilora.testing.torch import torch_outputs
 
-
-def autograd_lora(x, W, A, B, *, scaling, bias=None, dropout_mask=None, m=None):
-    """Honest LoRA / DoRA (PEFT's formulation, detached norm) in torch autograd."""
-    x_d = x if dropout_mask is None else x * dropout_mask
-    lora = (x_d @ A.T) @ B.T
-    if m is None:
-        y = x @ W.T + scaling * lora
-    else:
-        c = m / torch.linalg.norm(W + scaling * B @ A, dim=1).detach()
-        y = x @ W.T + (c - 1) * (x_d @ W.T) + c * scaling * lora
-    return y if bias is None else y + bias
+# honest LoRA / DoRA (PEFT's formulation, detached norm) in torch autograd
+autograd_lora = lora_fn(lambda V: torch.linalg.norm(V, dim=1), torch.Tensor.detach)
 
 
 def autograd_mlp(x, W, A, B, *, scaling, bias=None, dropout_mask=None, activation="silu"):

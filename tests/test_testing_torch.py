@@ -7,24 +7,13 @@ torch = pytest.importorskip("torch")
 
 import minilora as ml  # noqa: E402
 from minilora.oracle import OracleInputError  # noqa: E402
+from minilora.testing._harness import lora_fn  # noqa: E402
 from minilora.testing.torch import assert_torch_matches, torch_outputs  # noqa: E402
 
 
 def autograd_lora(detach_norm=True):
     """A correct LoRA (and DoRA, PEFT's formulation) in plain torch autograd."""
-
-    def fn(x, W, A, B, *, scaling, bias=None, dropout_mask=None, m=None):
-        x_d = x if dropout_mask is None else x * dropout_mask
-        lora = (x_d @ A.T) @ B.T
-        if m is None:
-            y = x @ W.T + scaling * lora
-        else:
-            n = torch.linalg.norm(W + scaling * B @ A, dim=1)
-            c = m / (n.detach() if detach_norm else n)
-            y = x @ W.T + (c - 1) * (x_d @ W.T) + c * scaling * lora
-        return y if bias is None else y + bias
-
-    return fn
+    return lora_fn(lambda V: torch.linalg.norm(V, dim=1), torch.Tensor.detach, detach_norm)
 
 
 class IndicatorMaskLoRA(torch.autograd.Function):
