@@ -27,16 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from minilora.oracle import OracleInputError, compare
-from minilora.testing._harness import (
-    check_returned,
-    dtype_map,
-    fn_inputs,
-    named_outputs,
-    oracle_case,
-    precision_name,
-)
+from minilora.testing import _harness as harness
 
-JAX_DTYPES = dtype_map(jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64)
+JAX_DTYPES = harness.dtype_map(jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64)
 
 
 def jax_outputs(fn, case, dtype=None, *, need_dW=False, need_dbias=False):
@@ -54,8 +47,8 @@ def jax_outputs(fn, case, dtype=None, *, need_dW=False, need_dbias=False):
     dict of float64 arrays: "y", "dx", "dA", "dB", and "dm" for DoRA, "dW", "dbias" when asked
     for (block cases: "y.j", "dA.j", ... as ``minilora.oracle.kinds`` names them).
     """
-    case = oracle_case(case)
-    name = precision_name(case, dtype)
+    case = harness.oracle_case(case)
+    name = harness.precision_name(case, dtype)
     if name == "fp64":
         with _x64():  # thread-local, restored on exit
             return _outputs(fn, case, JAX_DTYPES[name], need_dW, need_dbias)
@@ -73,7 +66,7 @@ def _x64():
 
 
 def _outputs(fn, case, jdt, need_dW, need_dbias):
-    given = fn_inputs(case)
+    given = harness.fn_inputs(case)
 
     def array(a):
         if a is None:
@@ -103,21 +96,21 @@ def _outputs(fn, case, jdt, need_dW, need_dbias):
         ys = case.kind.split(y)  # qkv: P outputs
         if not all(isinstance(v, jax.Array) for v in ys):
             raise OracleInputError(f"fn returned {type(y).__name__}, not jax arrays")
-        check_returned(ys, given["dys"])
+        harness.check_returned(ys, given["dys"])
         return ys
 
     ys, pullback = jax.vjp(run, primals)
     (grads,) = pullback([jnp.asarray(d, dtype=v.dtype) for v, d in zip(ys, given["dys"],
                                                                       strict=True)])
     grads = jax.tree_util.tree_map(lambda g: np.asarray(g, dtype=np.float64), grads)
-    return named_outputs(case, [np.asarray(v, dtype=np.float64) for v in ys], grads)
+    return harness.named_outputs(case, [np.asarray(v, dtype=np.float64) for v in ys], grads)
 
 
 def assert_jax_matches(fn, case, dtype=None, *, accum_dtype=None, need_dW=False,
                        need_dbias=False):
     """``jax_outputs`` judged by the oracle at ``dtype``: returns the report when every output
     is within tolerance, raises AssertionError carrying the report's table otherwise."""
-    case = oracle_case(case)
+    case = harness.oracle_case(case)
     outputs = jax_outputs(fn, case, dtype, need_dW=need_dW, need_dbias=need_dbias)
     report = compare(case, outputs, dtype=dtype, accum_dtype=accum_dtype)
     if not report.passed:
