@@ -49,7 +49,7 @@ def test_the_scaling_survives_its_file_text_and_its_tuple_form(name, kw):
     kind = case.kind
     text = kind.scaling_text(case.scaling)
     assert kind.read_scaling(text, kind.count(case.tensors)) == case.scaling
-    assert kind.from_scalings(kind.scalings(case.scaling)) == case.scaling
+    assert kind.per_projection(kind.scalings(case.scaling)) == case.scaling
     assert len(kind.scalings(case.scaling)) == kind.count(case.tensors)
     with pytest.raises(ValueError, match="scaling"):
         kind.read_scaling("nan", kind.count(case.tensors))

@@ -106,7 +106,7 @@ def _check_case_shapes(shapes):
             raise OracleInputError(f"tensor {name} has dtype {dtype}, not a float")
     check_fits_memory(sum(math.prod(shape) for shape, _ in shapes.values()), "this case")
     arrays = _placeholders(shapes)
-    scaling = kind.from_scalings((1.0,) * kind.count(arrays))
+    scaling = kind.per_projection((1.0,) * kind.count(arrays))
     try:  # the layout of W is in the metadata, read with the data: either is fine here
         reference_shapes(Case(arrays, scaling, fan_in_fan_out=False, block=kind.block))
     except ValueError as first:

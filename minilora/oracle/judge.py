@@ -444,7 +444,7 @@ def _scaling_rounding(case, ref, formats):
         s = tuple(float(fmt.round(np.float64(v))) for v in case.scalings)
         if s == case.scalings:
             continue
-        moved = reference(case.with_scaling(case.kind.from_scalings(s)))
+        moved = reference(case.with_scaling(case.kind.per_projection(s)))
         for name, r in ref.items():
             unit = _unit(r)
             norm2 = float(np.sum((r / unit)**2))

@@ -18,7 +18,8 @@ layer's scaling is a float, a block's a tuple (one per projection or adapter). E
                                      case's shapes; required(case): what a candidate must give
     magnitudes(case)                 what its tolerances scale with (``judge``)
     merged_updates(case, t)          the weights an honest kernel may merge the adapters into
-    scaling, scalings, from_scalings its scaling as the Case holds it, as a tuple, and back
+    scaling, scalings,               its scaling as the Case holds it, as a tuple, and back
+    per_projection                   (any values, one per projection, as this kind holds them)
     scaling_text, read_scaling       its scaling in a file's metadata (``files``), and
     check_names, output_names        the tensor names its files may hold
     fn_inputs, call, split,          the harnesses' wiring (``minilora.testing``): fn's
@@ -140,9 +141,6 @@ class Linear(Kind):
 
     def scalings(self, scaling):
         return (scaling,)
-
-    def from_scalings(self, scalings):
-        return scalings[0]
 
     def count(self, t):
         return 1
@@ -268,8 +266,8 @@ class Linear(Kind):
                 "dys": [_float64(t["dy"])], "kwargs": {"scaling": case.scaling}}
 
     def per_projection(self, values):
-        """A list of one value per projection as ``fn_inputs`` and ``named_outputs`` hold it:
-        the one value."""
+        """Values, one per projection, as this kind holds them (its scaling, fn's arrays, their
+        gradients): a single layer its one value, a block the tuple."""
         return values[0]
 
     def named_inputs(self, x, dys, W, A, B, bias, m, masks):
@@ -301,11 +299,8 @@ class _Block(Kind):
     def scalings(self, scaling):
         return tuple(scaling)
 
-    def from_scalings(self, scalings):
-        return scalings
-
     def per_projection(self, values):
-        return list(values)
+        return tuple(values)
 
     def count(self, t):
         """P (projections) or K (adapters)."""

@@ -647,13 +647,15 @@ def _judge_unit(kind, name, members, activation, layers, captures, dropouts, pre
     inputs = [captures[n].forward[0][0] for n in boundary]
     if kind.separable and not all(i.shape == inputs[0].shape and torch.equal(i, inputs[0])
                                   for i in inputs):
-        return _qkv_fallback(members, layers, captures, dropouts, prec, Case)
+        return _qkv_fallback(members, layers, captures, dropouts, prec, Case)  # (q, k, v
+        #   fed different inputs: judged one by one)
     dxs = [captures[n].backward[0][0] for n in boundary]
     dx = None if any(d is None for d in dxs) else sum(map(_host, dxs[1:]), _host(dxs[0]))
-    dys = [_host(captures[n].backward[0][1]) for n in boundary]  # qkv: dx summed over q, k, v
+    #   (qkv: summed over q, k, v)
+    dys = [_host(captures[n].backward[0][1]) for n in boundary]  # (qkv: one per projection)
     W, A, B, bias, m, s = zip(*parts, strict=True)  # one entry per projection
     t = kind.named_inputs(x, dys, W, A, B, bias, m, masks)
-    case = Case(t, kind.from_scalings(s), bool(layers[members[0]].fan_in_fan_out), True,
+    case = Case(t, kind.per_projection(s), bool(layers[members[0]].fan_in_fan_out), True,
                 prec.name, block=kind.block, activation=activation or "silu")
     if base_nf4 is not None:  # a QLoRA base: W exact, the judge's honest W p(fl32(W))
         case.layer = {"base": "nf4", "blocksize": base_nf4.blocksize,
@@ -661,8 +663,8 @@ def _judge_unit(kind, name, members, activation, layers, captures, dropouts, pre
         case.base = base_nf4
     ys = [_host(captures[n].forward[0][1]) for n in boundary]
     dms = [g[2] if len(g) > 2 else None for g in grads]
-    cand = kind.named_outputs(case, ys, {"x": dx, "A": kind.per_projection([g[0] for g in grads]),
-                                         "B": kind.per_projection([g[1] for g in grads]),
+    dA, dB = (kind.per_projection([g[i] for g in grads]) for i in (0, 1))
+    cand = kind.named_outputs(case, ys, {"x": dx, "A": dA, "B": dB,
                                          "m": kind.per_projection(dms)})
     outputs = None
     if dx is None:
