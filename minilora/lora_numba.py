@@ -57,10 +57,9 @@ dA and dB in fixed block order or inside one BLAS call), so results are bit-for-
 
 import math
 
-import numba
 import numpy as np
 
-from minilora._jit import ROW_CHUNK, jit, jit_rows
+from minilora._jit import jit
 from minilora.lora_numpy import frozen_grads
 
 SMALL_WORK = 1 << 18  # N·d_in·d_out at or below which the fused kernels run
@@ -372,38 +371,29 @@ def _activation(e, kind):
     return 0.5 * e * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * e * dt
 
 
-def _gated_forward_py(e, u, kind, z):
-    """z = act(e) ⊙ u, all (N, H), in one pass; chunks of ``ROW_CHUNK`` rows in parallel."""
+@jit
+def _gated_forward(e, u, kind, z):
+    """z = act(e) ⊙ u, all (N, H), in one pass."""
     N, H = e.shape
     if u.shape[0] != N or u.shape[1] != H or z.shape[0] != N or z.shape[1] != H:
         raise ValueError("_gated_forward: every array must be (N, H) like e")
-    for c in numba.prange((N + ROW_CHUNK - 1) // ROW_CHUNK):
-        for n in range(c * ROW_CHUNK, min(N, (c + 1) * ROW_CHUNK)):
-            for i in range(H):
-                z[n, i] = _activation(e[n, i], kind)[0] * u[n, i]
+    for n in range(N):
+        for i in range(H):
+            z[n, i] = _activation(e[n, i], kind)[0] * u[n, i]
 
 
-def _gated_backward_py(dz, e, u, kind, de, du):
-    """de = dz ⊙ u ⊙ act'(e), du = dz ⊙ act(e), all (N, H), in one pass; chunks of
-    ``ROW_CHUNK`` rows in parallel."""
+@jit
+def _gated_backward(dz, e, u, kind, de, du):
+    """de = dz ⊙ u ⊙ act'(e), du = dz ⊙ act(e), all (N, H), in one pass."""
     N, H = e.shape
     for a in (dz, u, de, du):
         if a.shape[0] != N or a.shape[1] != H:
             raise ValueError("_gated_backward: every array must be (N, H) like e")
-    for c in numba.prange((N + ROW_CHUNK - 1) // ROW_CHUNK):
-        for n in range(c * ROW_CHUNK, min(N, (c + 1) * ROW_CHUNK)):
-            for i in range(H):
-                act, dact = _activation(e[n, i], kind)
-                de[n, i] = dz[n, i] * u[n, i] * dact
-                du[n, i] = dz[n, i] * act
-
-
-# Each kernel compiled twice from one body: on Numba's threads (``jit_rows``) for the large
-# passes, and single-threaded (``prange`` is then ``range``) below ``PARALLEL_WORK`` elements,
-# where starting the threads costs more than the pass.
-PARALLEL_WORK = 1 << 16
-_gated_forward, _gated_forward_1 = jit_rows(_gated_forward_py), jit(_gated_forward_py)
-_gated_backward, _gated_backward_1 = jit_rows(_gated_backward_py), jit(_gated_backward_py)
+    for n in range(N):
+        for i in range(H):
+            act, dact = _activation(e[n, i], kind)
+            de[n, i] = dz[n, i] * u[n, i] * dact
+            du[n, i] = dz[n, i] * act
 
 
 def gated_forward(e, u, kind):
@@ -411,7 +401,7 @@ def gated_forward(e, u, kind):
     dtype; e and u are (N, H) arrays of one float dtype (checked by the kernel)."""
     e, u = (np.ascontiguousarray(a) for a in (e, u))
     z = np.empty_like(e)
-    (_gated_forward if e.size >= PARALLEL_WORK else _gated_forward_1)(e, u, kind, z)
+    _gated_forward(e, u, kind, z)
     return z
 
 
@@ -420,5 +410,5 @@ def gated_backward(dz, e, u, kind):
     dz, e, u are (N, H) arrays of one float dtype (checked by the kernel)."""
     dz, e, u = (np.ascontiguousarray(a) for a in (dz, e, u))
     de, du = np.empty_like(e), np.empty_like(e)
-    (_gated_backward if e.size >= PARALLEL_WORK else _gated_backward_1)(dz, e, u, kind, de, du)
+    _gated_backward(dz, e, u, kind, de, du)
     return de, du
