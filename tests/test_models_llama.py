@@ -7,6 +7,7 @@ import pytest
 
 from minilora.models.config import ModelConfig
 from minilora.models.llama import LlamaModel, module_name
+from minilora.models.lm_loss import causal_lm_loss_backward
 from minilora.optim import AdamW
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -283,3 +284,23 @@ def test_train_base_trains_and_refuses_adapters():
         opt.step()
     assert model.loss(IDS)[0] < first - 0.1
     assert all(np.array_equal(before[k], frozen.weights[k]) for k in before)
+
+
+@pytest.mark.parametrize("train_base", [False, True])
+def test_train_step_equals_loss_then_backward(train_base):
+    """train_step's fused head and loss give loss's value and backward's gradients."""
+    frozen = tiny(tied=True)
+    model = LlamaModel(frozen.config, frozen.weights, train_base=train_base)
+    if not train_base:
+        model.add_lora(r=2, alpha=3, target_modules=ALL, seed=4)
+        perturb(model)
+    model.zero_grad()
+    value = model.train_step(IDS, train=False)
+    fused = {k: g.copy() for k, g in model.grads.items()}
+    model.zero_grad()
+    loss, _, cache, loss_cache = model.loss(IDS)
+    model.backward(causal_lm_loss_backward(loss_cache), cache)
+    assert value == pytest.approx(loss, rel=1e-13)
+    for k, g in model.grads.items():
+        assert np.abs(g).max() > 0, k
+        np.testing.assert_allclose(fused[k], g, rtol=1e-11, atol=1e-14, err_msg=k)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from minilora.gradcheck import gradcheck
 from minilora.models.attention import attention_backward, attention_forward
 from minilora.models.embedding import embedding_backward, embedding_forward
-from minilora.models.lm_loss import causal_lm_loss, causal_lm_loss_backward
+from minilora.models.lm_loss import causal_lm_loss, causal_lm_loss_backward, lm_head_loss
 from minilora.models.rmsnorm import rmsnorm_backward, rmsnorm_forward
 from minilora.models.rope import rope_backward, rope_forward, rope_tables, rotate_half
 
@@ -24,8 +24,8 @@ def _rng(seed=0):
 
 # ---- pairs in the gradcheck helper's form: forward(**inputs) -> (y, cache), backward(dy, cache)
 
-def _attn_fwd(q, k, v, q_offset):
-    return attention_forward(q, k, v, q_offset=q_offset)
+def _attn_fwd(q, k, v, q_offset, block=64, backend="numpy"):
+    return attention_forward(q, k, v, q_offset=q_offset, block=block, backend=backend)
 
 
 def _attn_bwd(dout, cache):
@@ -71,32 +71,41 @@ def attention_inputs(B, H, Hkv, T, D, q_offset, seed=0, dtype=np.float64):
     return q, k, v
 
 
-def naive_attention(q, k, v, q_offset):
-    """Loops over batch and heads, repeat_kv by index, the mask by comparison: the equation."""
+def naive_attention(q, k, v, q_offset, with_lse=False):
+    """Loops over batch and heads, repeat_kv by index, the mask by comparison: the equation.
+    With ``with_lse`` also each query row's log Σ exp of its masked scores (B, H, T)."""
     B, H, T, D = q.shape
     g = H // k.shape[1]
     out = np.empty_like(q)
+    lse = np.empty((B, H, T))
     for b in range(B):
         for j in range(H):
             s = q[b, j] @ k[b, j // g].T / np.sqrt(D)  # (T, S)
             for t in range(T):
                 s[t, q_offset + t + 1:] = -np.inf
-            p = np.exp(s - s.max(axis=1, keepdims=True))
+            mx = s.max(axis=1, keepdims=True)
+            p = np.exp(s - mx)
             out[b, j] = (p / p.sum(axis=1, keepdims=True)) @ v[b, j // g]
-    return out
+            lse[b, j] = (mx + np.log(p.sum(axis=1, keepdims=True)))[:, 0]
+    return (out, lse) if with_lse else out
 
 
 # ---- attention
 
-@pytest.mark.parametrize("B,H,Hkv,T,D,q_offset", [
-    (2, 4, 2, 5, 4, 0),  # GQA, prefill
-    (1, 3, 3, 4, 6, 0),  # MHA
-    (2, 4, 1, 3, 4, 4),  # MQA, with a KV cache
-    (2, 6, 2, 1, 8, 7),  # a one-token decode step
+@pytest.mark.parametrize("B,H,Hkv,T,D,q_offset,block", [
+    (2, 4, 2, 5, 4, 0, 64),  # GQA, prefill
+    (2, 4, 2, 7, 4, 0, 3),  # GQA, three query blocks (the last one short)
+    (1, 3, 3, 4, 6, 0, 64),  # MHA
+    (1, 3, 3, 4, 6, 0, 1),  # MHA, one query per block
+    (2, 4, 1, 3, 4, 4, 64),  # MQA, with a KV cache
+    (2, 4, 1, 5, 4, 4, 2),  # MQA, a KV cache and blocks
+    (2, 6, 2, 1, 8, 7, 64),  # a one-token decode step
 ])
-def test_attention_gradcheck_fixed(B, H, Hkv, T, D, q_offset):
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_attention_gradcheck_fixed(B, H, Hkv, T, D, q_offset, block, backend):
     q, k, v = attention_inputs(B, H, Hkv, T, D, q_offset, seed=B + H + T)
-    report = gradcheck(_attn_fwd, _attn_bwd, {"q": q, "k": k, "v": v, "q_offset": q_offset},
+    report = gradcheck(_attn_fwd, _attn_bwd, {"q": q, "k": k, "v": v, "q_offset": q_offset,
+                                              "block": block, "backend": backend},
                        wrt=["q", "k", "v"])
     assert report.passed and report.worst_rel_err < 1e-7
 
@@ -105,29 +114,67 @@ def test_attention_gradcheck_fixed(B, H, Hkv, T, D, q_offset):
 def attention_shapes(draw):
     Hkv = draw(st.integers(1, 3))
     g = draw(st.integers(1, 3))
-    T = draw(st.integers(1, 4))
+    T = draw(st.integers(1, 6))
     return dict(B=draw(st.integers(1, 2)), H=g * Hkv, Hkv=Hkv, T=T,
-                D=2 * draw(st.integers(1, 3)), q_offset=draw(st.integers(0, 3)))
+                D=2 * draw(st.integers(1, 3)), q_offset=draw(st.integers(0, 3)),
+                block=draw(st.integers(1, 7)))
 
 
 @FAST
-@given(shape=attention_shapes(), seed=st.integers(0, 2**16))
-def test_attention_gradcheck_drawn(shape, seed):
-    q, k, v = attention_inputs(**shape, seed=seed)
-    gradcheck(_attn_fwd, _attn_bwd, {"q": q, "k": k, "v": v, "q_offset": shape["q_offset"]},
+@given(shape=attention_shapes(), seed=st.integers(0, 2**16),
+       backend=st.sampled_from(["numpy", "numba"]))
+def test_attention_gradcheck_drawn(shape, seed, backend):
+    sizes = {key: n for key, n in shape.items() if key != "block"}
+    q, k, v = attention_inputs(**sizes, seed=seed)
+    gradcheck(_attn_fwd, _attn_bwd, {"q": q, "k": k, "v": v, "q_offset": shape["q_offset"],
+                                     "block": shape["block"], "backend": backend},
               wrt=["q", "k", "v"], seed=seed)
+
+
+@given(shape=attention_shapes(), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from([np.float32, np.float64]))
+def test_attention_numba_equals_numpy(shape, seed, dtype):
+    """The kernels' row passes against the NumPy reference's (sums in another order)."""
+    sizes = {key: n for key, n in shape.items() if key != "block"}
+    q, k, v = attention_inputs(**sizes, seed=seed, dtype=dtype)
+    dout = _rng(seed + 1).standard_normal(q.shape).astype(dtype)
+    tol = dict(rtol=1e-12, atol=1e-13) if dtype == np.float64 else dict(rtol=2e-5, atol=2e-6)
+    ref = attention_forward(q, k, v, q_offset=shape["q_offset"], block=shape["block"],
+                            backend="numpy")
+    fast = attention_forward(q, k, v, q_offset=shape["q_offset"], block=shape["block"],
+                             backend="numba")
+    assert fast[0].dtype == dtype and fast[1].lse.dtype == dtype
+    np.testing.assert_allclose(fast[0], ref[0], **tol)
+    np.testing.assert_allclose(fast[1].lse, ref[1].lse, **tol)
+    for a, b in zip(attention_backward(dout, fast[1]), attention_backward(dout, ref[1]),
+                    strict=True):
+        assert a.dtype == dtype
+        np.testing.assert_allclose(a, b, **tol)
 
 
 @given(shape=attention_shapes(), seed=st.integers(0, 2**16))
 def test_attention_forward_equals_naive(shape, seed):
-    q, k, v = attention_inputs(**shape, seed=seed)
-    out, cache = attention_forward(q, k, v, q_offset=shape["q_offset"])
-    np.testing.assert_allclose(out, naive_attention(q, k, v, shape["q_offset"]),
-                               rtol=1e-12, atol=1e-13)
-    P = cache.P.reshape(q.shape[:3] + (k.shape[2],))  # (B, H, T, S)
-    np.testing.assert_allclose(P.sum(axis=-1), 1.0, rtol=1e-13)
-    t, s = np.arange(q.shape[2])[:, None], np.arange(k.shape[2])[None, :]
-    assert np.all(P[..., s > shape["q_offset"] + t] == 0.0)  # exactly zero beyond the diagonal
+    sizes = {key: n for key, n in shape.items() if key != "block"}
+    q, k, v = attention_inputs(**sizes, seed=seed)
+    out, cache = attention_forward(q, k, v, q_offset=shape["q_offset"], block=shape["block"])
+    naive, lse = naive_attention(q, k, v, shape["q_offset"], with_lse=True)
+    np.testing.assert_allclose(out, naive, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(cache.lse.reshape(lse.shape), lse, rtol=1e-13, atol=1e-13)
+
+
+@given(shape=attention_shapes(), seed=st.integers(0, 2**16))
+def test_attention_blocks_equal_one_block(shape, seed):
+    """Any query block size gives the single block's results (the order of the sums differs
+    only in dk and dv, whose blocks' shares add up)."""
+    sizes = {key: n for key, n in shape.items() if key != "block"}
+    q, k, v = attention_inputs(**sizes, seed=seed)
+    dout = _rng(seed + 1).standard_normal(q.shape)
+    one = attention_forward(q, k, v, q_offset=shape["q_offset"], block=q.shape[2])
+    many = attention_forward(q, k, v, q_offset=shape["q_offset"], block=shape["block"])
+    np.testing.assert_allclose(many[0], one[0], rtol=1e-13, atol=1e-14)
+    for a, b in zip(attention_backward(dout, many[1]), attention_backward(dout, one[1]),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
 
 
 def test_attention_decode_step_equals_full_sequence():
@@ -194,6 +241,8 @@ def test_attention_rejects_bad_dtypes_offsets_and_dout():
         attention_forward(q, k, v, q_offset=-1)
     with pytest.raises(TypeError, match="q_offset must be an integer"):
         attention_forward(q, k, v, q_offset=1.0)
+    with pytest.raises(ValueError, match="block must be a positive integer"):
+        attention_forward(q, k, v, block=0)
     out, cache = attention_forward(q, k, v)
     with pytest.raises(ValueError, match="dout must be float64"):
         attention_backward(out[:, :1], cache)
@@ -419,3 +468,58 @@ def test_lm_loss_rejects_bad_input():
         causal_lm_loss(logits, np.array([[1, 2]]))
     with pytest.raises(TypeError, match="input_ids must be an integer"):
         causal_lm_loss(logits, np.array([[1.0, 2.0, 3.0]]))
+
+
+# ---- the fused LM head and loss
+
+@given(B=st.integers(1, 3), T=st.integers(2, 6), rows=st.integers(1, 8), seed=st.integers(0, 99))
+def test_lm_head_loss_equals_head_then_loss(B, T, rows, seed):
+    """Blocks of ``rows`` tokens give the (B, T, V) logits' loss, dh = dlogits head and
+    dhead = dlogitsᵀ h, each summed in another order."""
+    rng = _rng(seed)
+    V, d = 11, 5
+    h, head = rng.standard_normal((B, T, d)), rng.standard_normal((V, d))
+    ids = rng.integers(0, V, (B, T))
+    loss, cache = causal_lm_loss(h @ head.T, ids)
+    dlogits = causal_lm_loss_backward(cache)  # (B, T, V)
+    dhead = np.full((V, d), 0.5)  # added to, as a gradient accumulates
+    fused, dh = lm_head_loss(h, head, ids, dhead=dhead, rows=rows)
+    assert fused == pytest.approx(loss, rel=1e-13)
+    np.testing.assert_allclose(dh, dlogits @ head, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(dhead, 0.5 + dlogits.reshape(-1, V).T @ h.reshape(-1, d),
+                               rtol=1e-12, atol=1e-14)
+
+
+def test_lm_head_loss_gradcheck_and_float32():
+    rng = _rng(3)
+    h, head, ids = rng.standard_normal((2, 4, 3)), rng.standard_normal((7, 3)), \
+        rng.integers(0, 7, (2, 4))
+
+    def fwd(h, head):
+        return np.array(lm_head_loss(h, head, ids, rows=3)[0]), (h, head)
+
+    def bwd(dloss, c):
+        dhead = np.zeros_like(c[1])
+        _, dh = lm_head_loss(*c, ids, dhead=dhead, rows=3)
+        return {"h": float(dloss) * dh, "head": float(dloss) * dhead}
+
+    assert gradcheck(fwd, bwd, {"h": h, "head": head}, wrt=["h", "head"]).passed
+    loss32, dh32 = lm_head_loss(h.astype(np.float32), head.astype(np.float32), ids)
+    assert dh32.dtype == np.float32
+    assert loss32 == pytest.approx(lm_head_loss(h, head, ids)[0], rel=1e-6)
+
+
+def test_lm_head_loss_refuses_bad_input():
+    h, head, ids = np.zeros((2, 4, 3)), np.zeros((7, 3)), np.zeros((2, 4), np.int64)
+    with pytest.raises(ValueError, match="head"):
+        lm_head_loss(h, np.zeros((7, 4)), ids)
+    with pytest.raises(ValueError, match="input_ids must be"):
+        lm_head_loss(h, head, ids[:, :3])
+    with pytest.raises(ValueError, match="input_ids"):
+        lm_head_loss(h, head, ids + 7)
+    with pytest.raises(ValueError, match="no target"):
+        lm_head_loss(h[:, :1], head, ids[:, :1])
+    with pytest.raises(ValueError, match="dhead"):
+        lm_head_loss(h, head, ids, dhead=np.zeros((7, 3), np.float32))
+    with pytest.raises(TypeError, match="dtype"):
+        lm_head_loss(h, head.astype(np.float32), ids)

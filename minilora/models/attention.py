@@ -1,8 +1,10 @@
-"""Causal softmax attention with grouped-query heads (GQA), without copies of k and v.
+"""Causal softmax attention with grouped-query heads (GQA), without copies of k and v, and
+without keeping the probabilities P.
 
 H query heads share Hkv key/value heads in groups of g = H / Hkv: query head j reads kv head
-j // g. Reshaping q (B, H, T, D) to (B, Hkv, g·T, D) puts each group's queries in one matrix
-beside its kv head, so every product is one batched matmul and repeat_kv's copies never exist.
+j // g. Viewing q (B, H, T, D) as (B, Hkv, g, T, D) puts each group's queries beside its kv
+head, so every product is one batched matmul and repeat_kv's copies never exist.
+
 Query t sits at absolute position q_offset + t (q_offset: the tokens already in a KV cache) and
 sees the keys s ≤ q_offset + t:
 
@@ -12,9 +14,13 @@ sees the keys s ≤ q_offset + t:
     backward:  dP = dout vᵀ,   dS = P ⊙ (dP − rowsum(dP ⊙ P)),
                dq = dS k / √D,  dk = dSᵀ q / √D,  dv = Pᵀ dout   (dk, dv summed over the group)
 
-The cache keeps q, k, v and P: dv needs P, dq and dk need dS, which needs P. Recomputing P from
-q and k in the backward would save B·H·T·S numbers at the price of the forward's product and
-exp again; at the sizes this package trains (T ≤ a few hundred) keeping it is the better trade.
+Both passes walk the queries in blocks of ``BLOCK`` (FlashAttention's order, Dao et al. 2022,
+with whole key rows per block): a block of queries t0 ≤ t < t1 sees only the keys
+s < q_offset + t1, so the keys past the block's diagonal are never multiplied, and the scores
+of one block at a time exist. The forward keeps, per query row, the log of its softmax
+denominator, lse = max + log Σ exp(S_ − max) (B, H, T); the backward recomputes a block's
+P = exp(S_ − lse) from q and k instead of keeping B·H·T·S probabilities (134 MB for the
+benchmark model's 8 layers), at the price of the block's q kᵀ and exp a second time.
 """
 
 from typing import NamedTuple
@@ -22,17 +28,23 @@ from typing import NamedTuple
 import numpy as np
 
 from minilora._checks import check_dtypes, check_positive_int, plain_array
+from minilora.backends import resolve_backend
+
+BLOCK = 64  # query rows per block: (B, Hkv, g·64, S) scores at a time
 
 
 class AttentionCache(NamedTuple):
-    """What ``attention_backward`` needs, grouped as the products use them."""
+    """What ``attention_backward`` needs: q, k, v and each query row's log-sum-exp."""
 
-    q: np.ndarray  # (B, Hkv, g·T, D), a view of the forward's q
+    q: np.ndarray  # (B, Hkv, g, T, D), a view of the forward's q
     k: np.ndarray  # (B, Hkv, S, D)
     v: np.ndarray  # (B, Hkv, S, D)
-    P: np.ndarray  # (B, Hkv, g·T, S), the probabilities; (B, H, T, S) reshaped
+    lse: np.ndarray  # (B, Hkv, g, T), log Σ_s exp(S_) of each query row
     scale: float  # 1 / √D
+    q_offset: int  # absolute position of query 0
+    block: int  # query rows per block
     q_shape: tuple  # (B, H, T, D)
+    backend: str  # "numpy" or "numba": who runs the row passes
 
 
 def causal_bias(T, S, q_offset, dtype):
@@ -43,7 +55,59 @@ def causal_bias(T, S, q_offset, dtype):
     return np.where(hidden, -np.inf, 0.0).astype(dtype)  # (T, S)
 
 
-def attention_forward(q, k, v, *, q_offset=0):
+def _blocks(T, block):
+    """(t0, t1) of each query block."""
+    return [(t0, min(t0 + block, T)) for t0 in range(0, T, block)]
+
+
+# -- a block's row passes: s (R, S₁) holds R = B·Hkv·g·n rows of raw q kᵀ; row ρ is query
+#    t = ρ mod n of the block, at absolute position first + t, seeing the keys j ≤ first + t.
+#    The NumPy reference in whole-array passes; minilora.models.attention_numba's kernels do
+#    each in one two-thread pass.
+
+def _masked_scores(s, scale, n, first):
+    """S_ = scale·s + M in place, viewed as (R / n, n, S₁)."""
+    S1 = s.shape[1]
+    x = s.reshape(-1, n, S1)  # (R / n, n, S₁)
+    x *= scale
+    x += causal_bias(n, S1, first, s.dtype)  # exp(−∞) = 0 exactly past the diagonal
+    return x
+
+
+def _softmax_block(s, scale, n, first):
+    """P = softmax(S_) in place of s, and each row's lse = max + log Σ exp(S_ − max) (R,)."""
+    x = _masked_scores(s, scale, n, first)  # (R / n, n, S₁)
+    m = x.max(axis=-1, keepdims=True)  # (R / n, n, 1), the row max
+    x -= m
+    np.exp(x, out=x)
+    den = x.sum(axis=-1, keepdims=True)  # (R / n, n, 1)
+    x /= den
+    return s, (m + np.log(den)).reshape(-1)
+
+
+def _probabilities_block(s, scale, n, first, lse):
+    """P = exp(S_ − lse) in place of s: the forward's P, recomputed."""
+    x = _masked_scores(s, scale, n, first)  # (R / n, n, S₁)
+    x -= lse.reshape(-1, n, 1)
+    return np.exp(s, out=s)
+
+
+def _softmax_grad_block(P, dP, n, first):
+    """dS = P ⊙ (dP − rowsum(dP ⊙ P)) in place of dP."""
+    dP -= np.sum(dP * P, axis=-1, keepdims=True)
+    dP *= P
+    return dP
+
+
+def _row_passes(backend):
+    """(softmax, probabilities, softmax_grad) of a block, by backend."""
+    if backend == "numba":
+        from minilora.models import attention_numba as k
+        return k.softmax_block, k.probabilities_block, k.softmax_grad_block
+    return _softmax_block, _probabilities_block, _softmax_grad_block
+
+
+def attention_forward(q, k, v, *, q_offset=0, block=BLOCK, backend=None):
     """Causal grouped-query attention, forward pass.
 
     Parameters
@@ -52,6 +116,8 @@ def attention_forward(q, k, v, *, q_offset=0):
     k : (B, Hkv, S, D) keys, S = q_offset + T (past keys first)
     v : (B, Hkv, S, D) values
     q_offset : int ≥ 0, the absolute position of query 0 (the KV cache's length)
+    block : int ≥ 1, query rows per block (memory of the scores against the size of a product)
+    backend : "numpy", "numba" or None (``minilora.backends``): who runs the row passes
 
     Returns
     -------
@@ -77,21 +143,27 @@ def attention_forward(q, k, v, *, q_offset=0):
         raise ValueError(f"need T ≥ 1, D ≥ 1 and H a multiple of Hkv, got q {q.shape} "
                          f"(H = {H}) and k {k.shape} (Hkv = {Hkv})")
     q_offset = check_positive_int(q_offset, "q_offset", minimum=0)
+    block = check_positive_int(block, "block", minimum=1)
+    backend = resolve_backend(backend)
     if S != q_offset + T:
         raise ValueError(f"k and v must hold S = q_offset + T = {q_offset} + {T} keys, "
                          f"got k {k.shape}")
+    softmax = _row_passes(backend)[0]
     g = H // Hkv
     scale = D ** -0.5
-    qg = q.reshape(B, Hkv, g * T, D)  # (B, Hkv, g·T, D), a view when q is contiguous
-    scores = (qg @ k.swapaxes(-1, -2)) * scale  # (B, Hkv, g·T, S)
-    scores = scores.reshape(B, Hkv, g, T, S)  # (B, Hkv, g, T, S)
-    scores += causal_bias(T, S, q_offset, q.dtype)  # + M (T, S): masked, exp(−∞) = 0 exactly
-    scores -= scores.max(axis=-1, keepdims=True)  # (B, Hkv, g, T, S), every row's max is 0
-    P = np.exp(scores, out=scores)  # (B, Hkv, g, T, S), in place of the scores
-    P /= P.sum(axis=-1, keepdims=True)
-    P = P.reshape(B, Hkv, g * T, S)  # (B, Hkv, g·T, S)
-    out = (P @ v).reshape(B, H, T, D)  # (B, H, T, D)
-    return out, AttentionCache(qg, k.view(), v.view(), P, scale, q.shape)
+    qg = q.reshape(B, Hkv, g, T, D)  # (B, Hkv, g, T, D), a view: head j = group j // g
+    out = np.empty((B, Hkv, g, T, D), q.dtype)  # (B, Hkv, g, T, D) = (B, H, T, D)
+    lse = np.empty((B, Hkv, g, T), q.dtype)  # (B, Hkv, g, T)
+    for t0, t1 in _blocks(T, block):
+        n, S1 = t1 - t0, q_offset + t1  # the block's queries and the keys they see
+        q2 = qg[:, :, :, t0:t1].reshape(B, Hkv, g * n, D)  # (B, Hkv, g·n, D), a copy
+        s = q2 @ k[:, :, :S1].swapaxes(-1, -2)  # (B, Hkv, g·n, S₁), raw scores
+        P, lse_b = softmax(s.reshape(-1, S1), scale, n, q_offset + t0)  # (R, S₁), (R,)
+        out[:, :, :, t0:t1] = (P.reshape(B, Hkv, g * n, S1) @ v[:, :, :S1]).reshape(
+            B, Hkv, g, n, D)  # (B, Hkv, g, n, D)
+        lse[:, :, :, t0:t1] = lse_b.reshape(B, Hkv, g, n)
+    return out.reshape(B, H, T, D), AttentionCache(qg, k.view(), v.view(), lse, scale,
+                                                   q_offset, block, q.shape, backend)
 
 
 def attention_backward(dout, cache):
@@ -109,22 +181,37 @@ def attention_backward(dout, cache):
 
     Notes
     -----
-    dP = dout vᵀ,  dS = P ⊙ (dP − rowsum(dP ⊙ P)),  dq = dS k / √D,  dk = dSᵀ q / √D,
-    dv = Pᵀ dout. In the (B, Hkv, g·T, ·) layout the group sums are the products' own sums
-    over the g·T rows.
+    Per query block, P = exp(S_ − lse) (recomputed), then dP = dout vᵀ,
+    dS = P ⊙ (dP − rowsum(dP ⊙ P)), dq = dS k / √D, and the block's share of dk = dSᵀ q / √D
+    and dv = Pᵀ dout. In the (B, Hkv, g·n, ·) layout the group sums are the products' own sums
+    over the g·n rows.
     """
     if type(cache) is not AttentionCache:
         raise TypeError(f"cache must be the AttentionCache from attention_forward, "
                         f"got {type(cache).__name__}")
     dout = plain_array(dout, "dout")
-    if dout.shape != cache.q_shape or dout.dtype != cache.P.dtype:
-        raise ValueError(f"dout must be {cache.P.dtype}{cache.q_shape} like the forward's out, "
-                         f"got dout {dout.dtype}{dout.shape}")
-    q, k, v, P, scale = cache.q, cache.k, cache.v, cache.P, cache.scale
-    do = dout.reshape(q.shape)  # (B, Hkv, g·T, D)
-    dv = P.swapaxes(-1, -2) @ do  # (B, Hkv, S, D), summed over the group's g·T rows
-    dP = do @ v.swapaxes(-1, -2)  # (B, Hkv, g·T, S)
-    dS = P * (dP - np.sum(dP * P, axis=-1, keepdims=True))  # (B, Hkv, g·T, S)
-    dq = ((dS @ k) * scale).reshape(cache.q_shape)  # (B, H, T, D)
-    dk = (dS.swapaxes(-1, -2) @ q) * scale  # (B, Hkv, S, D)
-    return dq, dk, dv
+    if dout.shape != cache.q_shape or dout.dtype != cache.lse.dtype:
+        raise ValueError(f"dout must be {cache.lse.dtype}{cache.q_shape} like the forward's "
+                         f"out, got dout {dout.dtype}{dout.shape}")
+    _, probabilities, softmax_grad = _row_passes(cache.backend)
+    q, k, v, scale, offset = cache.q, cache.k, cache.v, cache.scale, cache.q_offset
+    B, Hkv, g, T, D = q.shape
+    do = dout.reshape(q.shape)  # (B, Hkv, g, T, D)
+    dq = np.empty(q.shape, q.dtype)  # (B, Hkv, g, T, D)
+    dk = np.zeros(k.shape, k.dtype)  # (B, Hkv, S, D)
+    dv = np.zeros(v.shape, v.dtype)  # (B, Hkv, S, D)
+    for t0, t1 in _blocks(T, cache.block):
+        n, S1 = t1 - t0, offset + t1
+        q2 = q[:, :, :, t0:t1].reshape(B, Hkv, g * n, D)  # (B, Hkv, g·n, D), a copy
+        s = q2 @ k[:, :, :S1].swapaxes(-1, -2)  # (B, Hkv, g·n, S₁), raw scores
+        lse_b = np.ascontiguousarray(cache.lse[:, :, :, t0:t1]).reshape(-1)  # (R,)
+        P = probabilities(s.reshape(-1, S1), scale, n, offset + t0, lse_b)  # (R, S₁)
+        P = P.reshape(B, Hkv, g * n, S1)  # (B, Hkv, g·n, S₁)
+        do2 = do[:, :, :, t0:t1].reshape(B, Hkv, g * n, D)  # (B, Hkv, g·n, D), a copy
+        dv[:, :, :S1] += P.swapaxes(-1, -2) @ do2  # (B, Hkv, S₁, D)
+        dP = do2 @ v[:, :, :S1].swapaxes(-1, -2)  # (B, Hkv, g·n, S₁)
+        dS = softmax_grad(P.reshape(-1, S1), dP.reshape(-1, S1), n, offset + t0)  # (R, S₁)
+        dS = dS.reshape(B, Hkv, g * n, S1)
+        dq[:, :, :, t0:t1] = ((dS @ k[:, :, :S1]) * scale).reshape(B, Hkv, g, n, D)
+        dk[:, :, :S1] += (dS.swapaxes(-1, -2) @ q2) * scale  # (B, Hkv, S₁, D)
+    return dq.reshape(cache.q_shape), dk, dv

@@ -35,7 +35,7 @@ from minilora.init import kaiming_uniform
 from minilora.models.attention import attention_backward, attention_forward
 from minilora.models.config import ModelConfig
 from minilora.models.embedding import check_ids, embedding_backward, embedding_forward
-from minilora.models.lm_loss import causal_lm_loss, causal_lm_loss_backward
+from minilora.models.lm_loss import causal_lm_loss, lm_head_loss
 from minilora.models.rmsnorm import rmsnorm_backward, rmsnorm_forward
 from minilora.models.rope import rope_backward, rope_forward, rope_tables
 from minilora.models.weights import expected_shapes
@@ -307,6 +307,11 @@ class LlamaModel:
         logits : (B, T, V)
         cache : ModelCache for ``backward``; ``cache.past`` is the KV cache (S₀ + T keys)
         """
+        h, cache = self._decode(input_ids, past, train, dropout_masks)  # (B, T, d)
+        return h @ self._lm_head().T, cache  # (B, T, V)
+
+    def _decode(self, input_ids, past, train, dropout_masks):
+        """The decoder up to the final norm: h (B, T, d) and the ModelCache."""
         c = self.config
         ids, offset = self._check_ids(input_ids, past)
         if dropout_masks is not None:
@@ -353,7 +358,8 @@ class LlamaModel:
                 k = np.concatenate([past[i][0], k], axis=2)  # (B, Hkv, S, D)
                 v = np.concatenate([past[i][1], v], axis=2)  # (B, Hkv, S, D)
             present.append((k, v))
-            o, L["attn"] = attention_forward(q, k, v, q_offset=offset)  # (B, H, T, D)
+            o, L["attn"] = attention_forward(q, k, v, q_offset=offset,
+                                             backend=self.backend)  # (B, H, T, D)
             o = o.transpose(0, 2, 1, 3).reshape(Bsz, T, H * D)  # (B, T, H·D)
             o_mask = self._mask(names["o_proj"], o.shape, masks, dropout_masks, train)
             y, L["proj"]["o_proj"] = self._project(o, names["o_proj"], o_mask)  # (B, T, d)
@@ -366,13 +372,15 @@ class LlamaModel:
             layers.append(L)
         h, final = rmsnorm_forward(x, self.weights["model.norm.weight"],
                                    eps=c.rms_norm_eps)  # (B, T, d)
-        logits = h @ self._lm_head().T  # (B, T, V)
-        return logits, ModelCache(tuple(layers), final, h, tuple(present), masks, offset,
-                                  self.dtype, embed)
+        return h, ModelCache(tuple(layers), final, h, tuple(present), masks, offset,
+                             self.dtype, embed)
+
+    def _head_key(self):
+        return "model.embed_tokens.weight" if self.config.tie_word_embeddings \
+            else "lm_head.weight"
 
     def _lm_head(self):
-        key = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
-        return self.weights[key]  # (V, d)
+        return self.weights[self._head_key()]  # (V, d)
 
     def _mlp_forward(self, a, names, masks, given, train):
         act = self.config.hidden_act
@@ -430,15 +438,19 @@ class LlamaModel:
             raise ValueError(f"dlogits must be {cache.dtype} {shape}, got {dlogits.dtype} "
                              f"{dlogits.shape}")
         c = self.config
-        Bsz, T = shape[:2]
+        dh = dlogits @ self._lm_head()  # (B, T, d)
+        self._base_grad(self._head_key(), lambda: dlogits.reshape(-1, c.vocab_size).T
+                        @ cache.h_final.reshape(-1, c.hidden_size))  # (V, d) = dlogitsᵀ h
+        return self._decode_backward(dh, cache)
+
+    def _decode_backward(self, dh, cache):
+        """From dh (B, T, d), the final norm's output gradient, down to the embedding."""
+        c = self.config
+        Bsz, T = dh.shape[:2]
         H, Hkv, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         cos, sin = rope_tables(np.arange(cache.q_offset, cache.q_offset + T), D,
                                theta=c.rope_theta, scaling_factor=c.rope_scaling_factor,
                                dtype=self.dtype)  # (T, D)
-        dh = dlogits @ self._lm_head()  # (B, T, d)
-        head = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
-        self._base_grad(head, lambda: dlogits.reshape(-1, c.vocab_size).T
-                        @ cache.h_final.reshape(-1, c.hidden_size))  # (V, d) = dlogitsᵀ h
         self._norm_grad("model.norm.weight", dh, cache.final_norm)
         dx = rmsnorm_backward(dh, cache.final_norm)  # (B, T, d)
         for i in reversed(range(c.num_hidden_layers)):
@@ -499,10 +511,16 @@ class LlamaModel:
         return value, logits, cache, loss_cache
 
     def train_step(self, input_ids, *, train=True, dropout_masks=None):
-        """Forward, loss, backward (gradients accumulate); returns the loss."""
-        value, _, cache, loss_cache = self.loss(input_ids, train=train,
-                                                dropout_masks=dropout_masks)
-        self.backward(causal_lm_loss_backward(loss_cache), cache)
+        """Forward, loss, backward (gradients accumulate); returns the loss.
+
+        The same equations as ``loss`` and then ``backward`` of its dlogits, but the LM head
+        and the loss run over blocks of tokens (``lm_head_loss``), so the (B, T, V) logits,
+        their log-softmax and their gradient never exist.
+        """
+        h, cache = self._decode(input_ids, None, train, dropout_masks)  # (B, T, d)
+        dhead = self.grads[self._head_key()] if self.train_base else None
+        value, dh = lm_head_loss(h, self._lm_head(), input_ids, dhead=dhead)  # dh (B, T, d)
+        self._decode_backward(dh, cache)
         return value
 
     # -- generation -------------------------------------------------------------------------------

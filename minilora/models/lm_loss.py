@@ -103,3 +103,72 @@ def causal_lm_loss_backward(cache, dloss=1.0):
     w = cache.kept * (float(dloss) / cache.n)  # (B, T−1), the weight of each position
     dlogits[:, :-1] = d * w[..., None].astype(d.dtype)  # (B, T−1, V)
     return dlogits
+
+
+ROWS = 256  # token rows per block of the fused head and loss: (256, V) logits at a time
+
+
+def lm_head_loss(h, head, input_ids, *, dhead=None, rows=ROWS):
+    """The LM head, the causal loss and their backward in one pass over blocks of tokens,
+    without the (B, T, V) logits: what a training step needs, in (rows, V) of memory.
+
+    Parameters
+    ----------
+    h : (B, T, d) the final norm's output
+    head : (V, d) the LM head's weight (the embedding when tied)
+    input_ids : (B, T) integer array in [0, V): the labels (each position predicts the next)
+    dhead : None or a (V, d) array to which dlogitsᵀ h is added (training the head)
+    rows : int ≥ 1, token rows per block
+
+    Returns
+    -------
+    loss : Python float, ``causal_lm_loss(h @ headᵀ, input_ids)``'s value
+    dh : (B, T, d), ∂loss/∂h
+
+    Notes
+    -----
+    Per block of flattened tokens i: z = h_i headᵀ (n, V), loss_i = log Σ exp(z) − z[y_i],
+    dz = (softmax(z) − onehot(y_i)) / n_targets (0 at each sequence's last position),
+    dh_i = dz head. The same equations as ``causal_lm_loss`` and its backward, summed in
+    another order.
+    """
+    _, arrays = check_dtypes(h=h, head=head)
+    h, head = arrays["h"], arrays["head"]
+    if h.ndim != 3 or head.ndim != 2 or h.shape[-1] != head.shape[1]:
+        raise ValueError(f"h must be (B, T, d) and head (V, d), got h {h.shape} and "
+                         f"head {head.shape}")
+    B, T, d = h.shape
+    V = head.shape[0]
+    input_ids = check_ids(input_ids, "input_ids", V)
+    if input_ids.shape != (B, T):
+        raise ValueError(f"input_ids must be (B, T) = {(B, T)} like h {h.shape}, "
+                         f"got input_ids {input_ids.shape}")
+    if T < 2:
+        raise ValueError("the batch has no target: T < 2, so the mean loss is undefined")
+    if dhead is not None and (dhead.shape != head.shape or dhead.dtype != head.dtype):
+        raise ValueError(f"dhead must be {head.dtype}{head.shape}, got {dhead.dtype}"
+                         f"{dhead.shape}")
+    n = B * (T - 1)  # targets: every position but each sequence's last
+    targets = np.zeros((B, T), np.int64)  # (B, T): position t's target input_ids[t + 1]
+    targets[:, :-1] = input_ids[:, 1:]
+    weight = np.full((B, T), 1.0 / n)  # (B, T): 1/n, 0 at the last position
+    weight[:, -1] = 0.0
+    h2, targets, weight = h.reshape(-1, d), targets.reshape(-1), weight.reshape(-1)  # (B·T, ·)
+    dh = np.empty_like(h2)  # (B·T, d)
+    total = 0.0
+    for r0 in range(0, B * T, rows):
+        r1 = min(r0 + rows, B * T)
+        idx = np.arange(r1 - r0)  # rows of the block
+        z = h2[r0:r1] @ head.T  # (n_i, V) logits of the block
+        z -= z.max(axis=-1, keepdims=True)
+        picked = z[idx, targets[r0:r1]]  # (n_i,)
+        e = np.exp(z, out=z)  # (n_i, V)
+        den = e.sum(axis=-1)  # (n_i,)
+        w = weight[r0:r1]  # (n_i,)
+        total += float(np.sum(w * (np.log(den) - picked)))
+        e *= (w / den).astype(h.dtype)[:, None]  # w · softmax
+        e[idx, targets[r0:r1]] -= w.astype(h.dtype)  # dz = w · (softmax − onehot)
+        dh[r0:r1] = e @ head  # (n_i, d)
+        if dhead is not None:
+            dhead += e.T @ h2[r0:r1]  # (V, d)
+    return total, dh.reshape(B, T, d)
