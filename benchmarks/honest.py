@@ -15,7 +15,7 @@ import numpy as np
 
 from minilora.oracle.cases import emulate
 from minilora.oracle.emulation import run, stored_type
-from minilora.precision import DEFAULT_ACCUMULATION, precision
+from minilora.oracle.precision import DEFAULT_ACCUMULATION, precision
 
 ORDERS = ("blas", "reversed", "blocked", "pairwise", "split-K")
 

@@ -22,7 +22,7 @@ from oracle_power import EPSILONS, one_entry_moved, scaled, smallest_caught
 
 from minilora import oracle
 from minilora.oracle import nf4
-from minilora.precision import precision
+from minilora.oracle.precision import precision
 
 SHAPE = dict(d_in=256, d_out=128, r=8, batch=4, seq=16)
 

@@ -45,7 +45,7 @@ def backward(dy, cache):
 
 
 report = ml.gradcheck(forward, backward, dict(x=x, W=W, A=A, B=B))
-print(f"minilora.gradcheck, full Jacobians: worst relative error {report.worst_rel_err:.1e}")
+print(f"minilora.ops.gradcheck, full Jacobians: worst relative error {report.worst_rel_err:.1e}")
 assert report.passed
 
 

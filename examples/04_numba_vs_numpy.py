@@ -1,7 +1,8 @@
 """Chapter 4: the Numba backend against the NumPy reference.
 
-Both compute the same equations; they may differ only by rounding, and minilora.tolerance says
-by how much at most: γ_K·mag, K the reduction length, mag the reference on absolute values.
+Both compute the same equations; they may differ only by rounding, and
+minilora.oracle.tolerance says by how much at most: γ_K·mag, K the reduction length, mag the
+reference on absolute values.
 """
 
 import time
@@ -9,7 +10,7 @@ import time
 import numpy as np
 
 import minilora as ml
-from minilora.tolerance import UNIT_ROUNDOFF, lora_error_bounds
+from minilora.oracle.tolerance import UNIT_ROUNDOFF, lora_error_bounds
 
 
 def step(x, W, A, B, mask, dy, backend):

@@ -5,7 +5,7 @@ every weight; LoRA trains rank-8 adapters on frozen weights. LoRA should reach n
 accuracy with a small fraction of the parameters.
 """
 
-from minilora import demo
+from minilora.tools import demo
 
 results = demo.run(epochs=20, r=8, alpha=16, out=lambda line: None if "epoch" in line
                    else print(line))

@@ -10,7 +10,7 @@ import tracemalloc
 import numpy as np
 
 import minilora as ml
-from minilora import dora
+from minilora.ops import dora
 
 rng = np.random.default_rng(0)
 N, d_in, d_out, r, s = 4, 6, 5, 2, 1.5

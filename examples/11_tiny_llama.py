@@ -14,7 +14,7 @@ import numpy as np
 
 from minilora.models import LlamaModel, ModelConfig, text
 from minilora.models.weights import expected_shapes
-from minilora.optim import AdamW
+from minilora.toolkit.optim import AdamW
 
 config = ModelConfig(architecture="LlamaForCausalLM", vocab_size=text.VOCAB_SIZE, hidden_size=32,
                      intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

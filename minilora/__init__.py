@@ -7,7 +7,8 @@
 
 import importlib
 
-from minilora.blocks import (
+from minilora import _moved
+from minilora.ops.blocks import (
     lora_mlp_backward,
     lora_mlp_forward,
     lora_qkv_backward,
@@ -15,7 +16,7 @@ from minilora.blocks import (
     multi_lora_backward,
     multi_lora_forward,
 )
-from minilora.functional import (
+from minilora.ops.functional import (
     DoRACache,
     DoRAGrads,
     LoRACache,
@@ -26,20 +27,23 @@ from minilora.functional import (
     lora_forward,
     lora_scaling,
 )
-from minilora.gradcheck import GradcheckError, gradcheck
-from minilora.layer import LoRALinear
+from minilora.ops.gradcheck import GradcheckError, gradcheck
+from minilora.toolkit.layer import LoRALinear
 
 __version__ = "0.1.0"
 
-# Subpackages imported on first use, not by ``import minilora``: the gradient oracle and the
-# PEFT adapter files are tools around the core (which imports neither), the models a layer
-# above it. ``ml.oracle`` and ``import minilora.oracle`` both work.
-_LAZY = ("models", "oracle", "peft")
+_moved.install()  # the module paths from before the packages (minilora.peft, ...) still import
+
+# Imported on first use, not by ``import minilora``: the gradient oracle and the PEFT adapter
+# files are tools around the core (which imports neither), the models a layer above it.
+# ``ml.oracle`` and ``import minilora.oracle`` both work.
+_LAZY = {"models": "minilora.models", "oracle": "minilora.oracle",
+         "peft": "minilora.formats.peft"}
 
 
 def __getattr__(name):
     if name in _LAZY:
-        module = importlib.import_module(f"minilora.{name}")
+        module = importlib.import_module(_LAZY[name])
         globals()[name] = module
         return module
     raise AttributeError(f"module 'minilora' has no attribute {name!r}")

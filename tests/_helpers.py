@@ -61,7 +61,7 @@ def peft_layers(use_dora=False, use_rslora=False):
 def assert_safetensors_refused(path, data, pattern):
     """Write ``data`` to ``path``: minilora's reader refuses it with a SafetensorsError that
     matches ``pattern`` and names the file."""
-    from minilora import safetensors
+    from minilora.formats import safetensors
 
     path.write_bytes(data)
     with pytest.raises(safetensors.SafetensorsError, match=pattern) as e:

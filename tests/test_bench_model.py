@@ -9,8 +9,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from minilora import bench_model  # noqa: E402
-from minilora.cli import main  # noqa: E402
+from minilora.tools import bench_model  # noqa: E402
+from minilora.tools.cli import main  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers, inside PEFT
 

@@ -1,4 +1,4 @@
-"""Fused blocks (minilora.blocks): every gradient against finite differences in float64 on both
+"""Fused blocks (minilora.ops.blocks): every gradient against finite differences in float64 on both
 backends, numba against numpy, the core's promises (dtypes, leading dims, zero-size batches, no
 mutation, clear errors), and parity with PEFT's modules and mixed batches."""
 
@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import minilora as ml
-from minilora import blocks
+from minilora.ops import blocks
 
 
 def qkv_problem(rng, lead=(2, 3), d_in=5, outs=(4, 3, 6), ranks=(2, 1, 3), bias=True,
@@ -325,7 +325,7 @@ def test_the_gated_kernels_match_their_numpy_reference(seed, N, H, activation, d
 
 
 def test_the_gated_kernels_check_shapes():
-    from minilora import lora_numba
+    from minilora.ops import lora_numba
 
     e = np.ones((3, 4))
     with pytest.raises(ValueError, match="every array must be"):
@@ -414,7 +414,7 @@ def test_multi_backends_are_two_routes_that_agree(dtype, monkeypatch):
     (lora_numpy, K forward and K backward calls), backend "numba" the fused route (one frozen
     product over every token, none of lora_numpy's calls). They agree to tight tolerance, and a
     bug planted in the reference shows in its results alone."""
-    from minilora import lora_numpy
+    from minilora.ops import lora_numpy
 
     rng = np.random.default_rng(21)
     d, K = 64, 3
@@ -471,7 +471,7 @@ def test_multi_backends_are_two_routes_that_agree(dtype, monkeypatch):
        dtype=st.sampled_from([np.float32, np.float64]))
 def test_the_gated_kernels_repeat_their_bits_and_match_the_reference(seed, N, H, activation,
                                                                     dtype):
-    """The gated kernels (single-threaded: ``minilora._jit`` says why): the same bits on every
+    """The gated kernels (single-threaded: ``minilora.ops._jit`` says why): the same bits on every
     call, and the NumPy reference's values."""
     rng = np.random.default_rng(seed)
     e, u, dz = (rng.standard_normal((N, H)).astype(dtype) * 4 for _ in range(3))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from _helpers import BACKENDS, torch_step
 
-from minilora import blocks
+from minilora.ops import blocks
 
 # -- PEFT parity --------------------------------------------------------------------------------
 

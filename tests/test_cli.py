@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from minilora.cli import main
+from minilora.tools.cli import main
 
 
 def test_gradcheck_prints_a_passing_table(capsys):
@@ -63,7 +63,7 @@ def test_bench_sweep_prints_ratios_against_floor_and_ideal(tmp_path, capsys, nam
 def test_peak_resident_set_counts_at_least_the_outputs():
     """The fresh-process memory probe sees y and dx, which are alive together at its end (a
     probe that missed the call's allocations would read about 0)."""
-    from minilora.bench import peak_rss_extra
+    from minilora.tools.bench import peak_rss_extra
 
     N, d, r = 2048, 512, 8
     outputs = 2 * N * d * 4
@@ -73,7 +73,7 @@ def test_peak_resident_set_counts_at_least_the_outputs():
 
 
 def test_the_ideal_counts_the_low_rank_products_at_the_floors_rate():
-    from minilora.bench import ideal_ratio
+    from minilora.tools.bench import ideal_ratio
 
     # floor 2·N·d²; low-rank N·r·(3d + 3d) multiply-adds: 1 + 3·r·2d / (2d²) = 1 + 3r/d
     assert ideal_ratio(4096, 1024, 1024, 16) == pytest.approx(1 + 3 * 16 / 1024)

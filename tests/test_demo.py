@@ -3,8 +3,8 @@
 import json
 import sys
 
-from minilora import demo
-from minilora.cli import main
+from minilora.tools import demo
+from minilora.tools.cli import main
 
 
 def test_demo_meets_its_target_and_writes_json(tmp_path, capsys):

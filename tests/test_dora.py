@@ -10,7 +10,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import minilora as ml
-from minilora import dora
+from minilora.ops import dora
 from minilora.testing import assert_matches_reference, dora_cases
 
 

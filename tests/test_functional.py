@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import minilora as ml
+from minilora.oracle.tolerance import UNIT_ROUNDOFF, lora_error_bounds
 from minilora.testing import lora_cases
-from minilora.tolerance import UNIT_ROUNDOFF, lora_error_bounds
 
 
 def _all_grads(case, backend):
@@ -40,7 +40,8 @@ def test_every_gradient_matches_finite_differences(backend, case):
 @pytest.mark.parametrize("backend", BACKENDS)
 @given(case=lora_cases(dtypes=(np.float32,)))
 def test_float32_is_within_the_derived_rounding_bound(backend, case):
-    """|float32 − exact| ≤ γ_K(2⁻²⁴)·mag for every output (minilora.tolerance derives K and mag);
+    """|float32 − exact| ≤ γ_K(2⁻²⁴)·mag for every output (minilora.oracle.tolerance derives K
+    and mag);
     "exact" is float64 on the same float32 inputs, itself within γ_K(2⁻⁵³)·mag."""
     got = _all_grads(case, backend)
     up = {k: (None if v is None else np.asarray(v, np.float64))

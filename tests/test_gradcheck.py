@@ -1,4 +1,4 @@
-"""minilora.gradcheck must pass correct gradients and catch every kind of wrong one."""
+"""minilora.ops.gradcheck must pass correct gradients and catch every kind of wrong one."""
 
 import functools
 

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import minilora as ml
-from minilora import lora_numba
+from minilora.ops import lora_numba
 
 pytestmark = pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
 
@@ -33,7 +33,7 @@ def test_reshaping_or_subclassing_between_the_passes_never_corrupts_the_process(
     and backward, on every route of the numba backend; (b) dy as np.matrix to dora_backward."""
     code = textwrap.dedent("""
         import numpy as np, minilora as ml
-        from minilora import lora_numba
+        from minilora.ops import lora_numba
         rng = np.random.default_rng(0)
         outcomes = set()
         for i in range(300):
@@ -108,7 +108,7 @@ def _tampered_caches(op):
 def test_a_tampered_cache_is_refused_before_any_kernel_runs(op, monkeypatch):
     """Refused by the public entry's check: no backend's backward (whose kernels would raise a
     ValueError of their own, or index out of bounds) is reached."""
-    from minilora import dora, lora_numpy
+    from minilora.ops import dora, lora_numpy
 
     reached = []
     for module in (lora_numba, lora_numpy, dora):

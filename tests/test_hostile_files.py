@@ -22,9 +22,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import minilora as ml
-from minilora import checkpoint, npz, safetensors
-from minilora.cli import main
+from minilora.formats import npz, safetensors
 from minilora.oracle import OracleInputError
+from minilora.toolkit import checkpoint
+from minilora.tools.cli import main
 
 # -- safetensors: the same verdict as the package, on every file -------------------------------
 
@@ -345,8 +346,10 @@ def test_case_metadata_that_is_not_an_object_of_scalars_is_refused(tmp_path, met
 # -- checkpoints --------------------------------------------------------------------------------
 
 def _model():
-    return ml.modules.Sequential(ml.LoRALinear(4, 3, r=2, seed=0, use_dora=True),
-                                 ml.modules.ReLU(), ml.LoRALinear(3, 2, r=1, seed=1))
+    from minilora.toolkit.modules import ReLU, Sequential
+
+    return Sequential(ml.LoRALinear(4, 3, r=2, seed=0, use_dora=True), ReLU(),
+                      ml.LoRALinear(3, 2, r=1, seed=1))
 
 
 @pytest.mark.parametrize(("change", "pattern"), [
@@ -357,8 +360,6 @@ def _model():
     ("shape", r"0\.m is float32\(7,\)")])
 def test_load_trainable_validates_everything_before_assigning_anything(tmp_path, change,
                                                                        pattern):
-    import minilora.modules  # noqa: F401
-
     model = _model()
     saved = {k: v.copy() + 1 for k, v in model.parameters().items()}
     name = "0.m"
@@ -593,7 +594,7 @@ def test_reference_refuses_to_write_over_its_case(tmp_path, capsys):
 
 
 def test_write_errors_name_the_users_path_not_a_temporary(tmp_path, monkeypatch):
-    from minilora._io import write_atomic
+    from minilora.formats._io import write_atomic
 
     def broken(fd):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -1,10 +1,10 @@
-"""minilora.init: each scheme's factors against the same quantities computed another way
+"""minilora.toolkit.init: each scheme's factors against the same quantities computed another way
 (projectors from eigh and lstsq), the bounds of the Kaiming-uniform draws, and the refusals."""
 
 import numpy as np
 import pytest
 
-from minilora.init import INIT_SCHEMES, init_lora, kaiming_uniform, linear_bias
+from minilora.toolkit.init import INIT_SCHEMES, init_lora, kaiming_uniform, linear_bias
 
 
 def _W(d_out=7, d_in=5, seed=0):

@@ -5,7 +5,7 @@ import pytest
 from _helpers import functional_grads
 
 import minilora as ml
-from minilora.init import INIT_SCHEMES
+from minilora.toolkit.init import INIT_SCHEMES
 
 
 def _base_output(layer_W, bias, x, fan_in_fan_out):

@@ -9,9 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import minilora as ml
-from minilora import lora_numba
+from minilora.ops import lora_numba
+from minilora.oracle.tolerance import UNIT_ROUNDOFF, lora_error_bounds
 from minilora.testing import assert_matches_reference, dora_cases, lora_cases
-from minilora.tolerance import UNIT_ROUNDOFF, lora_error_bounds
 
 
 def _run(case, backend, x=None, W=None):

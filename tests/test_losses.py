@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import minilora as ml
-from minilora import losses
+from minilora.toolkit import losses
 
 
 def _check_gradient(loss, backward, value, *extra):

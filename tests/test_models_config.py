@@ -233,8 +233,8 @@ def test_direct_construction_is_checked():
 
 
 def test_activation_names_map_into_blocks():
-    from minilora.blocks import ACTIVATIONS as OURS
     from minilora.models.config import ACTIVATIONS
+    from minilora.ops.blocks import ACTIVATIONS as OURS
 
     assert set(ACTIVATIONS.values()) <= set(OURS)
 
@@ -399,7 +399,7 @@ def test_files_that_are_no_config(tmp_path, monkeypatch):
     mark, a NUL in the path: each a ValueError naming the file."""
     import os
 
-    from minilora._json import read_json
+    from minilora.formats._json import read_json
 
     path = _write(tmp_path, {**LLAMA, "padding": "x" * 1000})
     with pytest.raises(ValueError, match="larger than 1000 bytes") as e:

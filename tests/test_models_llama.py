@@ -8,7 +8,7 @@ import pytest
 from minilora.models.config import ModelConfig
 from minilora.models.llama import LlamaModel, module_name
 from minilora.models.lm_loss import causal_lm_loss_backward
-from minilora.optim import AdamW
+from minilora.toolkit.optim import AdamW
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

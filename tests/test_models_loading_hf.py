@@ -133,8 +133,8 @@ def test_sliding_window_and_linear_rope_from_transformers(tmp_path):
 def test_activation_names_compute_transformers_functions():
     from transformers.activations import ACT2FN
 
-    from minilora.blocks import activation_forward
     from minilora.models.config import ACTIVATIONS
+    from minilora.ops.blocks import activation_forward
 
     e = np.linspace(-6, 6, 201)
     for name, ours in ACTIVATIONS.items():

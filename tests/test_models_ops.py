@@ -8,12 +8,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minilora.gradcheck import gradcheck
 from minilora.models.attention import attention_backward, attention_forward
 from minilora.models.embedding import embedding_backward, embedding_forward
 from minilora.models.lm_loss import causal_lm_loss, causal_lm_loss_backward, lm_head_loss
 from minilora.models.rmsnorm import rmsnorm_backward, rmsnorm_forward
 from minilora.models.rope import rope_backward, rope_forward, rope_tables, rotate_half
+from minilora.ops.gradcheck import gradcheck
 
 FAST = settings(max_examples=25)
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minilora import safetensors
+from minilora.formats import safetensors
 from minilora.models import weights as weights_module
 from minilora.models.config import ModelConfig
 from minilora.models.weights import INDEX, SINGLE, expected_shapes, load_weights

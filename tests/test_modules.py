@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 import minilora as ml
-from minilora import modules
-from minilora.modules import GELU, Linear, ReLU, Sequential
+from minilora.toolkit import modules
+from minilora.toolkit.modules import GELU, Linear, ReLU, Sequential
 
 
 def test_linear_pair_gradients():
@@ -88,7 +88,7 @@ def test_backward_before_forward_is_an_error():
 
 
 def test_checkpoint_round_trip_and_mismatch(tmp_path):
-    from minilora.checkpoint import load_trainable, save_peft, save_trainable
+    from minilora.toolkit.checkpoint import load_trainable, save_peft, save_trainable
 
     model = _model(np.float32)
     save_trainable(tmp_path / "a.npz", model)

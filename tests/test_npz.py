@@ -1,5 +1,6 @@
-"""minilora.npz: what numpy.savez writes reads back equal; duplicate names, non-.npy members,
-object dtypes and sizes that disagree with the header are refused before any data is read."""
+"""minilora.formats.npz: what numpy.savez writes reads back equal; duplicate names, non-.npy
+members, object dtypes and sizes that disagree with the header are refused before any data is
+read."""
 
 import contextlib
 import io
@@ -9,7 +10,7 @@ import numpy as np
 import numpy.lib.format as npy
 import pytest
 
-from minilora import npz
+from minilora.formats import npz
 
 
 def _zip(path, members):

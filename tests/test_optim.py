@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from minilora.modules import Linear
-from minilora.optim import SGD, AdamW, clip_grad_norm
+from minilora.toolkit.modules import Linear
+from minilora.toolkit.optim import SGD, AdamW, clip_grad_norm
 
 
 def _layer():
@@ -44,8 +44,8 @@ def test_lora_plus_scales_only_B():
 
 def test_lora_plus_step_moves_B_ratio_times_as_far_as_A():
     """The first Adam step is lr·sign(g) (m̂ = g, v̂ = g²): B's is 16 times A's."""
-    from minilora.layer import LoRALinear
-    from minilora.modules import Sequential
+    from minilora.toolkit.layer import LoRALinear
+    from minilora.toolkit.modules import Sequential
 
     model = Sequential(LoRALinear(3, 2, r=2, seed=0, dtype=np.float64))
     layer = model.modules[0]

@@ -12,10 +12,10 @@ from hypothesis import given
 
 import minilora as ml
 from minilora import oracle
-from minilora.cli import main
 from minilora.oracle.cases import emulate
-from minilora.precision import PRECISIONS, precision
+from minilora.oracle.precision import PRECISIONS, precision
 from minilora.testing import assert_matches_reference, lora_cases
+from minilora.tools.cli import main
 
 
 def honest(case, dtype, backend="numba"):
@@ -369,7 +369,7 @@ def test_an_honest_float32_dora_passes_where_rows_cancel(detach_norm):
     then relatively less accurate than γ_K in every honest implementation. Before the oracle's
     term for the norms' error, 431 of these 8,000 honest float32 cases failed its derived bound
     (dB and dW, by up to 10.7x); each must pass, on both backends."""
-    from minilora.tolerance import cancellation_factors
+    from minilora.oracle.tolerance import cancellation_factors
 
     worst_f = 0.0
     for seed in range(60):

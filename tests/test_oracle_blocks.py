@@ -4,10 +4,11 @@ the kinds real block kernels have fail, the activation bounds hold, files and th
 import numpy as np
 import pytest
 
-from minilora import blocks, oracle
-from minilora.cli import main
+from minilora import oracle
+from minilora.ops import blocks
 from minilora.oracle.block_cases import ACTIVATION_BOUNDS
 from minilora.oracle.cases import emulate
+from minilora.tools.cli import main
 
 BLOCK_OPTIONS = [dict(block="qkv"), dict(block="qkv", bias=True, dropout=0.1),
                  dict(block="mlp"), dict(block="mlp", activation="gelu", bias=True, dropout=0.1),

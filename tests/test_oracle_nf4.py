@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from minilora import oracle
 from minilora.oracle import nf4
 from minilora.oracle.cases import emulate, make_case
-from minilora.precision import precision
+from minilora.oracle.precision import precision
 
 C = nf4.NF4_CODE.astype(np.float64)
 
@@ -272,8 +272,8 @@ def test_honest_nf4_kernel_passes_and_a_planted_error_fails(dtype):
 
 
 def test_nf4_case_reference_gradients_match_finite_differences():
-    from minilora.functional import lora_backward, lora_forward
-    from minilora.gradcheck import gradcheck
+    from minilora.ops.functional import lora_backward, lora_forward
+    from minilora.ops.gradcheck import gradcheck
 
     c = nf4.make_nf4_case(d_in=64, d_out=12, r=3, batch=5, dtype="fp32", seed=4,
                           double_quant=True, bias=True)
@@ -332,7 +332,7 @@ def test_judge_models_an_nf4_base_as_kernels_hold_it():
 
 
 def test_cli_case_base_nf4(tmp_path):
-    from minilora.cli import main
+    from minilora.tools.cli import main
 
     path = tmp_path / "c.npz"
     assert main(["oracle", "case", "--d-in", "64", "--d-out", "32", "--r", "4", "--base", "nf4",

@@ -31,7 +31,7 @@ def test_bad_folders_raise_adapter_error(tmp_path):
     with pytest.raises(ml.peft.AdapterError, match="not LORA"):
         ml.peft.load_adapter(tmp_path)
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2}')
-    from minilora import safetensors
+    from minilora.formats import safetensors
 
     safetensors.save(tmp_path / "adapter_model.safetensors",
                      {"base_model.model.q.lora_A.weight": np.zeros((2, 4), np.float32)})

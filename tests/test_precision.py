@@ -1,4 +1,4 @@
-"""minilora.precision: each format's rounding against an independent round-to-nearest-even
+"""minilora.oracle.precision: each format's rounding against an independent round-to-nearest-even
 computed from the value's binade in float64, its unit roundoff, and the name lookup."""
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minilora.precision import DEFAULT_ACCUMULATION, PRECISIONS, precision
+from minilora.oracle.precision import DEFAULT_ACCUMULATION, PRECISIONS, precision
 
 MANTISSA_BITS = {"bf16": 7, "fp16": 10, "tf32": 10}  # stored bits (one more is implicit)
 MIN_EXPONENT = {"bf16": -126, "fp16": -14, "tf32": -126}  # of the normal range

@@ -1,4 +1,5 @@
-"""minilora.safetensors against the reference implementation (when installed) and bad files."""
+"""minilora.formats.safetensors against the reference implementation (when installed) and bad
+files."""
 
 import numpy as np
 import pytest
@@ -6,7 +7,7 @@ from _helpers import assert_safetensors_refused, requires, safetensors_file
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minilora import safetensors
+from minilora.formats import safetensors
 
 
 def test_round_trip_every_dtype(tmp_path):

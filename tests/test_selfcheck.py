@@ -1,11 +1,12 @@
-"""minilora.selfcheck: the sweep covers every op, shape and option, passes on the library, and
+"""minilora.tools.selfcheck: the sweep covers every op, shape and option, passes on the library, and
 reports a wrong gradient as a failing row and a False result."""
 
 import functools
 
 import pytest
 
-from minilora import functional, selfcheck
+from minilora.ops import functional
+from minilora.tools import selfcheck
 
 
 def test_the_sweep_passes_and_covers_every_configuration():

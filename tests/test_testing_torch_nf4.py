@@ -13,7 +13,7 @@ bnb = pytest.importorskip("bitsandbytes")
 
 import minilora as ml  # noqa: E402
 from minilora.oracle import OracleInputError, nf4  # noqa: E402
-from minilora.precision import precision  # noqa: E402
+from minilora.oracle.precision import precision  # noqa: E402
 from minilora.testing.strategies import nf4_cases  # noqa: E402
 from minilora.testing.torch import assert_torch_matches, params4bit, torch_outputs  # noqa: E402
 

@@ -1,12 +1,13 @@
-"""minilora.tolerance: γ_K, the reduction lengths, magnitudes against explicit |·| formulas, and
-bounds that hold for a float32 computation while being reached within a modest factor."""
+"""minilora.oracle.tolerance: γ_K, the reduction lengths, magnitudes against explicit |·|
+formulas, and bounds that hold for a float32 computation while being reached within a modest
+factor."""
 
 import numpy as np
 import pytest
 from _helpers import lora_arrays
 
 import minilora as ml
-from minilora.tolerance import (
+from minilora.oracle.tolerance import (
     cancellation_factors,
     gamma,
     lora_error_bounds,

@@ -27,8 +27,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minilora._checks import check_dtypes, check_positive_int, plain_array
-from minilora.backends import resolve_backend
+from minilora.ops._checks import check_dtypes, check_positive_int, plain_array
+from minilora.ops.backends import resolve_backend
 
 BLOCK = 64  # query rows per block: (B, Hkv, g·64, S) scores at a time
 
@@ -117,7 +117,7 @@ def attention_forward(q, k, v, *, q_offset=0, block=BLOCK, backend=None):
     v : (B, Hkv, S, D) values
     q_offset : int ≥ 0, the absolute position of query 0 (the KV cache's length)
     block : int ≥ 1, query rows per block (memory of the scores against the size of a product)
-    backend : "numpy", "numba" or None (``minilora.backends``): who runs the row passes
+    backend : "numpy", "numba" or None (``minilora.ops.backends``): who runs the row passes
 
     Returns
     -------

@@ -9,12 +9,12 @@ j ≤ first + t: the causal mask is a bound on j, so no (n, S₁) mask is ever a
 backend (``attention._softmax_block`` and ``_softmax_grad``) runs the same equations in
 whole-array passes and is the reference these kernels are tested against.
 
-The kernels are single-threaded, as every kernel in minilora is (``minilora._jit`` says why).
+The kernels are single-threaded, as every kernel in minilora is (``minilora.ops._jit`` says why).
 """
 
 import numpy as np
 
-from minilora._jit import jit
+from minilora.ops._jit import jit
 
 
 @jit

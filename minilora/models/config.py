@@ -26,11 +26,11 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from types import SimpleNamespace
 
-from minilora._json import read_json
+from minilora.formats._json import read_json
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
                  "MistralForCausalLM": "mistral"}
-# transformers' activation names -> minilora.blocks.ACTIVATIONS
+# transformers' activation names -> minilora.ops.blocks.ACTIVATIONS
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
                "gelu_new": "gelu_tanh"}
 MAX_SIZE = 2**20  # hidden_size, intermediate_size, head_dim, number of heads
@@ -66,7 +66,7 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
-    hidden_act: str = "silu"  # one of minilora.blocks.ACTIVATIONS
+    hidden_act: str = "silu"  # one of minilora.ops.blocks.ACTIVATIONS
     sliding_window: int | None = None  # a window in use bounds the sequence length
 
     def __post_init__(self):

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minilora._checks import check_dtypes, plain_array
+from minilora.ops._checks import check_dtypes, plain_array
 
 
 def check_ids(ids, name, V, *, allowed=None):

@@ -19,9 +19,16 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minilora import peft
-from minilora.backends import resolve_backend
-from minilora.blocks import (
+from minilora.formats import peft
+from minilora.models.attention import attention_backward, attention_forward
+from minilora.models.config import ModelConfig
+from minilora.models.embedding import check_ids, embedding_backward, embedding_forward
+from minilora.models.lm_loss import causal_lm_loss, lm_head_loss
+from minilora.models.rmsnorm import rmsnorm_backward, rmsnorm_forward
+from minilora.models.rope import rope_backward, rope_forward, rope_tables
+from minilora.models.weights import expected_shapes
+from minilora.ops.backends import resolve_backend
+from minilora.ops.blocks import (
     ACTIVATIONS,
     gated_backward,
     gated_product,
@@ -30,15 +37,8 @@ from minilora.blocks import (
     lora_qkv_backward,
     lora_qkv_forward,
 )
-from minilora.functional import dora_backward, dora_forward, lora_backward, lora_forward
-from minilora.init import kaiming_uniform
-from minilora.models.attention import attention_backward, attention_forward
-from minilora.models.config import ModelConfig
-from minilora.models.embedding import check_ids, embedding_backward, embedding_forward
-from minilora.models.lm_loss import causal_lm_loss, lm_head_loss
-from minilora.models.rmsnorm import rmsnorm_backward, rmsnorm_forward
-from minilora.models.rope import rope_backward, rope_forward, rope_tables
-from minilora.models.weights import expected_shapes
+from minilora.ops.functional import dora_backward, dora_forward, lora_backward, lora_forward
+from minilora.toolkit.init import kaiming_uniform
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -102,7 +102,7 @@ class LlamaModel:
         self.backend = resolve_backend(backend)
         self.shapes = {p: shapes[f"{module_name(0, p)}.weight"] for p in TARGETS}  # (out, in)
         self.base_model_name_or_path = None
-        self.adapters = {}  # {module name: minilora.peft.Adapter}
+        self.adapters = {}  # {module name: minilora.formats.peft.Adapter}
         self.dropout = 0.0
         self._rng = np.random.default_rng(0)
         self._fixed_norms = None  # {module: (d_out,)}: DoRA's n held fixed (gradchecks only)

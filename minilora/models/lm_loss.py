@@ -14,8 +14,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minilora._checks import check_dtypes
 from minilora.models.embedding import check_ids
+from minilora.ops._checks import check_dtypes
 
 
 class LMLossCache(NamedTuple):

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minilora._checks import check_dtypes, plain_array
+from minilora.ops._checks import check_dtypes, plain_array
 
 
 class RMSNormCache(NamedTuple):

@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from minilora._checks import FLOAT_DTYPES, check_dtypes, check_positive_int, plain_array
+from minilora.ops._checks import FLOAT_DTYPES, check_dtypes, check_positive_int, plain_array
 
 
 def rotate_half(x):

@@ -4,7 +4,8 @@ The folder holds ``model.safetensors``, or ``model.safetensors.index.json`` whos
 ``weight_map`` names each tensor's shard (transformers reads the single file when both exist,
 and so does this). Everything is checked before a tensor's data is read: the index (shards
 plain file names inside the folder, each tensor in the shard the map names and in no other),
-every shard's header and layout (``minilora.safetensors``, as strict as the package's reader),
+every shard's header and layout (``minilora.formats.safetensors``, as strict as the package's
+reader),
 each tensor the model needs present with its shape and a float dtype, nothing unexpected, and
 the bytes the weights take in the compute dtype against the memory the machine has free. Only
 then are the tensors read, one at a time by offset, widened or rounded to the compute dtype
@@ -17,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from minilora import safetensors
-from minilora._json import read_json
+from minilora.formats import safetensors
+from minilora.formats._json import read_json
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"

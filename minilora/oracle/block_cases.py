@@ -1,4 +1,4 @@
-"""The fused blocks' cases (``minilora.blocks``): the names of their tensors and the
+"""The fused blocks' cases (``minilora.ops.blocks``): the names of their tensors and the
 magnitudes of their sums. (Each block's kind, ``minilora.oracle.kinds``, draws, evaluates and
 checks its cases.)
 
@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from minilora.tolerance import lora_magnitudes, lora_reduction_lengths
+from minilora.oracle.tolerance import lora_magnitudes, lora_reduction_lengths
 
 BLOCKS = ("qkv", "mlp", "multi")
 # sup |act'| and sup |act''| over the reals, rounded up (tests/test_oracle_blocks.py checks
@@ -42,7 +42,7 @@ def optional(t, name, P):
     return None if all(v is None for v in values) else values
 
 
-# -- magnitudes: each output's bound γ_K·mag (see minilora.tolerance and docs/oracle.md) ---------
+# -- magnitudes: each output's bound γ_K·mag (see minilora.oracle.tolerance and docs/oracle.md) ---
 
 def _float64(case):
     return {k: (v.astype(np.float64) if v.dtype.kind == "f" else v)

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from minilora._checks import check_positive_int, check_scaling
+from minilora.ops._checks import check_positive_int, check_scaling
 from minilora.oracle.kinds import of_block
-from minilora.precision import DEFAULT_ACCUMULATION, precision
+from minilora.oracle.precision import DEFAULT_ACCUMULATION, precision
 
 
 class OracleInputError(ValueError):
@@ -34,7 +34,7 @@ class Case:
     input_precision: str = "fp32"  # the precision every input is exactly representable in
     layer: dict = field(default_factory=dict)  # how make_case drew it: r, alpha, use_rslora,
     #   dropout p, lead_shape, lora_only (JSON values), so a candidate can build its own layer
-    block: str | None = None  # a fused block (minilora.blocks): "qkv", "mlp" or "multi", whose
+    block: str | None = None  # a fused block (minilora.ops.blocks): "qkv", "mlp" or "multi", whose
     #   scaling is then a tuple (one per projection or adapter); ``kind`` is what it names
     activation: str = "silu"  # the MLP block's
     base: object = None  # a QLoRA base's NF4Weight (minilora.oracle.nf4): its codes and absmax,

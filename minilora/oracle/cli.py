@@ -3,27 +3,27 @@
 Exit codes of ``compare``: 0 every output judged and within tolerance, 1 a mismatch, 2 unusable
 input (unreadable or truncated files, unknown or missing tensors, wrong shapes, a case whose
 reference or honest result is not finite); the last with one line on stderr naming the problem,
-no traceback (``minilora.cli.main`` reports it).
+no traceback (``minilora.tools.cli.main`` reports it).
 """
 
 import argparse
 import json
 import os
 
-from minilora._argtypes import (
+from minilora.formats._io import refuse_overwrite, write_atomic
+from minilora.ops.blocks import ACTIVATIONS
+from minilora.oracle.block_cases import BLOCKS
+from minilora.oracle.cases import make_case, reference
+from minilora.oracle.files import load_case, load_outputs, save_case, save_outputs
+from minilora.oracle.judge import compare
+from minilora.oracle.precision import PRECISIONS, precision
+from minilora.tools._argtypes import (
     finite_float,
     nonnegative_int,
     output_path,
     positive_int,
     probability,
 )
-from minilora._io import refuse_overwrite, write_atomic
-from minilora.blocks import ACTIVATIONS
-from minilora.oracle.block_cases import BLOCKS
-from minilora.oracle.cases import make_case, reference
-from minilora.oracle.files import load_case, load_outputs, save_case, save_outputs
-from minilora.oracle.judge import compare
-from minilora.precision import PRECISIONS, precision
 
 # The standard suite written by ``oracle vectors``: every option on its own and together, x as
 # (batch, seq, d_in) as most kernels take it (and once 2-D), each precision with bias and

@@ -28,7 +28,7 @@ statistic the oracle computes. The runs are seeded, so a verdict is reproducible
 
 import numpy as np
 
-from minilora import dora, lora_numpy
+from minilora.ops import dora, lora_numpy
 from minilora.oracle.cases import evaluate
 
 # NumPy functions the reference calls that only move or select values (no rounding happens)
@@ -46,10 +46,10 @@ def stored_type(name, store, product=np.matmul):
 
 class _Stored(np.ndarray):
     """The base of ``stored_type``'s classes. Its operators compute ndarray's results and then
-    store them, so it declares ndarray's arithmetic (``minilora._checks.NDARRAY_ARITHMETIC``):
+    store them, so it declares ndarray's arithmetic (``minilora.ops._checks.NDARRAY_ARITHMETIC``):
     minilora's public ops accept its arrays, and run on them operation by operation."""
 
-    __minilora_ndarray_arithmetic__ = True  # minilora._checks.NDARRAY_ARITHMETIC
+    __minilora_ndarray_arithmetic__ = True  # minilora.ops._checks.NDARRAY_ARITHMETIC
     store = None
     product = None
 

@@ -1,5 +1,5 @@
-"""Case and output files: ``.npz`` (read with ``minilora.npz``, never with pickle) or
-``.safetensors`` (``minilora.safetensors``).
+"""Case and output files: ``.npz`` (read with ``minilora.formats.npz``, never with pickle) or
+``.safetensors`` (``minilora.formats.safetensors``).
 
 Both formats carry the case's options as metadata: in safetensors the ``__metadata__`` header
 entry (a map of strings), in npz a ``__metadata__`` member holding a JSON object (scalars only).
@@ -14,12 +14,12 @@ import os
 
 import numpy as np
 
-from minilora import npz, safetensors
-from minilora._io import refuse_overwrite, write_atomic
-from minilora.blocks import ACTIVATIONS
+from minilora.formats import npz, safetensors
+from minilora.formats._io import refuse_overwrite, write_atomic
+from minilora.ops.blocks import ACTIVATIONS
 from minilora.oracle.cases import Case, OracleInputError, check_fits_memory, reference_shapes
 from minilora.oracle.kinds import of_names
-from minilora.precision import precision
+from minilora.oracle.precision import precision
 
 
 def _placeholders(shapes):

@@ -5,7 +5,7 @@ and accumulates in precision a (u_a). Each output tensor z must pass four rules
 (docs/oracle.md derives them):
 
 * **derived bound**, elementwise: |z_i − ref_i| ≤ (ρ·u_p + γ_K(u_a))·mag_i + u_p·|ref_i|
-  + (1 + ρ)·η_p, with mag the reference evaluated on absolute values (``minilora.tolerance``:
+  + (1 + ρ)·η_p, with mag the reference evaluated on absolute values (``minilora.oracle.tolerance``:
   it bounds every partial sum, so cancellation cannot make the tolerance too small),
   γ_K = K·u/(1 − K·u) the worst-case error of K-term sums in any order (K per output:
   ``tolerance.lora_reduction_lengths``), ρ = 6 roundings to p on the way, u_p·|z| the output's
@@ -36,11 +36,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from minilora.dora import inverse_norms, norm_bounds, row_norms
+from minilora.ops.dora import inverse_norms, norm_bounds, row_norms
 from minilora.oracle import emulation, nf4
 from minilora.oracle.cases import OracleInputError, reference, reference_shapes
-from minilora.precision import DEFAULT_ACCUMULATION, PRECISIONS, precision
-from minilora.tolerance import gamma
+from minilora.oracle.precision import DEFAULT_ACCUMULATION, PRECISIONS, precision
+from minilora.oracle.tolerance import gamma
 
 ROUNDINGS = 6
 NORM_ROUNDINGS = 3  # DoRA: the inputs' rounding moves n by up to u·t (f ≥ t/n covers it), c, 1/n

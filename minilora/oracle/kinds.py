@@ -1,5 +1,5 @@
 """The kinds of oracle case, one object each: a single LoRA or DoRA layer and the fused blocks
-of ``minilora.blocks``. Whatever differs between them is here, so the oracle and the harnesses
+of ``minilora.ops.blocks``. Whatever differs between them is here, so the oracle and the harnesses
 ask ``case.kind`` instead of testing ``case.block``.
 
     kind     inputs                                              outputs
@@ -27,7 +27,7 @@ layer's scaling is a float, a block's a tuple (one per projection or adapter). E
     inputs, dy_each, separable,      what each projection takes, its cotangents, and its
     peft_modules                     modules in a transformers model (``check_model``, bench)
 
-and a block's ``forward``, ``backward`` (its ``minilora.blocks`` op) and, for qkv and mlp,
+and a block's ``forward``, ``backward`` (its ``minilora.ops.blocks`` op) and, for qkv and mlp,
 ``compose(projections, x, act)``: the block built from its projections as callables.
 """
 
@@ -36,14 +36,14 @@ import math
 
 import numpy as np
 
-from minilora import blocks
-from minilora._checks import check_dy, check_layer_shapes, check_positive_int
-from minilora.blocks import ACTIVATIONS
-from minilora.dora import row_norms, trained_magnitude
-from minilora.functional import dora_backward, dora_forward, lora_backward, lora_forward
+from minilora.ops import blocks
+from minilora.ops._checks import check_dy, check_layer_shapes, check_positive_int
+from minilora.ops.blocks import ACTIVATIONS
+from minilora.ops.dora import row_norms, trained_magnitude
+from minilora.ops.functional import dora_backward, dora_forward, lora_backward, lora_forward
 from minilora.oracle import block_cases
 from minilora.oracle.block_cases import BLOCKS, indexed, optional
-from minilora.tolerance import dora_magnitudes, lora_magnitudes, lora_reduction_lengths
+from minilora.oracle.tolerance import dora_magnitudes, lora_magnitudes, lora_reduction_lengths
 
 INPUTS = ("x", "W", "A", "B", "bias", "m", "dropout_mask", "dy")
 OUTPUTS = ("y", "dx", "dA", "dB", "dm", "dbias", "dW")

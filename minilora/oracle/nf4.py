@@ -55,7 +55,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minilora.precision import precision
+from minilora.oracle.precision import precision
 
 NF4_CODE = np.array([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,

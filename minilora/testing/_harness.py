@@ -20,7 +20,7 @@ array per projection or adapter for the blocks (multi: one W, bias and mask), sc
 import numpy as np
 
 from minilora.oracle import Case, OracleInputError
-from minilora.precision import precision
+from minilora.oracle.precision import precision
 
 DTYPE_NAMES = ("bf16", "fp16", "tf32", "fp32", "fp64")  # the keys of each framework's dtype map
 

@@ -6,7 +6,7 @@ Needs the ``hypothesis`` package (``pip install minilora[test]``).
 import numpy as np
 from hypothesis import strategies as st
 
-from minilora.dora import row_norms, trained_magnitude
+from minilora.ops.dora import row_norms, trained_magnitude
 from minilora.testing import LoRACase
 
 
@@ -116,11 +116,11 @@ def dora_cases(draw, detach_norm=None, values=("normal", "wide"), **kwargs):
 
 @st.composite
 def block_cases(draw, block=None, dtype="fp32", max_dim=12, min_tokens=0):
-    """A ``minilora.oracle.Case`` of a fused block (``minilora.blocks``): "qkv", "mlp" or
+    """A ``minilora.oracle.Case`` of a fused block (``minilora.ops.blocks``): "qkv", "mlp" or
     "multi" (drawn unless given), with drawn sizes, options (bias, dropout, rsLoRA, the MLP's
     activation, the number of adapters) and leading shape (batch, seq). Judge a candidate's
     outputs with ``assert_matches_reference(outputs, case)``; docs/oracle.md names them."""
-    from minilora.blocks import ACTIVATIONS
+    from minilora.ops.blocks import ACTIVATIONS
     from minilora.oracle import make_case
     from minilora.oracle.block_cases import BLOCKS
     from minilora.oracle.kinds import of_block
@@ -163,7 +163,7 @@ def nf4_cases(draw, dtype=None, dtypes=("bf16", "fp16", "fp32", "fp64"), max_dim
     from minilora.oracle import OracleInputError, make_case
     from minilora.oracle.judge import _check_norms_resolve
     from minilora.oracle.nf4 import BLOCKSIZES
-    from minilora.precision import precision as precision_of
+    from minilora.oracle.precision import precision as precision_of
 
     if not blocksizes or any(b not in BLOCKSIZES for b in blocksizes):
         raise ValueError(f"blocksizes must be a non-empty selection of {BLOCKSIZES}, got "

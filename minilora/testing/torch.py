@@ -38,7 +38,7 @@ import torch
 
 from minilora.oracle import OracleInputError, compare
 from minilora.oracle.kinds import LINEAR, MLP, QKV
-from minilora.precision import precision
+from minilora.oracle.precision import precision
 from minilora.testing._harness import (
     check_returned,
     dtype_map,
@@ -493,7 +493,7 @@ def check_model(model, batch, loss_fn=None, dtype="bf16", device=None):
     import peft
 
     from minilora.oracle import Case
-    from minilora.precision import precision
+    from minilora.oracle.precision import precision
 
     prec = precision(dtype)
     params = list(model.parameters())

@@ -9,7 +9,7 @@ pattern of the whole library: ``op_forward(...) -> (y, cache)``, ``op_backward(d
 
 import numpy as np
 
-from minilora.init import kaiming_uniform, linear_bias
+from minilora.toolkit.init import kaiming_uniform, linear_bias
 
 # -- the pairs -----------------------------------------------------------------------------------
 

@@ -59,8 +59,8 @@ import math
 
 import numpy as np
 
-from minilora._jit import jit
-from minilora.lora_numpy import frozen_grads
+from minilora.ops._jit import jit
+from minilora.ops.lora_numpy import frozen_grads
 
 SMALL_WORK = 1 << 18  # N·d_in·d_out at or below which the fused kernels run
 ROW_BLOCK = 256  # rows per block of the large route's in-place updates
@@ -354,7 +354,7 @@ def _blocks(N):
             for lo in range(0, N, ROW_BLOCK)]
 
 
-# -- the gated MLP's elementwise pass (minilora.blocks) -------------------------------------------
+# -- the gated MLP's elementwise pass (minilora.ops.blocks) ---------------------------------------
 
 @jit
 def _activation(e, kind):

@@ -1,4 +1,4 @@
-"""Argument types shared by the command lines (``minilora.cli`` and ``minilora.oracle.cli``).
+"""Argument types shared by the command lines (``minilora.tools.cli`` and ``minilora.oracle.cli``).
 
 Each parses one command-line string or raises ``argparse.ArgumentTypeError``, which argparse
 turns into a usage error (exit code 2) naming the option.

@@ -7,7 +7,7 @@ LoRA, rsLoRA and DoRA adapters of linear (and Conv1D) layers. Tensor names follo
 ``base_model.model.<module>.lora_A.weight`` (r, d_in), ``...lora_B.weight`` (d_out, r) and, for
 DoRA, ``...lora_magnitude_vector`` (d_out,). Per-module ranks and alphas go through PEFT's
 ``rank_pattern`` and ``alpha_pattern``. The safetensors file is read and written with NumPy
-(``minilora.safetensors``), so no extra package is needed.
+(``minilora.formats.safetensors``), so no extra package is needed.
 """
 
 import json
@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from minilora import safetensors
-from minilora._io import write_folder_atomic
-from minilora._json import nesting_depth, no_constant
-from minilora.functional import lora_scaling
+from minilora.formats import safetensors
+from minilora.formats._io import write_folder_atomic
+from minilora.formats._json import nesting_depth, no_constant
+from minilora.ops.functional import lora_scaling
 
 try:  # the regex parser: re._parser from Python 3.11 on
     from re import _parser as _re_parser
@@ -327,7 +327,8 @@ def save_adapter(path, adapters, *, base_model_name_or_path=None, task_type=None
     would refuse: a module name that is not a valid pattern, ranks that the written
     rank_pattern would give another module, a non-finite weight, ...), so that what is saved
     loads back equal. Then the folder's two files are replaced in one step
-    (``minilora._io.write_folder_atomic``): a failure at any point leaves the old adapter whole.
+    (``minilora.formats._io.write_folder_atomic``): a failure at any point leaves the old
+    adapter whole.
     """
     if not adapters:
         raise ValueError("no adapters to save")

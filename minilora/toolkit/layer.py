@@ -8,17 +8,17 @@ pass for ``backward``, and accumulates gradients in ``layer.grads``. There is no
 
 import numpy as np
 
-from minilora._checks import FLOAT_DTYPES, check_positive_int, check_scaling
-from minilora.dora import inverse_norms, row_norms
-from minilora.functional import (
+from minilora.ops._checks import FLOAT_DTYPES, check_positive_int, check_scaling
+from minilora.ops.dora import inverse_norms, row_norms
+from minilora.ops.functional import (
     dora_backward,
     dora_forward,
     lora_backward,
     lora_forward,
     lora_scaling,
 )
-from minilora.init import init_lora, kaiming_uniform, linear_bias
-from minilora.modules import Module
+from minilora.toolkit.init import init_lora, kaiming_uniform, linear_bias
+from minilora.toolkit.modules import Module
 
 
 class LoRALinear(Module):
@@ -36,13 +36,13 @@ class LoRALinear(Module):
     use_dora : bool, weight-decomposed LoRA (DoRA); adds the trainable magnitude m (d_out,)
     fan_in_fan_out : bool, W is stored as (d_in, d_out) (GPT-2 Conv1D layout)
     bias : bool, whether the layer has a (frozen) bias
-    init : "default" | "gaussian" | "pissa" | "olora" (see ``minilora.init``)
+    init : "default" | "gaussian" | "pissa" | "olora" (see ``minilora.toolkit.init``)
     weight : array (d_out, d_in) (or (d_in, d_out) with fan_in_fan_out), the pretrained W; copied.
         When None, W is drawn like ``nn.Linear``'s.
     bias_value : array (d_out,), the pretrained bias; copied. When None, drawn like ``nn.Linear``'s.
     dtype : numpy.float32 or numpy.float64
     seed : int or None, seeds the generator used for init and dropout masks
-    backend : "numpy", "numba" or None (see ``minilora.backends``)
+    backend : "numpy", "numba" or None (see ``minilora.ops.backends``)
     check_unchanged : bool, checksum x and the layer's arrays in ``forward`` and raise
         RuntimeError in ``backward`` if any was changed in place in between (as PyTorch's
         version counters do). Costs two passes over the bytes of x and W per step; turn it off

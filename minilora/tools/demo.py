@@ -22,11 +22,11 @@ import time
 
 import numpy as np
 
-from minilora._io import write_atomic
-from minilora.layer import LoRALinear
-from minilora.losses import accuracy, softmax_cross_entropy, softmax_cross_entropy_backward
-from minilora.modules import Linear, ReLU, Sequential, summary
-from minilora.optim import AdamW, clip_grad_norm
+from minilora.formats._io import write_atomic
+from minilora.toolkit.layer import LoRALinear
+from minilora.toolkit.losses import accuracy, softmax_cross_entropy, softmax_cross_entropy_backward
+from minilora.toolkit.modules import Linear, ReLU, Sequential, summary
+from minilora.toolkit.optim import AdamW, clip_grad_norm
 
 HIDDEN = 512
 

@@ -1,7 +1,7 @@
 """Fused blocks: the shapes real LoRA kernels take, built from the LoRA layer's own pair.
 
 Three ops, each a forward/backward pair like ``lora_forward``/``lora_backward``, whose every
-projection is one validated LoRA layer (``minilora.functional``, either backend) so that the
+projection is one validated LoRA layer (``minilora.ops.functional``, either backend) so that the
 core's guarantees (validation, dtype preservation, any leading dimensions, no input mutation,
 new output arrays, checked caches) hold for the block; the block adds only its own algebra.
 docs/math.md derives each backward.
@@ -43,8 +43,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minilora import lora_numba
-from minilora._checks import (
+from minilora.ops import lora_numba
+from minilora.ops._checks import (
     FLOAT_DTYPES,
     check_dtypes,
     check_dy,
@@ -53,9 +53,9 @@ from minilora._checks import (
     is_plain,
     plain_array,
 )
-from minilora.backends import resolve_backend
-from minilora.functional import LoRACache, _prepare, lora_backward, lora_forward
-from minilora.lora_numpy import frozen_grads
+from minilora.ops.backends import resolve_backend
+from minilora.ops.functional import LoRACache, _prepare, lora_backward, lora_forward
+from minilora.ops.lora_numpy import frozen_grads
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 _SQRT_HALF = math.sqrt(0.5)
@@ -598,7 +598,7 @@ def _multi_backward_fused(dy2, cache, need_dx):
     gathered tokens (each LoRACache checked by the core's ``_check_cache`` first):
         g = dy_k B_k;  dB_k = s_k·dy_kᵀ h_k;  dA_k = s_k·gᵀ x_d,k;
         dx[rows_k] += s_k·(g A_k) ⊙ mask_k."""
-    from minilora.functional import _check_cache
+    from minilora.ops.functional import _check_cache
 
     W = cache.W
     dx = None

@@ -2,7 +2,7 @@
 
 This module is the specification. The Numba kernels in ``lora_numba.py`` implement the same two
 functions and are tested against them. Inputs arrive validated and flattened to two dimensions
-by ``minilora.functional``: N rows, the leading dimensions of x folded together.
+by ``minilora.ops.functional``: N rows, the leading dimensions of x folded together.
 
     forward:   x_d = x ⊙ mask                      (N, d_in)
                h   = x_d Aᵀ                        (N, r)

@@ -16,8 +16,8 @@ import tracemalloc
 import numpy as np
 
 import minilora as ml
-from minilora import lora_numba
-from minilora._io import write_atomic
+from minilora.formats._io import write_atomic
+from minilora.ops import lora_numba
 
 # (name, N, d_in, d_out, r, dtype, dropout, op)
 CASES = [

@@ -30,7 +30,7 @@ import struct
 
 import numpy as np
 
-from minilora._io import write_atomic
+from minilora.formats._io import write_atomic
 
 _DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
            "I16": "<i2", "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1",

@@ -6,15 +6,15 @@ import itertools
 
 import numpy as np
 
-from minilora.dora import row_norms, trained_magnitude
-from minilora.functional import (
+from minilora.ops.dora import row_norms, trained_magnitude
+from minilora.ops.functional import (
     dora_backward,
     dora_forward,
     lora_backward,
     lora_forward,
     lora_scaling,
 )
-from minilora.gradcheck import gradcheck
+from minilora.ops.gradcheck import gradcheck
 
 # (leading dims, d_in, d_out, r): a vector, a batch, a sequence batch, a zero batch, and ranks
 # from 1 to above min(d_in, d_out).

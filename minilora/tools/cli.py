@@ -7,9 +7,9 @@ write ends the command with exit code 2 and one line on stderr, never a tracebac
 import argparse
 import sys
 
-from minilora import bench, demo, selfcheck
-from minilora._argtypes import nonnegative_int, output_path, positive_int
 from minilora.oracle import cli as oracle_cli
+from minilora.tools import bench, demo, selfcheck
+from minilora.tools._argtypes import nonnegative_int, output_path, positive_int
 
 
 class CommandError(Exception):
@@ -38,7 +38,7 @@ def _bench(args):
         except ImportError:
             raise CommandError("--model needs torch, transformers and peft: "
                                "pip install 'minilora[parity]'") from None
-        from minilora import bench_model
+        from minilora.tools import bench_model
 
         bench_model.model_run(quick=args.quick, json_path=args.json)
         return 0
@@ -67,7 +67,7 @@ def _demo(args):
     if args.plot:
         _need_matplotlib()
     if args.model:
-        from minilora import demo_model
+        from minilora.tools import demo_model
 
         demo_model.run(quick=args.quick, json_path=args.json, plot_path=args.plot)
         return 0

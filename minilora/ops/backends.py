@@ -2,7 +2,7 @@
 
 ``backend=None`` means the environment variable ``MINILORA_BACKEND``, else ``"numba"``. The
 choice is made per call: setting the variable takes effect at once. Numba is a required
-dependency, so both backends are always there (``minilora.functional.BACKEND_MODULES``).
+dependency, so both backends are always there (``minilora.ops.functional.BACKEND_MODULES``).
 """
 
 import os

@@ -9,10 +9,10 @@ import io
 
 import numpy as np
 
-from minilora import npz
-from minilora._io import write_atomic
-from minilora.layer import LoRALinear
-from minilora.peft import save_adapter
+from minilora.formats import npz
+from minilora.formats._io import write_atomic
+from minilora.formats.peft import save_adapter
+from minilora.toolkit.layer import LoRALinear
 
 
 def save_trainable(path, model):
@@ -27,7 +27,8 @@ def load_trainable(path, model):
 
     Every name must exist in the model with the same shape and dtype, every trainable array of
     the model must be in the file, and every value must be finite: anything else raises
-    ValueError (``minilora.npz.NpzError`` for an unreadable file) before anything is changed.
+    ValueError (``minilora.formats.npz.NpzError`` for an unreadable file) before anything is
+    changed.
     """
     params = model.parameters()
 
@@ -61,5 +62,5 @@ def lora_layers(model, prefix=""):
 
 
 def save_peft(path, model):
-    """Write the model's LoRA layers as a PEFT adapter folder (see ``minilora.peft``)."""
+    """Write the model's LoRA layers as a PEFT adapter folder (see ``minilora.formats.peft``)."""
     save_adapter(path, lora_layers(model))

@@ -17,11 +17,11 @@ import time
 
 import numpy as np
 
-from minilora._io import write_atomic
+from minilora.formats._io import write_atomic
 from minilora.models import text
 from minilora.models.config import ModelConfig
 from minilora.models.lm_loss import causal_lm_loss, causal_lm_loss_backward
-from minilora.optim import AdamW
+from minilora.toolkit.optim import AdamW
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PROMPT = "The "

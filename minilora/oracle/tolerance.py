@@ -26,9 +26,9 @@ the K of y plus N (it sums dy ⊙ u over the batch).
 
 import numpy as np
 
-from minilora.dora import inverse_norms, norm_bounds, row_norms
-from minilora.functional import lora_backward, lora_forward
-from minilora.precision import PRECISIONS
+from minilora.ops.dora import inverse_norms, norm_bounds, row_norms
+from minilora.ops.functional import lora_backward, lora_forward
+from minilora.oracle.precision import PRECISIONS
 
 UNIT_ROUNDOFF = {PRECISIONS[name].numpy_dtype: PRECISIONS[name].u for name in ("fp32", "fp64")}
 
@@ -82,7 +82,7 @@ def lora_error_bounds(x, W, A, B, *, scaling, dy, bias=None, dropout_mask=None,
 def cancellation_factors(W, A, B, scaling, fan_in_fan_out, n=None):
     """f_j, how much more than γ_K the computed n_j may be off, relatively, per row (d_out,).
 
-    n_j² summed from the expansion is off by at most γ_K·t_j² (``minilora.dora.row_norms``),
+    n_j² summed from the expansion is off by at most γ_K·t_j² (``minilora.ops.dora.row_norms``),
     relatively γ_K·(t_j/n_j)²; rows with t_j > 4·n_j are summed directly from V_j, whose own
     entries W_ji + s·B_j A_i carry errors of order u·t_j, relatively u·t_j/n_j. So
     f_j = (t_j/n_j)² up to 16, and 4·t_j/n_j beyond (1 for a zero row, where c = 0). ``n``: the
@@ -97,7 +97,8 @@ def dora_magnitudes(x, W, A, B, m, *, scaling, dy, bias=None, dropout_mask=None,
                     fan_in_fan_out=False, detach_norm=True, norm_error=False):
     """mag(z) for every DoRA output, and the extra reduction length that the norms add.
 
-    DoRA is y = c ⊙ u + (x − x_d) Wᵀ + bias with u the LoRA output on x_d (``minilora.dora``), so
+    DoRA is y = c ⊙ u + (x − x_d) Wᵀ + bias with u the LoRA output on x_d
+    (``minilora.ops.dora``), so
     the magnitudes are LoRA's for u, with the upstream |c|·|dy|, plus those of the dropout
     correction; with ``detach_norm=False`` also those of the gradient through n. c = m/n itself
     carries the norms' rounding error, a reduction of d_in + 2r + 4 terms: the returned

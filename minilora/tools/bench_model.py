@@ -5,7 +5,7 @@ on the adapters. minilora's model (``minilora.models.LlamaModel``) and transform
 ``LlamaForCausalLM`` wrapped by PEFT's ``get_peft_model`` hold the same weights and adapters and
 run the same batch in one process, interleaved with the model's floor (its large products alone
 in NumPy's BLAS: every projection's ``x Wᵀ`` and ``dy W``, attention's six batched products per
-head, the LM head's two), each figure the median over repeats of a ratio (``minilora.bench``'s
+head, the LM head's two), each figure the median over repeats of a ratio (``minilora.tools.bench``'s
 ``time_case``). Memory is the rise of the peak resident set of a fresh process during one step
 (after a first step, so optimizer state and BLAS buffers exist already), for each side alone,
 with glibc's mmap threshold fixed at 64 KiB (``MALLOC_MMAP_THRESHOLD_``) on both sides: every
@@ -22,8 +22,8 @@ import sys
 
 import numpy as np
 
-from minilora._io import write_atomic
-from minilora.bench import time_case
+from minilora.formats._io import write_atomic
+from minilora.tools.bench import time_case
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The issue's model (d=512, 8 layers, 32M parameters with the untied head); batch 8 x 256
@@ -64,7 +64,7 @@ def build_minilora(torch_model, case):
     AdamW."""
     from minilora.models.config import ModelConfig
     from minilora.models.llama import LlamaModel
-    from minilora.optim import AdamW
+    from minilora.toolkit.optim import AdamW
 
     sd = {k.removeprefix("base_model.model."): v.detach().numpy().copy()
           for k, v in torch_model.state_dict().items()}
@@ -149,7 +149,7 @@ def _batch(case, seed=1):
 
 _PROBE = """
 import sys, json
-from minilora import bench_model as bm
+from minilora.tools import bench_model as bm
 case = json.loads(sys.argv[2])
 def status(key):
     with open("/proc/self/status") as f:

@@ -13,8 +13,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minilora import dora, lora_numba, lora_numpy
-from minilora._checks import (
+from minilora.ops import dora, lora_numba, lora_numpy
+from minilora.ops._checks import (
     COMPLEX,
     FLOAT_DTYPES,
     check_dtypes,
@@ -24,7 +24,7 @@ from minilora._checks import (
     check_scaling,
     is_plain,
 )
-from minilora.backends import resolve_backend
+from minilora.ops.backends import resolve_backend
 
 # The backend contract: each module has
 #   forward(x, W, A, B, *, scaling, bias, mask, fan_in_fan_out) -> (y, h, kept)
@@ -193,7 +193,7 @@ def lora_forward(x, W, A, B, *, scaling, bias=None, dropout_mask=None, fan_in_fa
     dropout_mask : array broadcastable to x, or None. The multiplier on the LoRA branch's input,
         already scaled (0 or 1/(1-p) for inverted dropout).
     fan_in_fan_out : bool
-    backend : "numpy", "numba" or None (see ``minilora.backends``)
+    backend : "numpy", "numba" or None (see ``minilora.ops.backends``)
     check_unchanged : bool, record checksums of x, W, A, B and the mask, so that
         ``lora_backward`` raises RuntimeError if any of them was changed in place in between
         (costs two passes over those arrays' bytes)
@@ -319,7 +319,7 @@ def dora_forward(x, W, A, B, m, *, scaling, bias=None, dropout_mask=None, fan_in
     n = ‖W + s·B A‖ per output row (d_out,), c = m / n,
     y = x Wᵀ + bias + (c − 1) ⊙ (x_d Wᵀ) + c ⊙ s·(x_d Aᵀ) Bᵀ
       = c ⊙ (x_d (W + s·B A)ᵀ) + (x − x_d) Wᵀ + bias.
-    A row with W + s·B A = 0 gets c = 0 (see ``minilora.dora``), never NaN.
+    A row with W + s·B A = 0 gets c = 0 (see ``minilora.ops.dora``), never NaN.
     """
     scaling, d_out, backend, v = _prepare(x, W, A, B, m, scaling, bias, dropout_mask,
                                           fan_in_fan_out, backend)
@@ -355,7 +355,7 @@ def dora_backward(dy, cache, *, need_dx=True, need_dW=False, need_dbias=False):
     -----
     With u = x_d (W + s·B A)ᵀ and dy_c = c ⊙ dy:  dm = Σ_n (dy ⊙ u) / n; dA, dB as LoRA's with
     upstream dy_c; dx = (dy_c W + s·(dy_c B) A) ⊙ mask + (dy W) ⊙ (1 − mask).
-    With ``detach_norm=False`` the gradient through n is added (``minilora.dora``).
+    With ``detach_norm=False`` the gradient through n is added (``minilora.ops.dora``).
     """
     dy2 = _prepare_backward(dy, cache, DoRACache, need_dbias, DoRASaved._fields)  # (N, d_out)
     if type(cache.detach_norm) is not bool or (not cache.detach_norm and cache.saved.WA is None):
