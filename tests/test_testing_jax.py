@@ -64,6 +64,29 @@ def test_an_honest_jnp_lora_and_dora_pass_at_every_precision(dtype, options):
     assert ("dm" in names) == case.dora and ("dbias" in names) == ("bias" in case.tensors)
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32", "fp64"])
+def test_an_nf4_base_is_handed_over_as_kernels_hold_it(dtype):
+    """A QLoRA case: fn gets W as fl32(c[q]·a) in the dtype (as the torch harness hands it),
+    and an honest jnp LoRA on it passes; with W 5% off, y fails."""
+    case = ml.oracle.make_case(d_in=128, d_out=16, r=4, batch=3, dtype=dtype, seed=1,
+                               base="nf4")
+    seen = {}
+
+    def fn(x, W, A, B, **kw):
+        seen["W"] = np.asarray(W, np.float64)
+        return jnp_lora()(x, W, A, B, **kw)
+
+    assert_jax_matches(fn, case)
+    held = case.tensors["W"]  # (d_out, d_in) float64, the exact dequantization
+    if dtype != "fp64":  # fl32, then the dtype
+        want = {"fp32": np.float32, "fp16": np.float16, "bf16": jnp.bfloat16}[dtype]
+        held = np.asarray(jnp.asarray(held.astype(np.float32), want), np.float64)
+    np.testing.assert_array_equal(seen["W"], held)
+    report = ml.oracle.compare(case, {**jax_outputs(lambda x, W, A, B, **kw: jnp_lora()(
+        x, W * 1.05, A, B, **kw), case)}, dtype=dtype)
+    assert not report.passed and "y" in {t.name for t in report.tensors if not t.passed}
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp32", "fp64"])
 @pytest.mark.parametrize(("bug", "output"), [("dA halved", "dA"), ("dB missing s", "dB")])
 def test_a_custom_vjp_with_a_planted_backward_bug_fails_in_that_output(dtype, bug, output):

@@ -8,7 +8,8 @@
         assert_matches_reference(my_lora(case), case)      # every output, derived tolerances
 
 * ``LoRACase`` and ``assert_matches_reference``: here (NumPy only);
-* ``lora_shapes``, ``lora_cases``, ``dora_cases``, ``block_cases``: Hypothesis strategies
+* ``lora_shapes``, ``lora_cases``, ``dora_cases``, ``block_cases``, ``nf4_cases`` (QLoRA
+  bases): Hypothesis strategies
   (``minilora.testing.strategies``, needs ``pip install minilora[test]``);
 * ``minilora.testing.torch``: ``torch_outputs`` and ``assert_torch_matches`` run a PyTorch
   implementation on a case in-process, on any device (``device=``), and ``check_model`` judges
@@ -23,7 +24,7 @@ import numpy as np
 
 from minilora.oracle import Case, compare
 
-STRATEGIES = ("lora_shapes", "lora_cases", "dora_cases", "block_cases", "VALUES")
+STRATEGIES = ("lora_shapes", "lora_cases", "dora_cases", "block_cases", "nf4_cases", "VALUES")
 
 
 def __getattr__(name):

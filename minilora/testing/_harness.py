@@ -72,7 +72,7 @@ def precision_name(case, dtype):
     return precision(case.input_precision if dtype is None else dtype).name
 
 
-def fn_inputs(case):
+def fn_inputs(case, dtype=None):
     """The case's inputs as ``fn`` takes them, float64 (integers kept: adapter_index).
 
     Returns
@@ -80,9 +80,13 @@ def fn_inputs(case):
     dict with "x" (..., d_in), "W", "A", "B", "bias", "dropout_mask", "m" (single layer; None
     where absent), "adapter_index" (multi), "dys": the upstream gradients, one per output
     (a list of P for qkv, of one otherwise), and "kwargs": scaling (and activation for mlp).
-    W is (d_out, d_in) whatever the case's layout.
+    W is (d_out, d_in) whatever the case's layout; a QLoRA case's W (``make_case(base="nf4")``)
+    is float32 below fp64, as kernels multiply c[q]·a in float32 before holding W in ``dtype``.
     """
-    return case.kind.fn_inputs(case)
+    given = case.kind.fn_inputs(case)
+    if case.layer.get("base") == "nf4" and precision_name(case, dtype) != "fp64":
+        given["W"] = given["W"].astype(np.float32)  # (d_out, d_in) fl32(c[q]·a)
+    return given
 
 
 def check_returned(ys, dys):

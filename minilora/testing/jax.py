@@ -66,7 +66,7 @@ def _x64():
 
 
 def _outputs(fn, case, jdt, need_dW, need_dbias):
-    given = harness.fn_inputs(case)
+    given = harness.fn_inputs(case, "fp64" if jdt == jnp.float64 else "fp32")  # NF4: fl32 W
 
     def array(a):
         if a is None:

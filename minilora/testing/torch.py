@@ -242,8 +242,7 @@ def torch_outputs(fn, case, dtype=None, *, need_dW=False, need_dbias=False, devi
     case = oracle_case(case)
     tdt = TORCH_DTYPES[precision_name(case, dtype)]
     dev = resolve_device(device, fn)
-    given = fn_inputs(case)
-    quantized = case.layer.get("base") == "nf4" and tdt != torch.float64
+    given = fn_inputs(case, dtype)  # a QLoRA case's W in float32 below fp64
 
     def tensor(a, grad=False):
         if a is None:
@@ -255,8 +254,6 @@ def torch_outputs(fn, case, dtype=None, *, need_dW=False, need_dbias=False, devi
         return torch.from_numpy(a).to(dev, tdt).requires_grad_(grad)
 
     x, A, B = tensor(given["x"], True), tensor(given["A"], True), tensor(given["B"], True)
-    if quantized:  # kernels multiply c[q]·a in float32, then hold W in the dtype
-        given["W"] = given["W"].astype(np.float32)  # (d_out, d_in) fl32(c[q]·a)
     W, bias = tensor(given["W"], need_dW), tensor(given["bias"], need_dbias)
     kwargs = dict(given["kwargs"], bias=bias, dropout_mask=tensor(given["dropout_mask"]))
     if _takes_keyword(fn, QUANTIZED_KEYWORD):
