@@ -21,6 +21,9 @@ of one block at a time exist. The forward keeps, per query row, the log of its s
 denominator, lse = max + log Σ exp(S_ − max) (B, H, T); the backward recomputes a block's
 P = exp(S_ − lse) from q and k instead of keeping B·H·T·S probabilities (134 MB for the
 benchmark model's 8 layers), at the price of the block's q kᵀ and exp a second time.
+
+The products are NumPy's (BLAS); the passes over a block's rows are NumPy here, the reference,
+and one Numba loop each with ``backend="numba"`` (``minilora.models.attention_numba``).
 """
 
 from typing import NamedTuple
