@@ -278,9 +278,9 @@ def _block_grads(grads, need_dx, need_dW, need_dbias, inputs=None):
     dx = None
     if need_dx:
         readers = grads[:inputs]
-        dx = readers[0].dx
+        dx = readers[0].dx  # (..., d_in), lora_backward's new array: summed into in place
         for g in readers[1:]:
-            dx = dx + g.dx  # (..., d_in), a new array (one reader: lora_backward's own)
+            dx += g.dx
     return BlockGrads(dx, tuple(g.dA for g in grads), tuple(g.dB for g in grads),
                       tuple(g.dW for g in grads) if need_dW else None,
                       tuple(g.dbias for g in grads) if need_dbias else None)
