@@ -106,7 +106,11 @@ def rope_forward(x, cos, sin):
     y = x ⊙ cos + rotate_half(x) ⊙ sin (cos, sin broadcast over B and h).
     """
     x, cos, sin = _check(x, "x", cos, sin)
-    return x * cos + rotate_half(x) * sin  # (B, h, T, D)
+    h = x.shape[-1] // 2
+    y = x * cos  # (B, h, T, D)
+    y[..., :h] -= x[..., h:] * sin[:, :h]  # + rotate_half(x) ⊙ sin, half by half: the same bits
+    y[..., h:] += x[..., :h] * sin[:, h:]
+    return y
 
 
 def rope_backward(dy, cos, sin):
@@ -126,4 +130,8 @@ def rope_backward(dy, cos, sin):
     dx = dy ⊙ cos + Rᵀ(dy ⊙ sin) = dy ⊙ cos − rotate_half(dy ⊙ sin), since Rᵀ = −R.
     """
     dy, cos, sin = _check(dy, "dy", cos, sin)
-    return dy * cos - rotate_half(dy * sin)  # (B, h, T, D)
+    h = dy.shape[-1] // 2
+    dx = dy * cos  # (B, h, T, D)
+    dx[..., :h] += dy[..., h:] * sin[:, h:]  # − rotate_half(dy ⊙ sin), half by half
+    dx[..., h:] -= dy[..., :h] * sin[:, :h]
+    return dx
