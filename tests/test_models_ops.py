@@ -41,8 +41,8 @@ def _rope_bwd(dy, cache):
     return {"x": rope_backward(dy, *cache)}
 
 
-def _rms_fwd(x, weight, eps):
-    return rmsnorm_forward(x, weight, eps=eps)
+def _rms_fwd(x, weight, eps, backend="numpy"):
+    return rmsnorm_forward(x, weight, eps=eps, backend=backend)
 
 
 def _rms_bwd(dy, cache):
@@ -326,12 +326,31 @@ def test_rope_rejects_bad_input():
 
 @FAST
 @given(lead=st.lists(st.integers(1, 3), min_size=0, max_size=2), d=st.integers(1, 9),
-       eps=st.sampled_from([0.0, 1e-6, 0.5]), seed=st.integers(0, 2**16))
-def test_rmsnorm_gradcheck_drawn(lead, d, eps, seed):
+       eps=st.sampled_from([0.0, 1e-6, 0.5]), seed=st.integers(0, 2**16),
+       backend=st.sampled_from(["numpy", "numba"]))
+def test_rmsnorm_gradcheck_drawn(lead, d, eps, seed, backend):
     rng = _rng(seed)
     x = rng.standard_normal((*lead, d)) * rng.uniform(0.1, 10)
     w = rng.standard_normal(d)
-    gradcheck(_rms_fwd, _rms_bwd, {"x": x, "weight": w, "eps": eps}, wrt=["x"], seed=seed)
+    gradcheck(_rms_fwd, _rms_bwd, {"x": x, "weight": w, "eps": eps, "backend": backend},
+              wrt=["x"], seed=seed)
+
+
+@given(lead=st.lists(st.integers(0, 4), min_size=0, max_size=2), d=st.integers(1, 40),
+       eps=st.sampled_from([0.0, 1e-6, 0.5]), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from([np.float32, np.float64]))
+def test_rmsnorm_numba_equals_numpy(lead, d, eps, seed, dtype):
+    """The kernels against the NumPy reference (the row sums in float64, NumPy's in the
+    dtype), y, the cache's x̂ and r, and dx; a non-contiguous x and dy taken as they are."""
+    rng = _rng(seed)
+    x = (rng.standard_normal((*lead, 2 * d)) * rng.uniform(0.1, 10)).astype(dtype)[..., ::2]
+    w, dy = rng.standard_normal(d).astype(dtype), rng.standard_normal((*lead, d)).astype(dtype)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == np.float64 else dict(rtol=2e-5, atol=2e-5)
+    ref, fast = (rmsnorm_forward(x, w, eps=eps, backend=b) for b in ("numpy", "numba"))
+    for a, b in ((fast[0], ref[0]), (fast[1].x_hat, ref[1].x_hat), (fast[1].r, ref[1].r),
+                 (rmsnorm_backward(dy, fast[1]), rmsnorm_backward(dy, ref[1]))):
+        assert a.dtype == dtype and a.shape == b.shape
+        np.testing.assert_allclose(a, b, **tol)
 
 
 def test_rmsnorm_gradcheck_fixed_and_forward():

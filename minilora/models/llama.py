@@ -329,7 +329,7 @@ class LlamaModel:
             names = {p: module_name(i, p) for p in TARGETS}
             a, L["norm1"] = rmsnorm_forward(
                 x, self.weights[f"model.layers.{i}.input_layernorm.weight"],
-                eps=c.rms_norm_eps)  # (B, T, d)
+                eps=c.rms_norm_eps, backend=self.backend)  # (B, T, d)
             qkv_masks = {p: self._mask(names[p], a.shape, masks, dropout_masks, train)
                          for p in ("q_proj", "k_proj", "v_proj")}
             group = [p for p in ("q_proj", "k_proj", "v_proj") if self._plain_lora(names[p])]
@@ -363,15 +363,15 @@ class LlamaModel:
             o = o.transpose(0, 2, 1, 3).reshape(Bsz, T, H * D)  # (B, T, H·D)
             o_mask = self._mask(names["o_proj"], o.shape, masks, dropout_masks, train)
             y, L["proj"]["o_proj"] = self._project(o, names["o_proj"], o_mask)  # (B, T, d)
-            x = x + y  # (B, T, d)
+            x += y  # (B, T, d), in place: the residual stream is this pass's own array
             a, L["norm2"] = rmsnorm_forward(
                 x, self.weights[f"model.layers.{i}.post_attention_layernorm.weight"],
-                eps=c.rms_norm_eps)  # (B, T, d)
+                eps=c.rms_norm_eps, backend=self.backend)  # (B, T, d)
             y, L["mlp"] = self._mlp_forward(a, names, masks, dropout_masks, train)  # (B, T, d)
-            x = x + y  # (B, T, d)
+            x += y  # (B, T, d)
             layers.append(L)
         h, final = rmsnorm_forward(x, self.weights["model.norm.weight"],
-                                   eps=c.rms_norm_eps)  # (B, T, d)
+                                   eps=c.rms_norm_eps, backend=self.backend)  # (B, T, d)
         return h, ModelCache(tuple(layers), final, h, tuple(present), masks, offset,
                              self.dtype, embed)
 
@@ -458,7 +458,7 @@ class LlamaModel:
             names = {p: module_name(i, p) for p in TARGETS}
             da = self._mlp_backward(dx, names, L["mlp"])  # (B, T, d)
             self._norm_grad(f"model.layers.{i}.post_attention_layernorm.weight", da, L["norm2"])
-            dx = dx + rmsnorm_backward(da, L["norm2"])  # (B, T, d)
+            dx += rmsnorm_backward(da, L["norm2"])  # (B, T, d), in place (dx is ours)
             do = self._project_backward(dx, names["o_proj"], L["proj"]["o_proj"])  # (B, T, H·D)
             do = np.ascontiguousarray(do.reshape(Bsz, T, H, D).transpose(0, 2, 1, 3))
             dq, dk, dv = attention_backward(do, L["attn"])  # (B, H, T, D), (B, Hkv, S, D) x2
@@ -481,7 +481,7 @@ class LlamaModel:
                     dp = self._project_backward(douts[p], names[p], L["proj"][p])  # (B, T, d)
                     da = dp if da is None else da + dp
             self._norm_grad(f"model.layers.{i}.input_layernorm.weight", da, L["norm1"])
-            dx = dx + rmsnorm_backward(da, L["norm1"])  # (B, T, d)
+            dx += rmsnorm_backward(da, L["norm1"])  # (B, T, d)
         self._base_grad("model.embed_tokens.weight",
                         lambda: embedding_backward(dx, cache.embedding))  # (V, d)
         return dx

@@ -6,7 +6,9 @@
     backward, g = dy ⊙ weight:   dx = r ⊙ (g − x̂ ⊙ mean(g ⊙ x̂))
 
 transformers' ``LlamaRMSNorm`` computes the same lines but casts x to float32 first (whatever
-the model's dtype); here every step runs in x's own dtype. docs/math.md derives dx.
+the model's dtype); here every step runs in x's own dtype. docs/math.md derives dx. These NumPy
+passes are the reference; ``backend="numba"`` runs one loop per row
+(``minilora.models.rmsnorm_numba``).
 """
 
 import math
@@ -15,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from minilora.ops._checks import check_dtypes, plain_array
+from minilora.ops.backends import resolve_backend
 
 
 class RMSNormCache(NamedTuple):
@@ -24,9 +27,10 @@ class RMSNormCache(NamedTuple):
     x_hat: np.ndarray  # (..., d) = x ⊙ r
     r: np.ndarray  # (..., 1) = 1 / sqrt(mean(x²) + eps)
     weight: np.ndarray  # (d,)
+    backend: str  # "numpy" or "numba"
 
 
-def rmsnorm_forward(x, weight, *, eps):
+def rmsnorm_forward(x, weight, *, eps, backend=None):
     """RMSNorm, forward pass.
 
     Parameters
@@ -34,6 +38,7 @@ def rmsnorm_forward(x, weight, *, eps):
     x : (..., d) float32 or float64
     weight : (d,) the frozen gain, x's dtype
     eps : float ≥ 0, added to the mean square (the config's rms_norm_eps)
+    backend : "numpy", "numba" or None (``minilora.ops.backends``)
 
     Returns
     -------
@@ -53,11 +58,17 @@ def rmsnorm_forward(x, weight, *, eps):
             or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite number ≥ 0, got {eps!r}")
     eps = float(eps)  # a Python float never promotes float32
+    backend = resolve_backend(backend)
+    if backend == "numba":
+        from minilora.models import rmsnorm_numba
+
+        y, x_hat, r = rmsnorm_numba.forward(x, weight, eps)
+        return y, RMSNormCache(x_hat, r, weight.view(), backend)
     ms = np.mean(x * x, axis=-1, keepdims=True)  # (..., 1)
     r = 1.0 / np.sqrt(ms + eps)  # (..., 1)
     x_hat = x * r  # (..., d)
     y = weight * x_hat  # (..., d)
-    return y, RMSNormCache(x_hat, r, weight.view())
+    return y, RMSNormCache(x_hat, r, weight.view(), backend)
 
 
 def rmsnorm_backward(dy, cache):
@@ -83,6 +94,10 @@ def rmsnorm_backward(dy, cache):
     if dy.shape != cache.x_hat.shape or dy.dtype != cache.x_hat.dtype:
         raise ValueError(f"dy must be {cache.x_hat.dtype}{cache.x_hat.shape} like the forward's "
                          f"y, got dy {dy.dtype}{dy.shape}")
+    if cache.backend == "numba":
+        from minilora.models import rmsnorm_numba
+
+        return rmsnorm_numba.backward(dy, cache.x_hat, cache.r, cache.weight)
     g = dy * cache.weight  # (..., d)
     proj = np.mean(g * cache.x_hat, axis=-1, keepdims=True)  # (..., 1)
     dx = cache.r * (g - cache.x_hat * proj)  # (..., d)

@@ -1,0 +1,66 @@
+"""RMSNorm's forward and backward as Numba kernels (``rmsnorm`` with ``backend="numba"``): one
+loop over each row instead of NumPy's three or four whole-array passes and their temporaries.
+The row's sums accumulate in float64. ``minilora.models.rmsnorm``'s NumPy passes are the
+reference these kernels are tested against; single-threaded, as every kernel in minilora is
+(``minilora._jit`` says why).
+"""
+
+import numpy as np
+
+from minilora._jit import jit
+
+
+@jit
+def _forward(x, weight, eps, y, x_hat, r):
+    """x (N, d) -> y = x̂ ⊙ weight, x̂ = x ⊙ r, r = 1 / sqrt(mean(x²) + eps) (N, 1)."""
+    N, d = x.shape
+    if weight.shape[0] != d or y.shape != x.shape or x_hat.shape != x.shape \
+            or r.shape[0] != N:
+        raise ValueError("rmsnorm kernel: y and x_hat must be (N, d) like x, weight (d,), "
+                         "r (N, 1)")
+    for n in range(N):
+        ms = 0.0
+        for i in range(d):
+            ms += x[n, i] * x[n, i]
+        rn = 1.0 / np.sqrt(ms / d + eps)
+        r[n, 0] = rn
+        for i in range(d):
+            x_hat[n, i] = x[n, i] * rn
+            y[n, i] = weight[i] * x_hat[n, i]
+
+
+@jit
+def _backward(dy, x_hat, r, weight, dx):
+    """dx = r ⊙ (g − x̂ ⊙ mean(g ⊙ x̂)), g = dy ⊙ weight, all (N, d)."""
+    N, d = dy.shape
+    if weight.shape[0] != d or x_hat.shape != dy.shape or dx.shape != dy.shape \
+            or r.shape[0] != N:
+        raise ValueError("rmsnorm kernel: x_hat and dx must be (N, d) like dy, weight (d,), "
+                         "r (N, 1)")
+    for n in range(N):
+        proj = 0.0
+        for i in range(d):
+            proj += dy[n, i] * weight[i] * x_hat[n, i]
+        proj /= d
+        for i in range(d):
+            dx[n, i] = r[n, 0] * (dy[n, i] * weight[i] - x_hat[n, i] * proj)
+
+
+def forward(x, weight, eps):
+    """(y, x_hat, r) for x (..., d): new arrays of x's dtype, r (..., 1)."""
+    x2 = np.ascontiguousarray(x).reshape(-1, x.shape[-1])  # (N, d)
+    y, x_hat = np.empty_like(x2), np.empty_like(x2)
+    r = np.empty((x2.shape[0], 1), x.dtype)  # (N, 1)
+    _forward(x2, weight, eps, y, x_hat, r)
+    lead = x.shape[:-1]
+    return y.reshape(x.shape), x_hat.reshape(x.shape), r.reshape(lead + (1,))
+
+
+def backward(dy, x_hat, r, weight):
+    """dx (..., d), a new array of dy's dtype."""
+    d = dy.shape[-1]
+    dy2 = np.ascontiguousarray(dy).reshape(-1, d)  # (N, d)
+    dx = np.empty_like(dy2)
+    _backward(dy2, np.ascontiguousarray(x_hat).reshape(-1, d),
+              np.ascontiguousarray(r).reshape(-1, 1), weight, dx)
+    return dx.reshape(dy.shape)
