@@ -19,9 +19,10 @@ docs/math.md derives each backward.
     backward:  dz = down's dx;   de = dz ⊙ u ⊙ act'(e);   du = dz ⊙ act(e)
                dx = gate's dx (upstream de) + up's dx (upstream du)
 
-The forward keeps e and u (N, hidden each) and not z: the backward recomputes z = act(e) ⊙ u
-(``gated_product``) before down's backward, then forms de and du in one pass over dz, e and u
-(``gated_backward``), so the block holds two hidden-sized arrays between the passes, not three.
+The forward keeps e, u and z (N, hidden each; z as down's input): the backward runs down's
+backward on the kept z, then forms de and du in one pass over dz, e and u (``gated_backward``).
+Recomputing z instead would hold two hidden-sized arrays between the passes, not three, for one
+more pass of the activation (2% of issue 18's LLaMA training step; docs/performance.md).
 
 **K adapters on one layer, per token** (multi-tenant training, punica's SGMV, PEFT's
 ``adapter_names=``): token n uses adapter k = adapter_index[n], or none for k = −1:
@@ -289,11 +290,12 @@ def _block_grads(grads, need_dx, need_dW, need_dbias, inputs=None):
 # -- the gated MLP ---------------------------------------------------------------------------------
 
 class MLPCache(NamedTuple):
-    """What ``lora_mlp_backward`` needs: gate's and up's caches, down's without its input z
-    (recomputed from e and u), e and u, and the activation."""
+    """What ``lora_mlp_backward`` needs: gate's and up's caches, down's (with its input z), e
+    and u, and the activation. Keeping z costs N × hidden numbers and saves the backward a
+    pass of the activation over them (issue 18's training step: 2% of its time)."""
 
     gate_up: QKVCache  # gate and up: views of x and their weights, h_gate, h_up
-    down: object  # down's LoRACache with x = None (z is recomputed)
+    down: object  # down's LoRACache: z, its weights, h_down
     e: np.ndarray  # (N, hidden) gate's output
     u: np.ndarray  # (N, hidden) up's output
     activation: str
@@ -348,7 +350,7 @@ def lora_mlp_forward(x, W, A, B, *, scaling, activation="silu", bias=None, dropo
                                dropout_mask=masks[2], backend=backend)  # (..., d_out)
     except (TypeError, ValueError) as err:
         raise type(err)(f"down projection: {err}") from None
-    return y, MLPCache(gate_up, down._replace(x=None), e, u, activation, y.shape)
+    return y, MLPCache(gate_up, down, e, u, activation, y.shape)
 
 
 def lora_mlp_backward(dy, cache, *, need_dx=True, need_dW=False, need_dbias=False):
@@ -360,8 +362,8 @@ def lora_mlp_backward(dy, cache, *, need_dx=True, need_dW=False, need_dbias=Fals
 
     Notes
     -----
-    dz = down's dx; z and act'(e) recomputed from e and u; de = dz ⊙ u ⊙ act'(e),
-    du = dz ⊙ act(e); dx = gate's dx + up's dx.
+    dz = down's dx (down's cache keeps z); act(e) and act'(e) recomputed from e;
+    de = dz ⊙ u ⊙ act'(e), du = dz ⊙ act(e); dx = gate's dx + up's dx.
     """
     if type(cache) is not MLPCache or type(cache.gate_up) is not QKVCache \
             or cache.activation not in ACTIVATIONS:
@@ -377,10 +379,8 @@ def lora_mlp_backward(dy, cache, *, need_dx=True, need_dW=False, need_dbias=Fals
     hidden = e.shape[-1]
     e2, u2 = e.reshape(-1, hidden), u.reshape(-1, hidden)  # (N, hidden)
     backend = cache.down.backend
-    # down's backward needs z (its input) and gives dz; the activation's pass needs dz
-    z2 = gated_product(e2, u2, cache.activation, backend)  # (N, hidden), recomputed
-    down = cache.down._replace(x=z2)
-    g_down = _projection_backward(dy, down, True, need_dW, need_dbias, 2)
+    # down's backward (its cache keeps z, its input) gives dz; the activation's pass needs dz
+    g_down = _projection_backward(dy, cache.down, True, need_dW, need_dbias, 2)
     dz2 = g_down.dx.reshape(-1, hidden)  # (N, hidden)
     de, du = gated_backward(dz2, e2, u2, cache.activation, backend)
     g_gate = _projection_backward(de.reshape(e.shape), cache.gate_up.caches[0], need_dx,
