@@ -542,3 +542,22 @@ def test_lm_head_loss_refuses_bad_input():
         lm_head_loss(h, head, ids, dhead=np.zeros((7, 3), np.float32))
     with pytest.raises(TypeError, match="dtype"):
         lm_head_loss(h, head.astype(np.float32), ids)
+
+
+def test_the_model_kernels_check_what_they_index():
+    """Numba's bounds checks are off: each kernel refuses shapes it would index past."""
+    from minilora.models import attention_numba, rmsnorm_numba
+
+    f = np.ones((3, 4), np.float32)
+    with pytest.raises(ValueError, match="rmsnorm kernel"):
+        rmsnorm_numba._backward(f, np.ones((3, 5), np.float32), np.ones((3, 1), np.float32),
+                                np.ones(4, np.float32), f.copy())
+    with pytest.raises(ValueError, match="rmsnorm kernel"):
+        rmsnorm_numba._forward(f, np.ones(4, np.float32), 1e-6, f.copy(), f.copy(),
+                               np.ones((2, 1), np.float32))
+    with pytest.raises(ValueError, match="attention kernel"):  # keys past S₁
+        attention_numba._shift_rows(f.copy(), np.float32(1), 3, 2, np.ones(3, np.float32), True)
+    with pytest.raises(ValueError, match="attention kernel"):  # one lse per row
+        attention_numba._normalize_rows(f.copy(), 3, 0, np.ones(2, np.float32))
+    with pytest.raises(ValueError, match="attention kernel"):
+        attention_numba._softmax_grad_rows(f, np.ones((3, 3), np.float32), 3, 0)

@@ -11,13 +11,19 @@ from minilora._jit import jit
 
 
 @jit
+def _check(x, weight, a, b, r):
+    """a and b must be (N, d) like x, weight (d,), r (N, ·): what the loops index."""
+    if weight.shape[0] != x.shape[1] or a.shape != x.shape or b.shape != x.shape \
+            or r.shape[0] != x.shape[0]:
+        raise ValueError("rmsnorm kernel: the arrays must be (N, d) like x, weight (d,), "
+                         "r (N, 1)")
+
+
+@jit
 def _forward(x, weight, eps, y, x_hat, r):
     """x (N, d) -> y = x̂ ⊙ weight, x̂ = x ⊙ r, r = 1 / sqrt(mean(x²) + eps) (N, 1)."""
+    _check(x, weight, y, x_hat, r)
     N, d = x.shape
-    if weight.shape[0] != d or y.shape != x.shape or x_hat.shape != x.shape \
-            or r.shape[0] != N:
-        raise ValueError("rmsnorm kernel: y and x_hat must be (N, d) like x, weight (d,), "
-                         "r (N, 1)")
     for n in range(N):
         ms = 0.0
         for i in range(d):
@@ -32,11 +38,8 @@ def _forward(x, weight, eps, y, x_hat, r):
 @jit
 def _backward(dy, x_hat, r, weight, dx):
     """dx = r ⊙ (g − x̂ ⊙ mean(g ⊙ x̂)), g = dy ⊙ weight, all (N, d)."""
+    _check(dy, weight, x_hat, dx, r)
     N, d = dy.shape
-    if weight.shape[0] != d or x_hat.shape != dy.shape or dx.shape != dy.shape \
-            or r.shape[0] != N:
-        raise ValueError("rmsnorm kernel: x_hat and dx must be (N, d) like dy, weight (d,), "
-                         "r (N, 1)")
     for n in range(N):
         proj = 0.0
         for i in range(d):
