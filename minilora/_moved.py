@@ -13,13 +13,16 @@ import sys
 
 MOVED = {
     **dict.fromkeys(("functional", "blocks", "dora", "lora_numpy", "lora_numba", "backends",
-                     "_checks", "_jit", "gradcheck"), "ops"),
+                     "_checks", "_jit"), "ops"),
     **dict.fromkeys(("safetensors", "npz", "peft", "_io", "_json"), "formats"),
     **dict.fromkeys(("layer", "modules", "optim", "losses", "init", "checkpoint"), "toolkit"),
     **dict.fromkeys(("precision", "tolerance"), "oracle"),
     **dict.fromkeys(("cli", "_argtypes", "demo", "demo_model", "bench", "bench_model",
                      "selfcheck"), "tools"),
 }
+# Not minilora.gradcheck: that name is the function ``ml.gradcheck``, and importing an alias
+# module by it would set the package's attribute to the module (the import system binds a
+# submodule on its parent). Its module is minilora.ops.gradcheck.
 
 
 def new_name(old):
@@ -36,11 +39,11 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def create_module(self, spec):
         module = importlib.import_module(new_name(spec.name))
-        self._spec = module.__spec__  # the import system sets __spec__ to the alias's next
+        spec.loader_state = module.__spec__  # the import system sets __spec__ to the alias's next
         return module
 
     def exec_module(self, module):
-        module.__spec__ = self._spec  # the module keeps its own spec (reload, pickling)
+        module.__spec__ = module.__spec__.loader_state  # the module keeps its own spec
 
 
 def install():

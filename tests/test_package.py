@@ -16,6 +16,13 @@ def test_an_old_module_path_is_the_moved_module(old):
     assert new.__spec__.name == new.__name__ == _moved.new_name(f"minilora.{old}")
 
 
+def test_importing_every_old_path_leaves_the_packages_names_alone():
+    for old in _moved.MOVED:
+        importlib.import_module(f"minilora.{old}")
+    assert callable(ml.gradcheck) and ml.gradcheck.__module__ == "minilora.ops.gradcheck"
+    assert callable(ml.lora_forward) and ml.LoRALinear.__module__ == "minilora.toolkit.layer"
+
+
 def test_public_names_stay_where_the_contract_puts_them():
     from minilora.peft import load_adapter, save_adapter
 
