@@ -357,12 +357,18 @@ def _blocks(N):
 # -- the gated MLP's elementwise pass (minilora.ops.blocks) ---------------------------------------
 
 @jit
+def _silu(e, t):
+    """(silu(e), silu'(e)) for one value from t = exp(−e): σ = 1 / (1 + t)."""
+    sig = 1.0 / (1.0 + t)
+    return e * sig, sig * (1.0 + e * (1.0 - sig))
+
+
+@jit
 def _activation(e, kind):
     """(act(e), act'(e)) for one value: kind 0 silu, 1 gelu (erf), 2 gelu_tanh
     (``blocks.activation_derivative`` writes the same formulas for arrays)."""
     if kind == 0:
-        sig = 1.0 / (1.0 + np.exp(-e))
-        return e * sig, sig * (1.0 + e * (1.0 - sig))
+        return _silu(e, np.exp(-e))
     if kind == 1:
         cdf = 0.5 * (1.0 + math.erf(e * 0.7071067811865476))
         return e * cdf, cdf + e * (0.3989422804014327 * np.exp(-0.5 * e * e))
@@ -406,8 +412,7 @@ def _silu_gated_forward(e, t, u, z):
             raise ValueError("_silu_gated_forward: every array must be (N, H) like e")
     for n in range(N):
         for i in range(H):
-            sig = 1.0 / (1.0 + t[n, i])
-            z[n, i] = e[n, i] * sig * u[n, i]
+            z[n, i] = _silu(e[n, i], t[n, i])[0] * u[n, i]
 
 
 @jit
@@ -420,10 +425,9 @@ def _silu_gated_backward(dz, e, t, u, de, du):
             raise ValueError("_silu_gated_backward: every array must be (N, H) like e")
     for n in range(N):
         for i in range(H):
-            sig = 1.0 / (1.0 + t[n, i])
-            x = e[n, i]
-            de[n, i] = dz[n, i] * u[n, i] * (sig * (1.0 + x * (1.0 - sig)))
-            du[n, i] = dz[n, i] * (x * sig)
+            act, dact = _silu(e[n, i], t[n, i])
+            de[n, i] = dz[n, i] * u[n, i] * dact
+            du[n, i] = dz[n, i] * act
 
 
 # SiLU (LLaMA's activation) takes exp(−e) from NumPy's vectorised exp, written into the output
