@@ -96,7 +96,7 @@ def softmax_block(s, scale, n, first):
 
 def probabilities_block(s, scale, n, first, lse):
     """P = exp(S_ − lse) in place of s (R, S₁), the backward's recomputation."""
-    _shift_rows(s, s.dtype.type(scale), n, first, np.ascontiguousarray(lse), False)
+    _shift_rows(s, s.dtype.type(scale), n, first, lse, False)
     return np.exp(s, out=s)
 
 

@@ -106,11 +106,7 @@ def rope_forward(x, cos, sin):
     y = x ⊙ cos + rotate_half(x) ⊙ sin (cos, sin broadcast over B and h).
     """
     x, cos, sin = _check(x, "x", cos, sin)
-    h = x.shape[-1] // 2
-    y = x * cos  # (B, h, T, D)
-    y[..., :h] -= x[..., h:] * sin[:, :h]  # + rotate_half(x) ⊙ sin, half by half: the same bits
-    y[..., h:] += x[..., :h] * sin[:, h:]
-    return y
+    return x * cos + rotate_half(x) * sin  # (B, h, T, D)
 
 
 def rope_backward(dy, cos, sin):
@@ -132,6 +128,6 @@ def rope_backward(dy, cos, sin):
     dy, cos, sin = _check(dy, "dy", cos, sin)
     h = dy.shape[-1] // 2
     dx = dy * cos  # (B, h, T, D)
-    dx[..., :h] += dy[..., h:] * sin[:, h:]  # − rotate_half(dy ⊙ sin), half by half
-    dx[..., h:] -= dy[..., :h] * sin[:, :h]
+    dx[..., :h] += dy[..., h:] * sin[:, h:]  # − rotate_half(dy ⊙ sin) half by half: its bits
+    dx[..., h:] -= dy[..., :h] * sin[:, :h]  # with two temporaries fewer
     return dx

@@ -51,8 +51,8 @@ def jax_outputs(fn, case, dtype=None, *, need_dW=False, need_dbias=False):
     name = harness.precision_name(case, dtype)
     if name == "fp64":
         with _x64():  # thread-local, restored on exit
-            return _outputs(fn, case, JAX_DTYPES[name], need_dW, need_dbias)
-    return _outputs(fn, case, JAX_DTYPES[name], need_dW, need_dbias)
+            return _outputs(fn, case, name, need_dW, need_dbias)
+    return _outputs(fn, case, name, need_dW, need_dbias)
 
 
 def _x64():
@@ -65,8 +65,9 @@ def _x64():
     return enable_x64()
 
 
-def _outputs(fn, case, jdt, need_dW, need_dbias):
-    given = harness.fn_inputs(case, "fp64" if jdt == jnp.float64 else "fp32")  # NF4: fl32 W
+def _outputs(fn, case, name, need_dW, need_dbias):
+    jdt = JAX_DTYPES[name]
+    given = harness.fn_inputs(case, name)
 
     def array(a):
         if a is None:
