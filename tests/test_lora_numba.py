@@ -111,6 +111,36 @@ def test_merged_route_keeps_its_weight_for_the_backward_and_not_y():
         ml.lora_backward(case.dy, cache._replace(kept=cache.kept[:-1]))
 
 
+def test_merge_weight_merges_within_each_pass_and_keeps_nothing():
+    """lora_forward's merge_weight: a large layer the size rule sends to the blocked route
+    merges its weight in each pass instead, keeps none between them and matches the
+    reference; the numpy backend and dropout ignore it; a cache whose flag is not a
+    bool is refused."""
+    rng = np.random.default_rng(5)
+    N, d_in, d_out, r = 400, 128, 96, 4
+    assert not lora_numba._is_small(N, d_in, d_out) and not lora_numba._merges(N, d_in, d_out,
+                                                                                None)
+    assert lora_numba._route(N, d_in, d_out, None, merge_weight=True) == "merged"
+    case = _Case(rng, N, d_in, d_out, r, None)
+    y, cache = ml.lora_forward(case.x, case.W, case.A, case.B, backend="numba",
+                               merge_weight=True, **case.kwargs())
+    assert cache.merge_weight and cache.kept is None
+    merged = {"y": y, **ml.lora_backward(case.dy, cache, need_dbias=True)._asdict()}
+    del merged["dW"]
+    _assert_close_to_reference(case, merged, _run(case, "numpy"))
+    blocked = _run(case, "numba")
+    assert any(not np.array_equal(merged[k], blocked[k]) for k in merged)  # another route
+    _, ref_cache = ml.lora_forward(case.x, case.W, case.A, case.B, backend="numpy",
+                                   merge_weight=True, **case.kwargs())
+    assert not ref_cache.merge_weight
+    with pytest.raises(ValueError, match="modified"):
+        ml.lora_backward(case.dy, cache._replace(merge_weight=1))
+    masked = _Case(rng, N, d_in, d_out, r, dropout_mask(rng, (N, d_in), p=0.2))
+    _, cache = ml.lora_forward(masked.x, masked.W, masked.A, masked.B, backend="numba",
+                               merge_weight=True, **masked.kwargs())
+    assert lora_numba._route(N, d_in, d_out, cache.mask, merge_weight=True) == "blocked"
+
+
 class _Case:
     def __init__(self, rng, N, d_in, d_out, r, mask):
         self.x, self.W, self.A, self.B = lora_arrays(rng, N, d_in, d_out, r).values()

@@ -32,7 +32,8 @@ from minilora.ops.backends import resolve_backend
 #            kept, dy_scale) -> (dx, dA, dB, dW, dbias)
 # on two-dimensional arrays that this module has validated; kept is whatever else the backend's
 # backward reuses from its forward (lora_numba's merged weight) or None, and dy_scale (d_out,)
-# or None a factor of each column of dy (DoRA's c).
+# or None a factor of each column of dy (DoRA's c). lora_numba's passes also take
+# merge_weight (lora_forward's); the reference has one route and no such hint.
 BACKEND_MODULES = {"numpy": lora_numpy, "numba": lora_numba}
 
 
@@ -106,6 +107,7 @@ def _check_cache(cache, cache_type, saved_fields=()):
             or type(x_shape) is not tuple or not x_shape \
             or x_shape[-1] != d_in or math.prod(x_shape[:-1]) != N \
             or type(cache.fan_in_fan_out) is not bool or type(cache.has_bias) is not bool \
+            or type(getattr(cache, "merge_weight", False)) is not bool \
             or cache.backend not in BACKEND_MODULES or type(cache.scaling) is not float \
             or not math.isfinite(cache.scaling):
         raise ValueError("the cache's dtype, shapes or options are inconsistent: it was "
@@ -166,6 +168,7 @@ class LoRACache(NamedTuple):
     backend: str
     fingerprints: dict | None = None  # checksums of x, W, A, B, mask (check_unchanged=True)
     kept: np.ndarray | None = None  # (d_out + r, d_in + r) the numba backend's merged weight
+    merge_weight: bool = False  # lora_forward's merge_weight
 
 
 class LoRAGrads(NamedTuple):
@@ -179,7 +182,7 @@ class LoRAGrads(NamedTuple):
 
 
 def lora_forward(x, W, A, B, *, scaling, bias=None, dropout_mask=None, fan_in_fan_out=False,
-                 backend=None, check_unchanged=False):
+                 backend=None, check_unchanged=False, merge_weight=False):
     """LoRA linear layer, forward pass.
 
     Parameters
@@ -197,6 +200,12 @@ def lora_forward(x, W, A, B, *, scaling, bias=None, dropout_mask=None, fan_in_fa
     check_unchanged : bool, record checksums of x, W, A, B and the mask, so that
         ``lora_backward`` raises RuntimeError if any of them was changed in place in between
         (costs two passes over those arrays' bytes)
+    merge_weight : bool, leave for the numba backend to merge the weight, W + s·B A, in each
+        pass of a large layer without dropout even where its size rule would not (a merged
+        weight the rule would not keep is formed in each pass and freed at its end: one
+        weight-sized temporary). For callers whose activations dwarf the weight: the fused
+        blocks give it when the largest weight is at most an eighth of theirs. Same results up
+        to summation order; ignored by the numpy backend.
 
     Returns
     -------
@@ -215,11 +224,14 @@ def lora_forward(x, W, A, B, *, scaling, bias=None, dropout_mask=None, fan_in_fa
     scaling, d_out, backend, v = _prepare(x, W, A, B, None, scaling, bias, dropout_mask,
                                           fan_in_fan_out, backend)
     fan_in_fan_out = bool(fan_in_fan_out)
+    merge_weight = bool(merge_weight) and backend == "numba"
+    hint = {"merge_weight": True} if merge_weight else {}
     y, h, kept = BACKEND_MODULES[backend].forward(v["x"], v["W"], v["A"], v["B"],
                                                   scaling=scaling, bias=v["bias"],
-                                                  mask=v["mask"], fan_in_fan_out=fan_in_fan_out)
+                                                  mask=v["mask"], fan_in_fan_out=fan_in_fan_out,
+                                                  **hint)
     cache = LoRACache(v["x"], v["W"], v["A"], v["B"], scaling, v["mask"], h, fan_in_fan_out,
-                      x.shape, bias is not None, backend, kept=kept)
+                      x.shape, bias is not None, backend, kept=kept, merge_weight=merge_weight)
     if check_unchanged:
         cache = cache._replace(fingerprints=_fingerprints(cache))
     return y.reshape(x.shape[:-1] + (d_out,)), cache
@@ -247,10 +259,11 @@ def lora_backward(dy, cache, *, need_dx=True, need_dW=False, need_dbias=False):
         dW = dyᵀ x,       dbias = Σ_n dy.
     """
     dy2 = _prepare_backward(dy, cache, LoRACache, need_dbias)  # (N, d_out)
+    hint = {"merge_weight": True} if cache.merge_weight and cache.backend == "numba" else {}
     dx, dA, dB, dW, dbias = BACKEND_MODULES[cache.backend].backward(
         dy2, cache.x, cache.W, cache.A, cache.B, cache.h, scaling=cache.scaling, mask=cache.mask,
         fan_in_fan_out=cache.fan_in_fan_out, need_dx=bool(need_dx), need_dW=bool(need_dW),
-        need_dbias=bool(need_dbias), kept=cache.kept)
+        need_dbias=bool(need_dbias), kept=cache.kept, **hint)
     if dx is not None:
         dx = dx.reshape(cache.x_shape)  # (..., d_in)
     return LoRAGrads(dx, dA, dB, dW, dbias)

@@ -34,6 +34,9 @@ routes, chosen by size:
   the cache does not keep y's buffer alive; the cache keeps K between the passes. DoRA's
   backward, whose upstream gradient is c ⊙ dy, scales K's rows by c instead (a weight-sized
   product, not an (N, d_out) one).
+  A caller whose activations dwarf the layer's own (a block: ``lora_forward``'s
+  ``merge_weight``) may give leave to merge where the rule would not; K then lives only
+  within a pass (each forms it: a weight-sized temporary, not a weight kept between them).
   With B = 0 the merged weight is W exactly, so a fresh adapter still gives the base layer's bits.
   The merge changes where a NaN arises: the reference's s·(x_d Aᵀ) Bᵀ turns an infinite x into
   NaN even where B = 0, the merged product leaves it infinite. So a pass keeps the merged result
@@ -207,15 +210,18 @@ def _is_small(N, d_in, d_out):
 
 
 def _merges(N, d_in, d_out, mask):
-    """Whether a large pass can take the merged-weight route (see the module docstring)."""
+    """Whether a large pass merges the weight by the layer's own size rule, keeping it between
+    the passes (see the module docstring)."""
     return mask is None and 8 * d_in * d_out <= N * (d_in + d_out)
 
 
-def _route(N, d_in, d_out, mask):
-    """"small", "merged" or "blocked": the route a pass takes (see the module docstring)."""
+def _route(N, d_in, d_out, mask, merge_weight=False):
+    """"small", "merged" or "blocked": the route a pass takes (see the module docstring);
+    ``merge_weight`` is a caller's leave to merge where the size rule would not."""
     if _is_small(N, d_in, d_out):
         return "small"
-    return "merged" if _merges(N, d_in, d_out, mask) else "blocked"
+    merged = _merges(N, d_in, d_out, mask) or (merge_weight and mask is None)
+    return "merged" if merged else "blocked"
 
 
 def _bordered_weight(W, A, B, scaling, fan_in_fan_out):
@@ -240,11 +246,15 @@ def _finite(*arrays):
     return all(np.isfinite(np.sum(a)) for a in arrays)
 
 
-def forward(x, W, A, B, *, scaling, bias=None, mask=None, fan_in_fan_out=False):
+def forward(x, W, A, B, *, scaling, bias=None, mask=None, fan_in_fan_out=False,
+            merge_weight=False):
     """``lora_numpy.forward``: y (N, d_out), h (N, r), and as ``kept`` the bordered weight K
-    when the merged route ran (the backward pass takes it back instead of forming it again)."""
+    when the merged route ran by the size rule (the backward pass takes it back instead of
+    forming it again). With ``merge_weight`` (a caller's leave, see ``functional.lora_forward``)
+    a large pass without dropout merges whatever the size rule says, and a K the rule would
+    not keep is freed at the end of the pass (the backward forms it again)."""
     N, (r, d_in), d_out = x.shape[0], A.shape, B.shape[0]
-    route = _route(N, d_in, d_out, mask)
+    route = _route(N, d_in, d_out, mask, merge_weight)
     if route == "merged":
         K = _bordered_weight(W, A, B, scaling, fan_in_fan_out)  # (d_out + r, d_in + r)
         if _finite(K[:d_out, :d_in]):
@@ -254,7 +264,7 @@ def forward(x, W, A, B, *, scaling, bias=None, mask=None, fan_in_fan_out=False):
                 y = yh[:, :d_out]  # (N, d_out), a view whose rows are d_out + r apart
                 if bias is not None:
                     y += bias
-                return y, h, K
+                return y, h, K if _merges(N, d_in, d_out, mask) else None
             del yh, h
         del K
     y = x @ W if fan_in_fan_out else x @ W.T  # (N, d_out), BLAS
@@ -276,13 +286,13 @@ def forward(x, W, A, B, *, scaling, bias=None, mask=None, fan_in_fan_out=False):
 
 
 def backward(dy, x, W, A, B, h, *, scaling, mask=None, fan_in_fan_out=False, need_dx=True,
-             need_dW=False, need_dbias=False, kept=None, dy_scale=None):
+             need_dW=False, need_dbias=False, kept=None, dy_scale=None, merge_weight=False):
     """``lora_numpy.backward``: dx, dA, dB, dW, dbias (None where not asked for). ``kept`` is
-    the bordered weight K the forward pass returned, or None to form it again. On the merged
-    route a ``dy_scale`` c scales K's rows, dy (diag(c) K), a weight-sized product, instead of
-    dy's (N, d_out)."""
+    the bordered weight K the forward pass returned, or None to form it again;
+    ``merge_weight`` the forward's. On the merged route a ``dy_scale`` c scales K's rows,
+    dy (diag(c) K), a weight-sized product, instead of dy's (N, d_out)."""
     N, (r, d_in), d_out = x.shape[0], A.shape, B.shape[0]
-    route = _route(N, d_in, d_out, mask)
+    route = _route(N, d_in, d_out, mask, merge_weight)
     fold = dy_scale is not None and need_dx and route == "merged" and not need_dW \
         and not need_dbias
     if dy_scale is not None and not fold:
