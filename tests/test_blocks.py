@@ -485,3 +485,63 @@ def test_the_gated_kernels_repeat_their_bits_and_match_the_reference(seed, N, H,
     for a, b in zip(runs[0], reference, strict=True):
         assert a.dtype == dtype
         np.testing.assert_allclose(a, b, rtol=tol, atol=tol * 10)
+
+
+@pytest.mark.parametrize("name", ["qkv", "mlp"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_blocks_merge_weights_small_next_to_their_activations(name, dtype, monkeypatch):
+    """Issue 20: a block whose largest weight is at most an eighth of its activations merges
+    every projection's weight in each pass (numba backend), even where the layer's own size
+    rule would keep the blocked route, and keeps no merged weight between the passes. It
+    matches the reference, repeats its bits, and with dropout takes the blocked route."""
+    from minilora.ops import lora_numba
+
+    rng = np.random.default_rng(20)
+    N, d, hidden = 400, 128, 160
+    problem = (qkv_problem(rng, lead=(N,), d_in=d, outs=(d, d, 96), ranks=(4, 2, 4),
+                           dropout=False) if name == "qkv" else
+               mlp_problem(rng, lead=(N,), d_in=d, hidden=hidden, d_out=d, ranks=(4, 2, 4),
+                           dropout=False))
+    *arrays, kw = [a.astype(dtype) if isinstance(a, np.ndarray) else
+                   [b.astype(dtype) for b in a] if isinstance(a, list) else a for a in problem]
+    kw["bias"] = [b if b is None else b.astype(dtype) for b in kw["bias"]]
+    arrays[2] = [(a / np.sqrt(a.shape[1])).astype(dtype) for a in arrays[2]]  # e, u of order 1
+    weights = arrays[1]
+    for w in weights:  # each layer alone: large and blocked
+        assert not lora_numba._is_small(N, w.shape[1], w.shape[0])
+    assert not any(lora_numba._merges(N, w.shape[1], w.shape[0], None) for w in weights)
+    formed = []
+    true_bordered = lora_numba._bordered_weight
+
+    def count(*args):
+        formed.append(1)
+        return true_bordered(*args)
+
+    monkeypatch.setattr(lora_numba, "_bordered_weight", count)
+    forward, backward = BLOCK_OPS[name]
+    dys = None
+
+    def run(backend, **extra):
+        nonlocal dys
+        y, cache = forward(*arrays, backend=backend, **{**kw, **extra})
+        ys = y if isinstance(y, tuple) else (y,)
+        caches = cache.caches if name == "qkv" else (*cache.gate_up.caches, cache.down)
+        if dys is None:
+            dys = tuple(rng.standard_normal(v.shape).astype(dtype) for v in ys)
+        g = backward(dys if name == "qkv" else dys[0], cache)
+        return ys + (g.dx,) + g.dA + g.dB, caches
+
+    reference, _ = run("numpy")
+    formed.clear()
+    fast, caches = run("numba")
+    assert all(c.merge_weight and c.kept is None for c in caches)
+    assert len(formed) == 2 * len(weights)  # each weight formed in each pass, never kept
+    again, _ = run("numba")
+    tol = 1e-4 if dtype == np.float32 else 1e-11
+    for a, b, c in zip(reference, fast, again, strict=True):
+        np.testing.assert_allclose(b, a, rtol=tol, atol=tol * np.max(np.abs(a)))
+        assert np.array_equal(b, c)
+    formed.clear()
+    shapes = [(N, d)] * 3 if name == "qkv" else [(N, d), (N, d), (N, hidden)]
+    run("numba", dropout_mask=[dropout_mask(rng, s).astype(dtype) for s in shapes])
+    assert not formed  # dropout: no merged weight exists

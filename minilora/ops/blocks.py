@@ -229,12 +229,36 @@ def lora_qkv_forward(x, W, A, B, *, scaling, bias=None, dropout_mask=None, backe
                         "projection")
     biases = _per_projection(bias, P, "bias")
     masks = _per_projection(dropout_mask, P, "dropout_mask")
-    backend = resolve_backend(backend)
+    merge = _weights_are_small(x, W, sum(_rows(w) for w in W))
+    return _shared_input_forward(x, W, A, B, scalings, biases, masks, resolve_backend(backend),
+                                 merge)
+
+
+def _rows(a):
+    """a.shape[0] for a 2-D array, else 0 (the layer's validation names what is wrong)."""
+    return a.shape[0] if isinstance(a, np.ndarray) and a.ndim == 2 else 0
+
+
+def _weights_are_small(x, W, per_row):
+    """Whether the block's projections merge their weights (``lora_forward``'s
+    ``merge_weight``): when the largest weight is at most an eighth of the activations the
+    block makes and keeps, N·(d_in + per_row) numbers (its outputs, what its cache keeps and
+    dx): the single layer's size rule (a kept weight at most an eighth of y and dx) with the
+    block's activations, for a weight that lives only within a pass."""
+    if not isinstance(x, np.ndarray) or x.ndim == 0:
+        return False  # the layer's validation names what is wrong
+    N = math.prod(x.shape[:-1])
+    largest = max(w.size if isinstance(w, np.ndarray) else 0 for w in W)
+    return 8 * largest <= N * (x.shape[-1] + per_row)
+
+
+def _shared_input_forward(x, W, A, B, scalings, biases, masks, backend, merge):
+    """``lora_qkv_forward`` after its arguments are checked: (ys, QKVCache)."""
     ys, caches = [], []
-    for j in range(P):
+    for j in range(len(W)):
         try:
             y, cache = lora_forward(x, W[j], A[j], B[j], scaling=scalings[j], bias=biases[j],
-                                    dropout_mask=masks[j], backend=backend)
+                                    dropout_mask=masks[j], backend=backend, merge_weight=merge)
         except (TypeError, ValueError) as e:
             raise type(e)(f"projection {j}: {e}") from None
         ys.append(y)
@@ -336,9 +360,10 @@ def lora_mlp_forward(x, W, A, B, *, scaling, activation="silu", bias=None, dropo
                         "has z's shape, not x's")
     masks = _per_projection(dropout_mask, 3, "dropout_mask")
     backend = resolve_backend(backend)
-    (e, u), gate_up = lora_qkv_forward(x, W[:2], A[:2], B[:2], scaling=list(scalings[:2]),
-                                       bias=list(biases[:2]), dropout_mask=list(masks[:2]),
-                                       backend=backend)  # (..., hidden) each
+    # the block makes and keeps e, u, z (hidden each), y (d_out) and dx per row
+    merge = _weights_are_small(x, W, 3 * _rows(W[0]) + _rows(W[2]))
+    (e, u), gate_up = _shared_input_forward(x, W[:2], A[:2], B[:2], scalings[:2], biases[:2],
+                                            masks[:2], backend, merge)  # (..., hidden) each
     if e.shape != u.shape:
         raise ValueError(f"gate and up must have one output size (hidden), got gate "
                          f"{e.shape[-1]} and up {u.shape[-1]}")
@@ -347,7 +372,8 @@ def lora_mlp_forward(x, W, A, B, *, scaling, activation="silu", bias=None, dropo
                       backend).reshape(e.shape)  # (..., hidden)
     try:
         y, down = lora_forward(z, W[2], A[2], B[2], scaling=scalings[2], bias=biases[2],
-                               dropout_mask=masks[2], backend=backend)  # (..., d_out)
+                               dropout_mask=masks[2], backend=backend,
+                               merge_weight=merge)  # (..., d_out)
     except (TypeError, ValueError) as err:
         raise type(err)(f"down projection: {err}") from None
     return y, MLPCache(gate_up, down, e, u, activation, y.shape)
