@@ -2,6 +2,8 @@
 backends, numba against numpy, the core's promises (dtypes, leading dims, zero-size batches, no
 mutation, clear errors), and parity with PEFT's modules and mixed batches."""
 
+import warnings
+
 import numpy as np
 import pytest
 from _helpers import BACKENDS, dropout_mask
@@ -322,6 +324,47 @@ def test_the_gated_kernels_match_their_numpy_reference(seed, N, H, activation, d
                     blocks.gated_backward(dz, e, u, activation), strict=True):
         assert a.dtype == dtype
         np.testing.assert_allclose(a, b, rtol=tol, atol=tol * 10)
+
+
+@given(seed=st.integers(0, 2**32 - 1), N=st.integers(0, 7), H=st.integers(0, 9),
+       pad=st.integers(1, 3), activation=st.sampled_from(blocks.ACTIVATIONS),
+       dtype=st.sampled_from([np.float32, np.float64]))
+def test_the_gated_kernels_take_strided_views_as_they_are(seed, N, H, pad, activation, dtype):
+    """A merged projection's outputs are views whose rows are hidden + r apart: the kernels
+    read them in place and give the bits of contiguous copies, leaving the views untouched."""
+    rng = np.random.default_rng(seed)
+    wide = [rng.standard_normal((N, H + pad)).astype(dtype) * 4 for _ in range(3)]
+    before = [w.copy() for w in wide]
+    e, u, dz = (w[:, :H] for w in wide)  # (N, H) views, rows H + pad apart
+    assert H == 0 or N < 2 or not e.flags.c_contiguous
+    e_c, u_c, dz_c = (np.ascontiguousarray(a) for a in (e, u, dz))
+    np.testing.assert_array_equal(blocks.gated_product(e, u, activation, "numba"),
+                                  blocks.gated_product(e_c, u_c, activation, "numba"))
+    for a, b in zip(blocks.gated_backward(dz, e, u, activation, "numba"),
+                    blocks.gated_backward(dz_c, e_c, u_c, activation, "numba"), strict=True):
+        assert a.flags.c_contiguous
+        np.testing.assert_array_equal(a, b)
+    for w, b in zip(wide, before, strict=True):
+        np.testing.assert_array_equal(w, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_silu_of_very_negative_inputs_is_zero_without_an_overflow_warning(backend, dtype):
+    """exp(−e) overflows to inf for e ≪ 0 (e < −89 in float32), which makes σ = 0 and silu
+    and its derivative exactly (−)0: an intended overflow, not one to warn a user about."""
+    e = np.array([[-1e4, -200.0, -90.0, 0.0, 90.0]], dtype)
+    u, dz = np.ones_like(e), np.ones_like(e)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        z = blocks.gated_product(e, u, "silu", backend)
+        de, du = blocks.gated_backward(dz, e, u, "silu", backend)
+    overflows = -e > np.log(np.finfo(dtype).max)  # e = −1e4 in both, −200 and −90 in float32
+    assert overflows.sum() == (3 if dtype == np.float32 else 1)
+    np.testing.assert_array_equal(z[overflows], 0.0)
+    np.testing.assert_array_equal(de[overflows], 0.0)
+    np.testing.assert_allclose(du, z, rtol=1e-6, atol=0)  # du = act(e) with dz = u = 1
+    assert z[0, 3] == 0.0 and z[0, 4] == dtype(90.0)
 
 
 def test_the_gated_kernels_check_shapes():

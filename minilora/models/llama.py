@@ -414,7 +414,7 @@ class LlamaModel:
         ce, cu, cd, e, u = c
         F = e.shape[-1]
         dz = self._project_backward(dy, names["down_proj"], cd)  # (B, T, F)
-        de, du = gated_backward(np.ascontiguousarray(dz).reshape(-1, F), e.reshape(-1, F),
+        de, du = gated_backward(dz.reshape(-1, F), e.reshape(-1, F),
                                 u.reshape(-1, F), self.config.hidden_act, self.backend)
         dx = self._project_backward(de.reshape(e.shape), names["gate_proj"], ce)  # (B, T, d)
         return dx + self._project_backward(du.reshape(e.shape), names["up_proj"], cu)

@@ -388,10 +388,17 @@ def _activation(e, kind):
 
 
 @jit
+def _is_nh(a, N, H):
+    """Whether a is (N, H). The gated kernels take arrays of any strides (a merged projection's
+    e and u are views whose rows are hidden + r apart), each compiled for the layouts it meets."""
+    return a.shape[0] == N and a.shape[1] == H
+
+
+@jit
 def _gated_forward(e, u, kind, z):
     """z = act(e) ⊙ u, all (N, H), in one pass."""
     N, H = e.shape
-    if u.shape[0] != N or u.shape[1] != H or z.shape[0] != N or z.shape[1] != H:
+    if not (_is_nh(u, N, H) and _is_nh(z, N, H)):
         raise ValueError("_gated_forward: every array must be (N, H) like e")
     for n in range(N):
         for i in range(H):
@@ -402,9 +409,8 @@ def _gated_forward(e, u, kind, z):
 def _gated_backward(dz, e, u, kind, de, du):
     """de = dz ⊙ u ⊙ act'(e), du = dz ⊙ act(e), all (N, H), in one pass."""
     N, H = e.shape
-    for a in (dz, u, de, du):
-        if a.shape[0] != N or a.shape[1] != H:
-            raise ValueError("_gated_backward: every array must be (N, H) like e")
+    if not (_is_nh(dz, N, H) and _is_nh(u, N, H) and _is_nh(de, N, H) and _is_nh(du, N, H)):
+        raise ValueError("_gated_backward: every array must be (N, H) like e")
     for n in range(N):
         for i in range(H):
             act, dact = _activation(e[n, i], kind)
@@ -417,9 +423,8 @@ def _silu_gated_forward(e, t, u, z):
     """z = silu(e) ⊙ u from t = exp(−e), all (N, H); t may be z itself (read before z is
     written)."""
     N, H = e.shape
-    for a in (t, u, z):
-        if a.shape[0] != N or a.shape[1] != H:
-            raise ValueError("_silu_gated_forward: every array must be (N, H) like e")
+    if not (_is_nh(t, N, H) and _is_nh(u, N, H) and _is_nh(z, N, H)):
+        raise ValueError("_silu_gated_forward: every array must be (N, H) like e")
     for n in range(N):
         for i in range(H):
             z[n, i] = _silu(e[n, i], t[n, i])[0] * u[n, i]
@@ -430,9 +435,9 @@ def _silu_gated_backward(dz, e, t, u, de, du):
     """de = dz ⊙ u ⊙ silu'(e), du = dz ⊙ silu(e) from t = exp(−e), all (N, H); t may be de
     itself."""
     N, H = e.shape
-    for a in (dz, t, u, de, du):
-        if a.shape[0] != N or a.shape[1] != H:
-            raise ValueError("_silu_gated_backward: every array must be (N, H) like e")
+    if not (_is_nh(dz, N, H) and _is_nh(t, N, H) and _is_nh(u, N, H) and _is_nh(de, N, H)
+            and _is_nh(du, N, H)):
+        raise ValueError("_silu_gated_backward: every array must be (N, H) like e")
     for n in range(N):
         for i in range(H):
             act, dact = _silu(e[n, i], t[n, i])
@@ -449,11 +454,12 @@ SILU = 0  # ``_activation``'s kind
 
 def gated_forward(e, u, kind):
     """z = act(e) ⊙ u for the gated MLP (``blocks.gated_product``): a new (N, H) array of e's
-    dtype; e and u are (N, H) arrays of one float dtype (checked by the kernel)."""
-    e, u = (np.ascontiguousarray(a) for a in (e, u))
+    dtype; e and u are (N, H) arrays of one float dtype, any strides (checked by the kernel)."""
+    e, u = np.asarray(e), np.asarray(u)  # views stay views
     if kind == SILU:
         z = np.negative(e)
-        np.exp(z, out=z)  # (N, H) = exp(−e), overwritten by z below
+        with np.errstate(over="ignore"):  # exp(−e) = inf for e ≪ 0: σ = 0, exact
+            np.exp(z, out=z)  # (N, H) = exp(−e), overwritten by z below
         _silu_gated_forward(e, z, u, z)
         return z
     z = np.empty_like(e)
@@ -463,12 +469,13 @@ def gated_forward(e, u, kind):
 
 def gated_backward(dz, e, u, kind):
     """(de, du) for the gated MLP (``blocks.gated_backward``): new (N, H) arrays of e's dtype;
-    dz, e, u are (N, H) arrays of one float dtype (checked by the kernel)."""
-    dz, e, u = (np.ascontiguousarray(a) for a in (dz, e, u))
+    dz, e, u are (N, H) arrays of one float dtype, any strides (checked by the kernel)."""
+    dz, e, u = np.asarray(dz), np.asarray(e), np.asarray(u)  # views stay views
     du = np.empty_like(e)
     if kind == SILU:
         de = np.negative(e)
-        np.exp(de, out=de)  # (N, H) = exp(−e), overwritten by de below
+        with np.errstate(over="ignore"):  # exp(−e) = inf for e ≪ 0: σ = 0, exact
+            np.exp(de, out=de)  # (N, H) = exp(−e), overwritten by de below
         _silu_gated_backward(dz, e, de, u, de, du)
         return de, du
     de = np.empty_like(e)
