@@ -240,6 +240,14 @@ def _bordered_weight(W, A, B, scaling, fan_in_fan_out):
     return K
 
 
+def _c_order(*arrays):
+    """The arrays in C order (None stays None): the small kernels' inputs, so that Numba
+    compiles them once per dtype rather than once per combination of layouts (Fortran order,
+    strided views, broadcast masks), each compilation a second or more on first use. A small
+    layer's copies are small; C-ordered arrays are passed as they are."""
+    return tuple(None if a is None else np.ascontiguousarray(a) for a in arrays)
+
+
 def _finite(*arrays):
     """Whether every entry is finite, by one sum each (an overflowing sum says no: that only
     sends a pass to the blocked route, which is right for any input)."""
@@ -269,6 +277,7 @@ def forward(x, W, A, B, *, scaling, bias=None, mask=None, fan_in_fan_out=False,
         del K
     y = x @ W if fan_in_fan_out else x @ W.T  # (N, d_out), BLAS
     if route == "small":
+        x, A, B, bias, mask = _c_order(x, A, B, bias, mask)
         return y, _forward_small(x, A, B, x.dtype.type(scaling), bias, mask, y), None
     sBt = (scaling * B).T  # (r, d_out), a transposed view: BLAS reads it as it is
     if mask is None:
@@ -300,6 +309,7 @@ def backward(dy, x, W, A, B, h, *, scaling, mask=None, fan_in_fan_out=False, nee
     dW, dbias = frozen_grads(dy, x, fan_in_fan_out, need_dW, need_dbias)
     if route == "small":
         dx = (dy @ W.T if fan_in_fan_out else dy @ W) if need_dx else None  # (N, d_in), BLAS
+        dy, x, A, B, h, mask = _c_order(dy, x, A, B, h, mask)
         dA, dB = _backward_small(dy, x, A, B, h, x.dtype.type(scaling), mask,
                                  dx if need_dx else np.empty((0, d_in), x.dtype))
         return dx, dA, dB, dW, dbias
