@@ -203,6 +203,17 @@ def _block_run(name, problem, scaling=None, backend="numpy"):
     return ys, g
 
 
+def _in_dtype(problem, dtype):
+    """A block's problem (x, ..., kw) with its float arrays in ``dtype`` (scaling untouched)."""
+    arrays = [a.astype(dtype) if isinstance(a, np.ndarray) and a.dtype.kind == "f"
+              else [b.astype(dtype) for b in a] if isinstance(a, list) else a
+              for a in problem[:-1]]
+    kw = {k: (v.astype(dtype) if isinstance(v, np.ndarray) else
+              [b if b is None else b.astype(dtype) for b in v] if isinstance(v, list)
+              and k != "scaling" else v) for k, v in problem[-1].items()}
+    return (*arrays, kw)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_blocks_agree_across_backends_and_keep_dtype_and_inputs(dtype):
     rng = np.random.default_rng(5)
@@ -210,12 +221,7 @@ def test_blocks_agree_across_backends_and_keep_dtype_and_inputs(dtype):
     results = {}
     for backend in BACKENDS:
         for name, problem in problems.items():
-            arrays = [a.astype(dtype) if isinstance(a, np.ndarray) and a.dtype.kind == "f"
-                      else [b.astype(dtype) for b in a] if isinstance(a, list) else a
-                      for a in problem[:-1]]
-            kw = {k: (v.astype(dtype) if isinstance(v, np.ndarray) else
-                      [b if b is None else b.astype(dtype) for b in v] if isinstance(v, list)
-                      and k != "scaling" else v) for k, v in problem[-1].items()}
+            *arrays, kw = _in_dtype(problem, dtype)
             before = [np.copy(a) if isinstance(a, np.ndarray) else [np.copy(b) for b in a]
                       for a in arrays]
             forward, backward = BLOCK_OPS[name]
@@ -545,9 +551,7 @@ def test_blocks_merge_weights_small_next_to_their_activations(name, dtype, monke
                            dropout=False) if name == "qkv" else
                mlp_problem(rng, lead=(N,), d_in=d, hidden=hidden, d_out=d, ranks=(4, 2, 4),
                            dropout=False))
-    *arrays, kw = [a.astype(dtype) if isinstance(a, np.ndarray) else
-                   [b.astype(dtype) for b in a] if isinstance(a, list) else a for a in problem]
-    kw["bias"] = [b if b is None else b.astype(dtype) for b in kw["bias"]]
+    *arrays, kw = _in_dtype(problem, dtype)
     arrays[2] = [(a / np.sqrt(a.shape[1])).astype(dtype) for a in arrays[2]]  # e, u of order 1
     weights = arrays[1]
     for w in weights:  # each layer alone: large and blocked

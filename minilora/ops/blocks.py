@@ -72,6 +72,13 @@ def _erf(a):
     return np.frompyfunc(math.erf, 1, 1)(a).astype(a.dtype)
 
 
+def _exp_minus(e):
+    """exp(−e). It overflows to inf for e ≪ 0 (e < −89 in float32), which is exact there
+    (σ = 1/(1 + inf) = 0, silu = −0): no warning."""
+    with np.errstate(over="ignore"):
+        return np.exp(-e)
+
+
 def activation_forward(e, activation):
     """act(e), elementwise:
         silu       e · σ(e),                 σ(e) = 1 / (1 + exp(−e))
@@ -79,8 +86,7 @@ def activation_forward(e, activation):
         gelu_tanh  e · (1 + tanh(t)) / 2,    t = √(2/π) · (e + 0.044715 e³)
     """
     if activation == "silu":
-        with np.errstate(over="ignore"):  # exp(−e) = inf for e ≪ 0 gives silu = −0, exact
-            return e / (1 + np.exp(-e))
+        return e / (1 + _exp_minus(e))
     if activation == "gelu":
         return e * (0.5 * (1 + _erf(e * _SQRT_HALF)))
     t = np.tanh(_SQRT_2_OVER_PI * (e + _GELU_TANH_C * e**3))
@@ -94,8 +100,7 @@ def activation_derivative(e, activation):
         gelu_tanh  act' = (1 + tanh t)/2 + e/2 · (1 − tanh² t) · √(2/π) · (1 + 3·0.044715 e²)
     """
     if activation == "silu":
-        with np.errstate(over="ignore"):  # σ = 0 for e ≪ 0, exact
-            sig = 1 / (1 + np.exp(-e))
+        sig = 1 / (1 + _exp_minus(e))
         return e * sig, sig * (1 + e * (1 - sig))
     if activation == "gelu":
         cdf = 0.5 * (1 + _erf(e * _SQRT_HALF))

@@ -462,14 +462,21 @@ def _silu_gated_backward(dz, e, t, u, de, du):
 SILU = 0  # ``_activation``'s kind
 
 
+def _exp_minus(e):
+    """exp(−e), a new C-ordered array (NumPy's SIMD exp, in place on −e). It overflows to inf
+    for e ≪ 0 (e < −89 in float32), which is exact there (σ = 1/(1 + inf) = 0): no warning."""
+    t = np.negative(e)
+    with np.errstate(over="ignore"):
+        np.exp(t, out=t)
+    return t
+
+
 def gated_forward(e, u, kind):
     """z = act(e) ⊙ u for the gated MLP (``blocks.gated_product``): a new (N, H) array of e's
     dtype; e and u are (N, H) arrays of one float dtype, any strides (checked by the kernel)."""
     e, u = np.asarray(e), np.asarray(u)  # views stay views
     if kind == SILU:
-        z = np.negative(e)
-        with np.errstate(over="ignore"):  # exp(−e) = inf for e ≪ 0: σ = 0, exact
-            np.exp(z, out=z)  # (N, H) = exp(−e), overwritten by z below
+        z = _exp_minus(e)  # (N, H) = exp(−e), overwritten by z below
         _silu_gated_forward(e, z, u, z)
         return z
     z = np.empty_like(e)
@@ -483,9 +490,7 @@ def gated_backward(dz, e, u, kind):
     dz, e, u = np.asarray(dz), np.asarray(e), np.asarray(u)  # views stay views
     du = np.empty_like(e)
     if kind == SILU:
-        de = np.negative(e)
-        with np.errstate(over="ignore"):  # exp(−e) = inf for e ≪ 0: σ = 0, exact
-            np.exp(de, out=de)  # (N, H) = exp(−e), overwritten by de below
+        de = _exp_minus(e)  # (N, H) = exp(−e), overwritten by de below
         _silu_gated_backward(dz, e, de, u, de, du)
         return de, du
     de = np.empty_like(e)
