@@ -381,6 +381,38 @@ def test_the_gated_kernels_check_shapes():
         lora_numba.gated_forward(e, np.ones((3, 5)), 0)
     with pytest.raises(ValueError, match="every array must be"):
         lora_numba.gated_backward(np.ones((2, 4)), e, e, 1)
+    with pytest.raises(ValueError, match="every array must be"):
+        lora_numba.gated_forward(np.ones(4), np.ones(4), 0)
+    with pytest.raises(TypeError, match="one dtype"):
+        lora_numba.gated_forward(e, e.astype(np.float32), 0)
+    with pytest.raises(TypeError, match="one dtype"):
+        lora_numba.gated_backward(e.astype(int), e.astype(int), e.astype(int), 0)
+
+
+@given(seed=st.integers(0, 2**32 - 1), N=st.integers(0, 9), H=st.integers(0, 6),
+       block=st.integers(1, 13), strided=st.booleans(),
+       activation=st.sampled_from(blocks.ACTIVATIONS),
+       dtype=st.sampled_from([np.float32, np.float64]))
+def test_the_gated_passes_give_the_same_bits_a_block_of_rows_at_a_time(
+        seed, N, H, block, strided, activation, dtype):
+    """The gated passes run ``GATED_BLOCK`` elements of rows at a time (strided inputs copied a
+    block at a time): any block size gives the one-block pass's bits."""
+    from minilora.ops import lora_numba
+
+    rng = np.random.default_rng(seed)
+    wide = [rng.standard_normal((N, H + 2)).astype(dtype) * 4 for _ in range(3)]
+    e, u, dz = (w[:, :H] if strided else np.ascontiguousarray(w[:, :H]) for w in wide)
+    kind = blocks.ACTIVATIONS.index(activation)
+    whole = (lora_numba.gated_forward(e, u, kind), *lora_numba.gated_backward(dz, e, u, kind))
+    saved = lora_numba.GATED_BLOCK
+    lora_numba.GATED_BLOCK = block
+    try:
+        blocked = (lora_numba.gated_forward(e, u, kind),
+                   *lora_numba.gated_backward(dz, e, u, kind))
+    finally:
+        lora_numba.GATED_BLOCK = saved
+    for a, b in zip(blocked, whole, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 @given(seed=st.integers(0, 2**32 - 1), block=st.sampled_from(["qkv", "mlp", "multi"]),
