@@ -28,11 +28,12 @@ PROMPT = "The "
 
 
 def tiny_config(quick=False):
-    """The demo's model: a byte-level LLaMA of about 0.8M parameters (quick: 31k)."""
-    d, layers, F = (32, 2, 88) if quick else (128, 4, 352)
+    """The demo's model: a byte-level LLaMA of 3.0M parameters (quick: 31k)."""
+    d, layers, F, heads = (32, 2, 88, 4) if quick else (256, 4, 704, 8)
     return ModelConfig(architecture="LlamaForCausalLM", vocab_size=text.VOCAB_SIZE,
                        hidden_size=d, intermediate_size=F, num_hidden_layers=layers,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=d // 4,
+                       num_attention_heads=heads, num_key_value_heads=heads // 2,
+                       head_dim=d // heads,
                        rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=512,
                        tie_word_embeddings=True)
 
@@ -101,7 +102,7 @@ def run(quick=False, out=print, json_path=None, plot_path=None, ranks=None, budg
     code_train, code_val = text.split(text.encode(text.corpus("code", max_chars=chars)))
     prose_train, prose_val = text.split(text.encode(text.corpus("prose", max_chars=chars // 2)))
     if quick:
-        out("quick mode: a 40k-parameter model and a few steps, to show the demo runs; the "
+        out("quick mode: a 31k-parameter model and a few steps, to show the demo runs; the "
             "figures mean nothing (run `minilora demo --model` for the real demo)")
     out(f"pretraining on code: {len(code_train):,} bytes of the standard library's source; "
         f"adapting to prose: {len(prose_train):,} bytes of its help topics")
