@@ -368,10 +368,11 @@ def _add_product(out, a, b, mask=None):
         out_rows += t[:n]
 
 
-def _blocks(N):
-    """(rows, n): slices of ``ROW_BLOCK`` rows (n of them, fewer in the last) covering N rows."""
-    return [(slice(lo, min(lo + ROW_BLOCK, N)), min(ROW_BLOCK, N - lo))
-            for lo in range(0, N, ROW_BLOCK)]
+def _blocks(N, size=None):
+    """(rows, n): slices of ``size`` rows (default ``ROW_BLOCK``, read at each call) covering N
+    rows, n of them in each, fewer in the last."""
+    size = ROW_BLOCK if size is None else size
+    return [(slice(lo, min(lo + size, N)), min(size, N - lo)) for lo in range(0, N, size)]
 
 
 # -- the gated MLP's elementwise pass (minilora.ops.blocks) ---------------------------------------
@@ -488,17 +489,17 @@ def _gated_blocks(N, H, dtype, inputs, silu):
     scratch = {}
 
     def block(key, rows, n, a=None):
-        if a is not None and a[rows].flags.c_contiguous:
-            return a[rows]
+        view = None if a is None else a[rows]  # (n, H)
+        if view is not None and view.flags.c_contiguous:
+            return view
         if key not in scratch:
             scratch[key] = np.empty((n_max, H), dtype)
         buf = scratch[key][:n]  # (n, H)
-        if a is not None:
-            np.copyto(buf, a[rows])
+        if view is not None:
+            np.copyto(buf, view)
         return buf
 
-    for lo in range(0, N, n_max):
-        rows, n = slice(lo, min(lo + n_max, N)), min(n_max, N - lo)
+    for rows, n in _blocks(N, n_max):
         out = [block(j, rows, n, a) for j, a in enumerate(inputs)]
         if silu:
             t = block("t", rows, n)  # (n, H)
