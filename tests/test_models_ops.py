@@ -33,12 +33,13 @@ def _attn_bwd(dout, cache):
     return {"q": dq, "k": dk, "v": dv}
 
 
-def _rope_fwd(x, cos, sin):
-    return rope_forward(x, cos, sin), (cos, sin)
+def _rope_fwd(x, cos, sin, backend="numpy"):
+    return rope_forward(x, cos, sin, backend=backend), (cos, sin, backend)
 
 
 def _rope_bwd(dy, cache):
-    return {"x": rope_backward(dy, *cache)}
+    cos, sin, backend = cache
+    return {"x": rope_backward(dy, cos, sin, backend=backend)}
 
 
 def _rms_fwd(x, weight, eps, backend="numpy"):
@@ -287,19 +288,62 @@ def test_rotate_half_squares_to_minus_one():
 
 @FAST
 @given(B=st.integers(1, 2), h=st.integers(1, 3), T=st.integers(1, 4), half=st.integers(1, 4),
-       offset=st.integers(0, 50), seed=st.integers(0, 2**16))
-def test_rope_gradcheck_drawn(B, h, T, half, offset, seed):
+       offset=st.integers(0, 50), seed=st.integers(0, 2**16),
+       backend=st.sampled_from(["numpy", "numba"]))
+def test_rope_gradcheck_drawn(B, h, T, half, offset, seed, backend):
     x = _rng(seed).standard_normal((B, h, T, 2 * half))
     cos, sin = rope_tables(offset + np.arange(T), 2 * half, theta=10000.0, dtype=np.float64)
-    gradcheck(_rope_fwd, _rope_bwd, {"x": x, "cos": cos, "sin": sin}, wrt=["x"], seed=seed)
+    gradcheck(_rope_fwd, _rope_bwd, {"x": x, "cos": cos, "sin": sin, "backend": backend},
+              wrt=["x"], seed=seed)
 
 
-def test_rope_gradcheck_fixed():
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_rope_gradcheck_fixed(backend):
     x = _rng(10).standard_normal((2, 3, 5, 8))
     cos, sin = rope_tables(np.arange(3, 8), 8, theta=500000.0, scaling_factor=4.0,
                            dtype=np.float64)
-    report = gradcheck(_rope_fwd, _rope_bwd, {"x": x, "cos": cos, "sin": sin}, wrt=["x"])
+    report = gradcheck(_rope_fwd, _rope_bwd, {"x": x, "cos": cos, "sin": sin,
+                                              "backend": backend}, wrt=["x"])
     assert report.passed and report.worst_rel_err < 1e-8
+
+
+@FAST
+@given(B=st.integers(0, 2), h=st.integers(1, 3), T=st.integers(1, 5), half=st.integers(1, 5),
+       seed=st.integers(0, 2**16), dtype=st.sampled_from([np.float32, np.float64]),
+       token_major=st.booleans())
+def test_rope_numba_equals_numpy(B, h, T, half, seed, dtype, token_major):
+    """The kernel against the NumPy reference, on C-ordered heads and on the projections'
+    (B, T, h, D) layout seen as (B, h, T, D), with tables whose halves differ (any (T, D)
+    table is taken as given); the inputs are left alone."""
+    rng = _rng(seed)
+    D = 2 * half
+    x, dy = (rng.standard_normal((B, T, h, D)).astype(dtype) for _ in range(2))
+    x, dy = (a.transpose(0, 2, 1, 3) if token_major else np.ascontiguousarray(
+        a.transpose(0, 2, 1, 3)) for a in (x, dy))  # (B, h, T, D)
+    cos, sin = (rng.standard_normal((T, D)).astype(dtype) for _ in range(2))
+    saved = [a.copy() for a in (x, dy, cos, sin)]
+    tol = dict(rtol=1e-13, atol=1e-13) if dtype == np.float64 else dict(rtol=1e-5, atol=1e-5)
+    for op, a in ((rope_forward, x), (rope_backward, dy)):
+        ref, fast = (op(a, cos, sin, backend=b) for b in ("numpy", "numba"))
+        assert fast.dtype == ref.dtype == dtype and fast.shape == ref.shape == a.shape
+        np.testing.assert_allclose(fast, ref, **tol)
+    for a, b in zip((x, dy, cos, sin), saved, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_the_backward_ops_give_token_major_arrays(backend):
+    """rope's dx and attention's out, dq, dk, dv are (B, heads, T, D) views of (B, T, heads, D)
+    memory: the model's transposes back to (B, T, heads·D) are views, not copies."""
+    q, k, v = attention_inputs(2, 4, 2, 5, 6, 0, seed=12)
+    cos, sin = rope_tables(np.arange(5), 6, theta=1e4, dtype=np.float64)
+    out, cache = attention_forward(q, k, v, block=2, backend=backend)
+    arrays = [out, *attention_backward(out * 0.5, cache),
+              rope_backward(q, cos, sin, backend=backend)]
+    for a in arrays:
+        t = a.transpose(0, 2, 1, 3)  # (B, T, heads, D)
+        assert t.flags.c_contiguous
+        assert np.shares_memory(t.reshape(t.shape[0], t.shape[1], -1), a)
 
 
 def test_rope_rejects_bad_input():
@@ -546,7 +590,7 @@ def test_lm_head_loss_refuses_bad_input():
 
 def test_the_model_kernels_check_what_they_index():
     """Numba's bounds checks are off: each kernel refuses shapes it would index past."""
-    from minilora.models import attention_numba, rmsnorm_numba
+    from minilora.models import attention_numba, rmsnorm_numba, rope_numba
 
     f = np.ones((3, 4), np.float32)
     with pytest.raises(ValueError, match="rmsnorm kernel"):
@@ -561,3 +605,12 @@ def test_the_model_kernels_check_what_they_index():
         attention_numba._normalize_rows(f.copy(), 3, 0, np.ones(2, np.float32))
     with pytest.raises(ValueError, match="attention kernel"):
         attention_numba._softmax_grad_rows(f, np.ones((3, 3), np.float32), 3, 0)
+    x = np.ones((1, 2, 3, 4), np.float32)
+    for cos, out in ((np.ones((3, 4), np.float32), np.ones((1, 2, 3, 2), np.float32)),
+                     (np.ones((2, 4), np.float32), x.copy()),  # one row per position
+                     (np.ones((3, 2), np.float32), x.copy())):  # D columns
+        with pytest.raises(ValueError, match="rope kernel"):
+            rope_numba._rotate(x, cos, cos, out)
+    with pytest.raises(ValueError, match="rope kernel"):  # D even
+        rope_numba._rotate(np.ones((1, 1, 1, 3)), np.ones((1, 3)), np.ones((1, 3)),
+                           np.ones((1, 1, 1, 3)))

@@ -24,6 +24,10 @@ benchmark model's 8 layers), at the price of the block's q kᵀ and exp a second
 
 The products are NumPy's (BLAS); the passes over a block's rows are NumPy here, the reference,
 and one Numba loop each with ``backend="numba"`` (``minilora.models.attention_numba``).
+
+The outputs out, dq, dk and dv are laid out in memory as (B, T, heads, D), the projections'
+layout (token-major), and returned as (B, heads, T, D) views of it: the model's transposes to
+(B, T, heads·D) are then free, not copies.
 """
 
 from typing import NamedTuple
@@ -61,6 +65,14 @@ def causal_bias(T, S, q_offset, dtype):
 def _blocks(T, block):
     """(t0, t1) of each query block."""
     return [(t0, min(t0 + block, T)) for t0 in range(0, T, block)]
+
+
+def _token_major(*shape, dtype, zero=False):
+    """A new (B, heads..., T, D) array laid out in memory as (B, T, heads..., D)."""
+    B, *heads, T, D = shape
+    a = (np.zeros if zero else np.empty)((B, T, *heads, D), dtype)  # (B, T, heads..., D)
+    n = len(heads)
+    return a.transpose(0, *range(2, 2 + n), 1, 2 + n)  # (B, heads..., T, D)
 
 
 # -- a block's row passes: s (R, S₁) holds R = B·Hkv·g·n rows of raw q kᵀ; row ρ is query
@@ -124,7 +136,7 @@ def attention_forward(q, k, v, *, q_offset=0, block=BLOCK, backend=None):
 
     Returns
     -------
-    out : (B, H, T, D), a new array of q's dtype
+    out : (B, H, T, D), a new array of q's dtype, laid out as (B, T, H, D)
     cache : AttentionCache for ``attention_backward``
 
     Notes
@@ -155,7 +167,7 @@ def attention_forward(q, k, v, *, q_offset=0, block=BLOCK, backend=None):
     g = H // Hkv
     scale = D ** -0.5
     qg = q.reshape(B, Hkv, g, T, D)  # (B, Hkv, g, T, D), a view: head j = group j // g
-    out = np.empty((B, Hkv, g, T, D), q.dtype)  # (B, Hkv, g, T, D) = (B, H, T, D)
+    out = _token_major(B, Hkv, g, T, D, dtype=q.dtype)  # (B, Hkv, g, T, D) = (B, H, T, D)
     lse = np.empty((B, Hkv, g, T), q.dtype)  # (B, Hkv, g, T)
     for t0, t1 in _blocks(T, block):
         n, S1 = t1 - t0, q_offset + t1  # the block's queries and the keys they see
@@ -179,8 +191,9 @@ def attention_backward(dout, cache):
 
     Returns
     -------
-    dq : (B, H, T, D)
-    dk, dv : (B, Hkv, S, D), each kv head's gradient summed over the g query heads that read it
+    dq : (B, H, T, D), laid out as (B, T, H, D)
+    dk, dv : (B, Hkv, S, D), each kv head's gradient summed over the g query heads that read
+        it, laid out as (B, S, Hkv, D)
 
     Notes
     -----
@@ -200,9 +213,9 @@ def attention_backward(dout, cache):
     q, k, v, scale, offset = cache.q, cache.k, cache.v, cache.scale, cache.q_offset
     B, Hkv, g, T, D = q.shape
     do = dout.reshape(q.shape)  # (B, Hkv, g, T, D)
-    dq = np.empty(q.shape, q.dtype)  # (B, Hkv, g, T, D)
-    dk = np.zeros(k.shape, k.dtype)  # (B, Hkv, S, D)
-    dv = np.zeros(v.shape, v.dtype)  # (B, Hkv, S, D)
+    dq = _token_major(*q.shape, dtype=q.dtype)  # (B, Hkv, g, T, D)
+    dk = _token_major(*k.shape, dtype=k.dtype, zero=True)  # (B, Hkv, S, D)
+    dv = _token_major(*v.shape, dtype=v.dtype, zero=True)  # (B, Hkv, S, D)
     for t0, t1 in _blocks(T, cache.block):
         n, S1 = t1 - t0, offset + t1
         q2 = q[:, :, :, t0:t1].reshape(B, Hkv, g * n, D)  # (B, Hkv, g·n, D), a copy

@@ -352,15 +352,15 @@ class LlamaModel:
             q = outs["q_proj"].reshape(Bsz, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
             k = outs["k_proj"].reshape(Bsz, T, Hkv, D).transpose(0, 2, 1, 3)  # (B, Hkv, T, D)
             v = outs["v_proj"].reshape(Bsz, T, Hkv, D).transpose(0, 2, 1, 3)  # (B, Hkv, T, D)
-            q = rope_forward(q, cos, sin)  # (B, H, T, D)
-            k = rope_forward(k, cos, sin)  # (B, Hkv, T, D)
+            q = rope_forward(q, cos, sin, backend=self.backend)  # (B, H, T, D)
+            k = rope_forward(k, cos, sin, backend=self.backend)  # (B, Hkv, T, D)
             if past is not None:
                 k = np.concatenate([past[i][0], k], axis=2)  # (B, Hkv, S, D)
                 v = np.concatenate([past[i][1], v], axis=2)  # (B, Hkv, S, D)
             present.append((k, v))
             o, L["attn"] = attention_forward(q, k, v, q_offset=offset,
                                              backend=self.backend)  # (B, H, T, D)
-            o = o.transpose(0, 2, 1, 3).reshape(Bsz, T, H * D)  # (B, T, H·D)
+            o = o.transpose(0, 2, 1, 3).reshape(Bsz, T, H * D)  # (B, T, H·D), a view
             o_mask = self._mask(names["o_proj"], o.shape, masks, dropout_masks, train)
             y, L["proj"]["o_proj"] = self._project(o, names["o_proj"], o_mask)  # (B, T, d)
             x += y  # (B, T, d), in place: the residual stream is this pass's own array
@@ -460,11 +460,12 @@ class LlamaModel:
             self._norm_grad(f"model.layers.{i}.post_attention_layernorm.weight", da, L["norm2"])
             dx += rmsnorm_backward(da, L["norm2"])  # (B, T, d), in place (dx is ours)
             do = self._project_backward(dx, names["o_proj"], L["proj"]["o_proj"])  # (B, T, H·D)
-            do = np.ascontiguousarray(do.reshape(Bsz, T, H, D).transpose(0, 2, 1, 3))
+            do = do.reshape(Bsz, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D), a view
             dq, dk, dv = attention_backward(do, L["attn"])  # (B, H, T, D), (B, Hkv, S, D) x2
             dk, dv = dk[:, :, -T:], dv[:, :, -T:]  # (B, Hkv, T, D): the past is constant
-            dq = rope_backward(dq, cos, sin)  # (B, H, T, D)
-            dk = rope_backward(np.ascontiguousarray(dk), cos, sin)  # (B, Hkv, T, D)
+            dq = rope_backward(dq, cos, sin, backend=self.backend)  # (B, H, T, D)
+            dk = rope_backward(dk, cos, sin, backend=self.backend)  # (B, Hkv, T, D)
+            # the ops' outputs are laid out (B, T, heads, D): these reshapes are views
             douts = {"q_proj": dq.transpose(0, 2, 1, 3).reshape(Bsz, T, H * D),
                      "k_proj": dk.transpose(0, 2, 1, 3).reshape(Bsz, T, Hkv * D),
                      "v_proj": dv.transpose(0, 2, 1, 3).reshape(Bsz, T, Hkv * D)}

@@ -12,6 +12,10 @@ rotate_half is the linear map R with R² = −1, so Rᵀ = −R: the backward is
 "Linear" rope scaling (``rope_scaling = {"type": "linear", "factor": f}``) divides inv_freq by
 f, which is positions / f. transformers computes the tables in float32 whatever the model's
 dtype; here they are computed in float64 and rounded once to ``dtype``.
+
+The NumPy passes below are the reference; ``backend="numba"`` runs one pass over the heads
+(``minilora.models.rope_numba``). The backward's dx is laid out in memory as (B, T, h, D), the
+projections' layout, so the model's (B, h, T, D) -> (B, T, h·D) transpose after it is free.
 """
 
 import math
@@ -19,6 +23,7 @@ import math
 import numpy as np
 
 from minilora.ops._checks import FLOAT_DTYPES, check_dtypes, check_positive_int, plain_array
+from minilora.ops.backends import resolve_backend
 
 
 def rotate_half(x):
@@ -89,13 +94,14 @@ def _check(x, name, cos, sin):
     return x, cos, sin
 
 
-def rope_forward(x, cos, sin):
+def rope_forward(x, cos, sin, *, backend=None):
     """Rotary position embedding, forward pass.
 
     Parameters
     ----------
-    x : (B, h, T, D) queries or keys (h heads)
+    x : (B, h, T, D) queries or keys (h heads), any strides
     cos, sin : (T, D) from ``rope_tables``, x's dtype
+    backend : "numpy", "numba" or None (``minilora.ops.backends``)
 
     Returns
     -------
@@ -106,28 +112,40 @@ def rope_forward(x, cos, sin):
     y = x ⊙ cos + rotate_half(x) ⊙ sin (cos, sin broadcast over B and h).
     """
     x, cos, sin = _check(x, "x", cos, sin)
+    if resolve_backend(backend) == "numba":
+        from minilora.models import rope_numba
+
+        return rope_numba.forward(x, cos, sin)
     return x * cos + rotate_half(x) * sin  # (B, h, T, D)
 
 
-def rope_backward(dy, cos, sin):
+def rope_backward(dy, cos, sin, *, backend=None):
     """Rotary position embedding, backward pass (the same tables as the forward).
 
     Parameters
     ----------
-    dy : (B, h, T, D), ∂L/∂y
+    dy : (B, h, T, D), ∂L/∂y, any strides
     cos, sin : (T, D), the forward's tables
+    backend : "numpy", "numba" or None
 
     Returns
     -------
-    dx : (B, h, T, D), a new array
+    dx : (B, h, T, D), a new array laid out in memory as (B, T, h, D) (see the module
+        docstring)
 
     Notes
     -----
     dx = dy ⊙ cos + Rᵀ(dy ⊙ sin) = dy ⊙ cos − rotate_half(dy ⊙ sin), since Rᵀ = −R.
     """
     dy, cos, sin = _check(dy, "dy", cos, sin)
-    h = dy.shape[-1] // 2
-    dx = dy * cos  # (B, h, T, D)
+    B, heads, T, D = dy.shape
+    dx = np.empty((B, T, heads, D), dy.dtype).transpose(0, 2, 1, 3)  # (B, h, T, D)
+    if resolve_backend(backend) == "numba":
+        from minilora.models import rope_numba
+
+        return rope_numba.backward(dy, cos, sin, dx)
+    h = D // 2
+    np.multiply(dy, cos, out=dx)  # (B, h, T, D)
     dx[..., :h] += dy[..., h:] * sin[:, h:]  # − rotate_half(dy ⊙ sin) half by half: its bits
     dx[..., h:] -= dy[..., :h] * sin[:, :h]  # with two temporaries fewer
     return dx
