@@ -397,6 +397,28 @@ def test_rmsnorm_numba_equals_numpy(lead, d, eps, seed, dtype):
         np.testing.assert_allclose(a, b, **tol)
 
 
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rmsnorm_backward_adds_into_a_residual_gradient(backend, dtype):
+    """add_to gets dx added in place (the residual stream's gradient), and is returned; what
+    it must be is checked before anything is written."""
+    rng = _rng(13)
+    x, dy, acc = (rng.standard_normal((2, 3, 7)).astype(dtype) for _ in range(3))
+    w = rng.standard_normal(7).astype(dtype)
+    _, cache = rmsnorm_forward(x, w, eps=1e-6, backend=backend)
+    expected = acc + rmsnorm_backward(dy, cache)
+    saved = acc.copy()
+    assert rmsnorm_backward(dy, cache, add_to=acc) is acc
+    tol = 1e-6 if dtype == np.float32 else 1e-14
+    np.testing.assert_allclose(acc, expected, rtol=tol, atol=tol)
+    acc[...] = saved
+    for bad in (acc.astype(np.float64 if dtype == np.float32 else np.float32), acc[:1],
+                np.asfortranarray(acc), dy, cache.x_hat):
+        with pytest.raises(ValueError, match="add_to"):
+            rmsnorm_backward(dy, cache, add_to=bad)
+    np.testing.assert_array_equal(acc, saved)
+
+
 def test_rmsnorm_gradcheck_fixed_and_forward():
     rng = _rng(11)
     x, w = rng.standard_normal((2, 5, 16)), rng.standard_normal(16)
@@ -595,7 +617,7 @@ def test_the_model_kernels_check_what_they_index():
     f = np.ones((3, 4), np.float32)
     with pytest.raises(ValueError, match="rmsnorm kernel"):
         rmsnorm_numba._backward(f, np.ones((3, 5), np.float32), np.ones((3, 1), np.float32),
-                                np.ones(4, np.float32), f.copy())
+                                np.ones(4, np.float32), f.copy(), True)
     with pytest.raises(ValueError, match="rmsnorm kernel"):
         rmsnorm_numba._forward(f, np.ones(4, np.float32), 1e-6, f.copy(), f.copy(),
                                np.ones((2, 1), np.float32))

@@ -458,7 +458,7 @@ class LlamaModel:
             names = {p: module_name(i, p) for p in TARGETS}
             da = self._mlp_backward(dx, names, L["mlp"])  # (B, T, d)
             self._norm_grad(f"model.layers.{i}.post_attention_layernorm.weight", da, L["norm2"])
-            dx += rmsnorm_backward(da, L["norm2"])  # (B, T, d), in place (dx is ours)
+            rmsnorm_backward(da, L["norm2"], add_to=dx)  # dx += (B, T, d), dx is ours
             do = self._project_backward(dx, names["o_proj"], L["proj"]["o_proj"])  # (B, T, H·D)
             do = do.reshape(Bsz, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D), a view
             dq, dk, dv = attention_backward(do, L["attn"])  # (B, H, T, D), (B, Hkv, S, D) x2
@@ -482,7 +482,7 @@ class LlamaModel:
                     dp = self._project_backward(douts[p], names[p], L["proj"][p])  # (B, T, d)
                     da = dp if da is None else da + dp
             self._norm_grad(f"model.layers.{i}.input_layernorm.weight", da, L["norm1"])
-            dx += rmsnorm_backward(da, L["norm1"])  # (B, T, d)
+            rmsnorm_backward(da, L["norm1"], add_to=dx)  # dx += (B, T, d)
         self._base_grad("model.embed_tokens.weight",
                         lambda: embedding_backward(dx, cache.embedding))  # (V, d)
         return dx

@@ -71,17 +71,19 @@ def rmsnorm_forward(x, weight, *, eps, backend=None):
     return y, RMSNormCache(x_hat, r, weight.view(), backend)
 
 
-def rmsnorm_backward(dy, cache):
+def rmsnorm_backward(dy, cache, *, add_to=None):
     """RMSNorm, backward pass (the weight is frozen: no dweight).
 
     Parameters
     ----------
     dy : (..., d), ∂L/∂y, the forward's shape and dtype
     cache : RMSNormCache from ``rmsnorm_forward``
+    add_to : None, or a C-ordered array of dy's shape and dtype into which dx is added in
+        place (a residual stream's gradient: one pass instead of dx and then ``+=``)
 
     Returns
     -------
-    dx : (..., d), a new array
+    dx : (..., d), a new array; ``add_to`` itself (holding add_to + dx) when given
 
     Notes
     -----
@@ -94,11 +96,22 @@ def rmsnorm_backward(dy, cache):
     if dy.shape != cache.x_hat.shape or dy.dtype != cache.x_hat.dtype:
         raise ValueError(f"dy must be {cache.x_hat.dtype}{cache.x_hat.shape} like the forward's "
                          f"y, got dy {dy.dtype}{dy.shape}")
+    if add_to is not None:
+        add_to = plain_array(add_to, "add_to")
+        if add_to.shape != dy.shape or add_to.dtype != dy.dtype \
+                or not add_to.flags.c_contiguous or not add_to.flags.writeable:
+            raise ValueError(f"add_to must be a writeable C-ordered {dy.dtype}{dy.shape} array "
+                             f"like dy, got {add_to.dtype}{add_to.shape}")
+        if np.shares_memory(add_to, dy) or np.shares_memory(add_to, cache.x_hat):
+            raise ValueError("add_to must not share memory with dy or the cache")
     if cache.backend == "numba":
         from minilora.models import rmsnorm_numba
 
-        return rmsnorm_numba.backward(dy, cache.x_hat, cache.r, cache.weight)
+        return rmsnorm_numba.backward(dy, cache.x_hat, cache.r, cache.weight, add_to)
     g = dy * cache.weight  # (..., d)
     proj = np.mean(g * cache.x_hat, axis=-1, keepdims=True)  # (..., 1)
     dx = cache.r * (g - cache.x_hat * proj)  # (..., d)
+    if add_to is not None:
+        add_to += dx
+        return add_to
     return dx

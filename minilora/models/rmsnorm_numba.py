@@ -2,12 +2,12 @@
 loop over each row instead of NumPy's three or four whole-array passes and their temporaries.
 The row's sums accumulate in float64. ``minilora.models.rmsnorm``'s NumPy passes are the
 reference these kernels are tested against; single-threaded, as every kernel in minilora is
-(``minilora._jit`` says why).
+(``minilora.ops._jit`` says why).
 """
 
 import numpy as np
 
-from minilora._jit import jit
+from minilora.ops._jit import jit
 
 
 @jit
@@ -36,8 +36,9 @@ def _forward(x, weight, eps, y, x_hat, r):
 
 
 @jit
-def _backward(dy, x_hat, r, weight, dx):
-    """dx = r ⊙ (g − x̂ ⊙ mean(g ⊙ x̂)), g = dy ⊙ weight, all (N, d)."""
+def _backward(dy, x_hat, r, weight, dx, accumulate):
+    """dx = r ⊙ (g − x̂ ⊙ mean(g ⊙ x̂)), g = dy ⊙ weight, all (N, d); with ``accumulate``
+    added to dx's values instead (dx += ...)."""
     _check(dy, weight, x_hat, dx, r)
     N, d = dy.shape
     for n in range(N):
@@ -46,7 +47,8 @@ def _backward(dy, x_hat, r, weight, dx):
             proj += dy[n, i] * weight[i] * x_hat[n, i]
         proj /= d
         for i in range(d):
-            dx[n, i] = r[n, 0] * (dy[n, i] * weight[i] - x_hat[n, i] * proj)
+            t = r[n, 0] * (dy[n, i] * weight[i] - x_hat[n, i] * proj)
+            dx[n, i] = dx[n, i] + t if accumulate else t
 
 
 def forward(x, weight, eps):
@@ -59,11 +61,12 @@ def forward(x, weight, eps):
     return y.reshape(x.shape), x_hat.reshape(x.shape), r.reshape(lead + (1,))
 
 
-def backward(dy, x_hat, r, weight):
-    """dx (..., d), a new array of dy's dtype."""
+def backward(dy, x_hat, r, weight, add_to=None):
+    """dx (..., d), a new array of dy's dtype; or, given ``add_to`` (a C-ordered (..., d) array
+    of dy's dtype), dx added into it in place, and add_to returned."""
     d = dy.shape[-1]
     dy2 = np.ascontiguousarray(dy).reshape(-1, d)  # (N, d)
-    dx = np.empty_like(dy2)
+    dx = np.empty_like(dy2) if add_to is None else add_to.reshape(-1, d)  # a view of add_to
     _backward(dy2, np.ascontiguousarray(x_hat).reshape(-1, d),
-              np.ascontiguousarray(r).reshape(-1, 1), weight, dx)
-    return dx.reshape(dy.shape)
+              np.ascontiguousarray(r).reshape(-1, 1), weight, dx, add_to is not None)
+    return dx.reshape(dy.shape) if add_to is None else add_to
