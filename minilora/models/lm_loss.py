@@ -105,7 +105,7 @@ def causal_lm_loss_backward(cache, dloss=1.0):
     return dlogits
 
 
-ROWS = 256  # token rows per block of the fused head and loss: (256, V) logits at a time
+ROWS = 512  # token rows per block of the fused head and loss: (512, V) logits at a time
 
 
 def lm_head_loss(h, head, input_ids, *, dhead=None, rows=ROWS):
