@@ -419,6 +419,44 @@ def test_rmsnorm_backward_adds_into_a_residual_gradient(backend, dtype):
     np.testing.assert_array_equal(acc, saved)
 
 
+@FAST
+@given(lead=st.lists(st.integers(0, 3), min_size=0, max_size=2), d=st.integers(1, 12),
+       seed=st.integers(0, 2**16), backend=st.sampled_from(["numpy", "numba"]),
+       dtype=st.sampled_from([np.float32, np.float64]), zero=st.booleans())
+def test_rmsnorm_cache_output_gives_the_same_gradient(lead, d, seed, backend, dtype, zero):
+    """A cache keeping y (x̂ = y / weight) gives x̂'s dx to rounding, and adds into add_to the
+    same way; a weight with a zero keeps x̂ instead (y / weight would not give it back)."""
+    rng = _rng(seed)
+    x, dy = (rng.standard_normal((*lead, d)).astype(dtype) for _ in range(2))
+    w = (rng.uniform(0.1, 3.0, d) * rng.choice([-1, 1], d)).astype(dtype)
+    if zero:
+        w[rng.integers(d)] = 0
+    y_ref, c_ref = rmsnorm_forward(x, w, eps=1e-6, backend=backend)
+    y, c = rmsnorm_forward(x, w, eps=1e-6, backend=backend, cache_output=True)
+    np.testing.assert_array_equal(y, y_ref)
+    assert (c.x_hat is not None) == zero and (c.y is None) == zero
+    if not zero and y.size:
+        assert np.shares_memory(c.y, y)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == np.float64 else dict(rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(c.normalized(), c_ref.x_hat, **tol)
+    np.testing.assert_allclose(rmsnorm_backward(dy, c), rmsnorm_backward(dy, c_ref), **tol)
+    acc = np.ones_like(dy)
+    rmsnorm_backward(dy, c, add_to=acc)
+    np.testing.assert_allclose(acc, 1 + rmsnorm_backward(dy, c_ref), **tol)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_rmsnorm_gradcheck_from_the_output(backend):
+    rng = _rng(14)
+    x, w = rng.standard_normal((2, 5, 16)), rng.uniform(0.5, 2.0, 16)
+
+    def fwd(x, weight):
+        return rmsnorm_forward(x, weight, eps=1e-5, backend=backend, cache_output=True)
+
+    report = gradcheck(fwd, _rms_bwd, {"x": x, "weight": w}, wrt=["x"])
+    assert report.passed and report.worst_rel_err < 1e-8
+
+
 def test_rmsnorm_gradcheck_fixed_and_forward():
     rng = _rng(11)
     x, w = rng.standard_normal((2, 5, 16)), rng.standard_normal(16)
@@ -617,10 +655,10 @@ def test_the_model_kernels_check_what_they_index():
     f = np.ones((3, 4), np.float32)
     with pytest.raises(ValueError, match="rmsnorm kernel"):
         rmsnorm_numba._backward(f, np.ones((3, 5), np.float32), np.ones((3, 1), np.float32),
-                                np.ones(4, np.float32), f.copy(), True)
+                                np.ones(4, np.float32), f.copy(), False, True)
     with pytest.raises(ValueError, match="rmsnorm kernel"):
         rmsnorm_numba._forward(f, np.ones(4, np.float32), 1e-6, f.copy(), f.copy(),
-                               np.ones((2, 1), np.float32))
+                               np.ones((2, 1), np.float32), True)
     with pytest.raises(ValueError, match="attention kernel"):  # keys past S₁
         attention_numba._shift_rows(f.copy(), np.float32(1), 3, 2, np.ones(3, np.float32), True)
     with pytest.raises(ValueError, match="attention kernel"):  # one lse per row

@@ -329,7 +329,8 @@ class LlamaModel:
             names = {p: module_name(i, p) for p in TARGETS}
             a, L["norm1"] = rmsnorm_forward(
                 x, self.weights[f"model.layers.{i}.input_layernorm.weight"],
-                eps=c.rms_norm_eps, backend=self.backend)  # (B, T, d)
+                eps=c.rms_norm_eps, backend=self.backend,
+                cache_output=True)  # (B, T, d)
             qkv_masks = {p: self._mask(names[p], a.shape, masks, dropout_masks, train)
                          for p in ("q_proj", "k_proj", "v_proj")}
             group = [p for p in ("q_proj", "k_proj", "v_proj") if self._plain_lora(names[p])]
@@ -366,12 +367,15 @@ class LlamaModel:
             x += y  # (B, T, d), in place: the residual stream is this pass's own array
             a, L["norm2"] = rmsnorm_forward(
                 x, self.weights[f"model.layers.{i}.post_attention_layernorm.weight"],
-                eps=c.rms_norm_eps, backend=self.backend)  # (B, T, d)
+                eps=c.rms_norm_eps, backend=self.backend,
+                cache_output=True)  # (B, T, d)
             y, L["mlp"] = self._mlp_forward(a, names, masks, dropout_masks, train)  # (B, T, d)
             x += y  # (B, T, d)
             layers.append(L)
-        h, final = rmsnorm_forward(x, self.weights["model.norm.weight"],
-                                   eps=c.rms_norm_eps, backend=self.backend)  # (B, T, d)
+        # cache_output: each norm's cache keeps its output a (which the projections keep as
+        # their input, and nothing here changes), not a second (B, T, d) array x̂
+        h, final = rmsnorm_forward(x, self.weights["model.norm.weight"], eps=c.rms_norm_eps,
+                                   backend=self.backend, cache_output=True)  # (B, T, d)
         return h, ModelCache(tuple(layers), final, h, tuple(present), masks, offset,
                              self.dtype, embed)
 
@@ -494,7 +498,8 @@ class LlamaModel:
 
     def _norm_grad(self, key, dy, cache):
         """RMSNorm's weight gradient: y = x̂ ⊙ w, so dw = Σ over tokens of dy ⊙ x̂."""
-        self._base_grad(key, lambda: (dy * cache.x_hat).reshape(-1, dy.shape[-1]).sum(axis=0))
+        self._base_grad(key, lambda: (dy * cache.normalized()).reshape(-1, dy.shape[-1])
+                        .sum(axis=0))
 
     def loss(self, input_ids, *, train=False, dropout_masks=None):
         """Causal LM loss (transformers' with labels = input_ids).

@@ -9,6 +9,11 @@ transformers' ``LlamaRMSNorm`` computes the same lines but casts x to float32 fi
 the model's dtype); here every step runs in x's own dtype. docs/math.md derives dx. These NumPy
 passes are the reference; ``backend="numba"`` runs one loop per row
 (``minilora.models.rmsnorm_numba``).
+
+The backward needs x̂, which the cache keeps, or with ``cache_output=True`` the output y itself
+(a caller that keeps y anyway, such as the decoder whose projections keep their input, then
+saves an (..., d) array per norm): g ⊙ x̂ = dy ⊙ weight ⊙ x̂ = dy ⊙ y, and x̂ = y / weight,
+which holds to rounding wherever weight has no zero (with a zero, x̂ is kept as before).
 """
 
 import math
@@ -21,16 +26,25 @@ from minilora.ops.backends import resolve_backend
 
 
 class RMSNormCache(NamedTuple):
-    """What ``rmsnorm_backward`` needs: x̂ and r (so the backward needs neither x nor a second
-    pass over it) and the weight."""
+    """What ``rmsnorm_backward`` needs: x̂ (or the output y, see the module docstring) and r, so
+    the backward needs neither x nor a second pass over it, and the weight."""
 
-    x_hat: np.ndarray  # (..., d) = x ⊙ r
+    x_hat: np.ndarray | None  # (..., d) = x ⊙ r, or None when y is kept instead
     r: np.ndarray  # (..., 1) = 1 / sqrt(mean(x²) + eps)
     weight: np.ndarray  # (d,)
     backend: str  # "numpy" or "numba"
+    y: np.ndarray | None = None  # (..., d) the forward's output, kept instead of x̂
+
+    def normalized(self):
+        """x̂ (..., d): the kept one, or y / weight."""
+        return self.x_hat if self.x_hat is not None else self.y / self.weight
+
+    def kept(self):
+        """The (..., d) array the backward reads: x̂ or y."""
+        return self.x_hat if self.x_hat is not None else self.y
 
 
-def rmsnorm_forward(x, weight, *, eps, backend=None):
+def rmsnorm_forward(x, weight, *, eps, backend=None, cache_output=False):
     """RMSNorm, forward pass.
 
     Parameters
@@ -39,6 +53,8 @@ def rmsnorm_forward(x, weight, *, eps, backend=None):
     weight : (d,) the frozen gain, x's dtype
     eps : float ≥ 0, added to the mean square (the config's rms_norm_eps)
     backend : "numpy", "numba" or None (``minilora.ops.backends``)
+    cache_output : bool, let the cache keep y instead of x̂ (when weight has no zero): the
+        caller then must not change y in place before the backward pass
 
     Returns
     -------
@@ -59,15 +75,18 @@ def rmsnorm_forward(x, weight, *, eps, backend=None):
         raise ValueError(f"eps must be a finite number ≥ 0, got {eps!r}")
     eps = float(eps)  # a Python float never promotes float32
     backend = resolve_backend(backend)
+    keep_y = bool(cache_output) and bool(np.all(weight != 0))  # x̂ = y / weight holds
     if backend == "numba":
         from minilora.models import rmsnorm_numba
 
-        y, x_hat, r = rmsnorm_numba.forward(x, weight, eps)
-        return y, RMSNormCache(x_hat, r, weight.view(), backend)
-    ms = np.mean(x * x, axis=-1, keepdims=True)  # (..., 1)
-    r = 1.0 / np.sqrt(ms + eps)  # (..., 1)
-    x_hat = x * r  # (..., d)
-    y = weight * x_hat  # (..., d)
+        y, x_hat, r = rmsnorm_numba.forward(x, weight, eps, keep_x_hat=not keep_y)
+    else:
+        ms = np.mean(x * x, axis=-1, keepdims=True)  # (..., 1)
+        r = 1.0 / np.sqrt(ms + eps)  # (..., 1)
+        x_hat = x * r  # (..., d)
+        y = weight * x_hat  # (..., d)
+    if keep_y:
+        return y, RMSNormCache(None, r, weight.view(), backend, y.view())
     return y, RMSNormCache(x_hat, r, weight.view(), backend)
 
 
@@ -93,24 +112,27 @@ def rmsnorm_backward(dy, cache, *, add_to=None):
         raise TypeError(f"cache must be the RMSNormCache from rmsnorm_forward, "
                         f"got {type(cache).__name__}")
     dy = plain_array(dy, "dy")
-    if dy.shape != cache.x_hat.shape or dy.dtype != cache.x_hat.dtype:
-        raise ValueError(f"dy must be {cache.x_hat.dtype}{cache.x_hat.shape} like the forward's "
-                         f"y, got dy {dy.dtype}{dy.shape}")
+    kept = cache.kept()  # x̂ or y (..., d)
+    if dy.shape != kept.shape or dy.dtype != kept.dtype:
+        raise ValueError(f"dy must be {kept.dtype}{kept.shape} like the forward's y, got dy "
+                         f"{dy.dtype}{dy.shape}")
     if add_to is not None:
         add_to = plain_array(add_to, "add_to")
         if add_to.shape != dy.shape or add_to.dtype != dy.dtype \
                 or not add_to.flags.c_contiguous or not add_to.flags.writeable:
             raise ValueError(f"add_to must be a writeable C-ordered {dy.dtype}{dy.shape} array "
                              f"like dy, got {add_to.dtype}{add_to.shape}")
-        if np.shares_memory(add_to, dy) or np.shares_memory(add_to, cache.x_hat):
+        if np.shares_memory(add_to, dy) or np.shares_memory(add_to, kept):
             raise ValueError("add_to must not share memory with dy or the cache")
+    from_y = cache.x_hat is None
     if cache.backend == "numba":
         from minilora.models import rmsnorm_numba
 
-        return rmsnorm_numba.backward(dy, cache.x_hat, cache.r, cache.weight, add_to)
+        return rmsnorm_numba.backward(dy, kept, cache.r, cache.weight, from_y, add_to)
     g = dy * cache.weight  # (..., d)
-    proj = np.mean(g * cache.x_hat, axis=-1, keepdims=True)  # (..., 1)
-    dx = cache.r * (g - cache.x_hat * proj)  # (..., d)
+    g_x_hat = dy * cache.y if from_y else g * cache.x_hat  # (..., d) g ⊙ x̂
+    proj = np.mean(g_x_hat, axis=-1, keepdims=True)  # (..., 1)
+    dx = cache.r * (g - cache.normalized() * proj)  # (..., d)
     if add_to is not None:
         add_to += dx
         return add_to
