@@ -113,8 +113,8 @@ def test_merged_route_keeps_its_weight_for_the_backward_and_not_y():
 
 def test_merge_weight_merges_within_each_pass_and_keeps_nothing():
     """lora_forward's merge_weight: a large layer the size rule sends to the blocked route
-    merges its weight in each pass instead, keeps none between them and matches the
-    reference; the numpy backend and dropout ignore it; a cache whose flag is not a
+    merges its weight instead, keeps it for the backward pass and matches the reference
+    (with it or formed again); the numpy backend and dropout ignore it; a cache whose flag is not a
     bool is refused."""
     rng = np.random.default_rng(5)
     N, d_in, d_out, r = 400, 128, 96, 4
@@ -124,10 +124,13 @@ def test_merge_weight_merges_within_each_pass_and_keeps_nothing():
     case = _Case(rng, N, d_in, d_out, r, None)
     y, cache = ml.lora_forward(case.x, case.W, case.A, case.B, backend="numba",
                                merge_weight=True, **case.kwargs())
-    assert cache.merge_weight and cache.kept is None
+    assert cache.merge_weight and cache.kept is not None
     merged = {"y": y, **ml.lora_backward(case.dy, cache, need_dbias=True)._asdict()}
     del merged["dW"]
     _assert_close_to_reference(case, merged, _run(case, "numpy"))
+    again = ml.lora_backward(case.dy, cache._replace(kept=None), need_dbias=True)._asdict()
+    for key in ("dx", "dA", "dB", "dbias"):  # K formed again: the same bits
+        np.testing.assert_array_equal(again[key], merged[key])
     blocked = _run(case, "numba")
     assert any(not np.array_equal(merged[k], blocked[k]) for k in merged)  # another route
     _, ref_cache = ml.lora_forward(case.x, case.W, case.A, case.B, backend="numpy",

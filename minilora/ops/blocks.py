@@ -251,7 +251,7 @@ def _weights_are_small(x, W, per_row):
     ``merge_weight``): when the largest weight is at most an eighth of the activations the
     block makes and keeps, N·(d_in + per_row) numbers (its outputs, what its cache keeps and
     dx): the single layer's size rule (a kept weight at most an eighth of y and dx) with the
-    block's activations, for a weight that lives only within a pass."""
+    block's activations."""
     if not isinstance(x, np.ndarray) or x.ndim == 0:
         return False  # the layer's validation names what is wrong
     N = math.prod(x.shape[:-1])

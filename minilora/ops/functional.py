@@ -200,12 +200,12 @@ def lora_forward(x, W, A, B, *, scaling, bias=None, dropout_mask=None, fan_in_fa
     check_unchanged : bool, record checksums of x, W, A, B and the mask, so that
         ``lora_backward`` raises RuntimeError if any of them was changed in place in between
         (costs two passes over those arrays' bytes)
-    merge_weight : bool, leave for the numba backend to merge the weight, W + s·B A, in each
-        pass of a large layer without dropout even where its size rule would not (a merged
-        weight the rule would not keep is formed in each pass and freed at its end: one
-        weight-sized temporary). For callers whose activations dwarf the weight: the fused
-        blocks give it when the largest weight is at most an eighth of theirs. Same results up
-        to summation order; ignored by the numpy backend.
+    merge_weight : bool, leave for the numba backend to merge the weight, W + s·B A, in a
+        large layer without dropout even where its size rule would not (the merged weight,
+        bordered by the adapter, is then kept in the cache between the passes: one
+        weight-sized array). For callers whose activations dwarf the weight: the fused blocks
+        give it when the largest weight is at most an eighth of theirs. Same results up to
+        summation order; ignored by the numpy backend.
 
     Returns
     -------

@@ -35,8 +35,8 @@ routes, chosen by size:
   backward, whose upstream gradient is c ⊙ dy, scales K's rows by c instead (a weight-sized
   product, not an (N, d_out) one).
   A caller whose activations dwarf the layer's own (a block: ``lora_forward``'s
-  ``merge_weight``) may give leave to merge where the rule would not; K then lives only
-  within a pass (each forms it: a weight-sized temporary, not a weight kept between them).
+  ``merge_weight``) may give leave to merge where the rule would not; K is then kept between
+  the passes too (at most an eighth of what the caller keeps: the rule's proportion).
   With B = 0 the merged weight is W exactly, so a fresh adapter still gives the base layer's bits.
   The merge changes where a NaN arises: the reference's s·(x_d Aᵀ) Bᵀ turns an infinite x into
   NaN even where B = 0, the merged product leaves it infinite. So a pass keeps the merged result
@@ -257,10 +257,9 @@ def _finite(*arrays):
 def forward(x, W, A, B, *, scaling, bias=None, mask=None, fan_in_fan_out=False,
             merge_weight=False):
     """``lora_numpy.forward``: y (N, d_out), h (N, r), and as ``kept`` the bordered weight K
-    when the merged route ran by the size rule (the backward pass takes it back instead of
-    forming it again). With ``merge_weight`` (a caller's leave, see ``functional.lora_forward``)
-    a large pass without dropout merges whatever the size rule says, and a K the rule would
-    not keep is freed at the end of the pass (the backward forms it again)."""
+    when the merged route ran (the backward pass takes it back instead of forming it again).
+    With ``merge_weight`` (a caller's leave, see ``functional.lora_forward``) a large pass
+    without dropout merges whatever the size rule says."""
     N, (r, d_in), d_out = x.shape[0], A.shape, B.shape[0]
     route = _route(N, d_in, d_out, mask, merge_weight)
     if route == "merged":
@@ -272,7 +271,7 @@ def forward(x, W, A, B, *, scaling, bias=None, mask=None, fan_in_fan_out=False,
                 y = yh[:, :d_out]  # (N, d_out), a view whose rows are d_out + r apart
                 if bias is not None:
                     y += bias
-                return y, h, K if _merges(N, d_in, d_out, mask) else None
+                return y, h, K
             del yh, h
         del K
     y = x @ W if fan_in_fan_out else x @ W.T  # (N, d_out), BLAS
