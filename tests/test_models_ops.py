@@ -457,6 +457,32 @@ def test_rmsnorm_gradcheck_from_the_output(backend):
     assert report.passed and report.worst_rel_err < 1e-8
 
 
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_the_models_caches_refuse_modified_fields(backend):
+    """A cache whose fields are not the forward's (a field dropped, reshaped, retyped, another
+    backend) is one ValueError naming the cache, before any kernel runs."""
+    rng = _rng(15)
+    x, dy = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 3, 4))
+    for keep_y in (False, True):
+        _, c = rmsnorm_forward(x, rng.uniform(1, 2, 4), eps=1e-6, backend=backend,
+                               cache_output=keep_y)
+        field = "y" if keep_y else "x_hat"
+        for bad in (c._replace(**{field: None}), c._replace(**{field: [[1.0] * 4] * 3}),
+                    c._replace(x_hat=c.kept(), y=c.kept()), c._replace(r=None),
+                    c._replace(r=c.r[:1]), c._replace(weight=c.weight[:3]),
+                    c._replace(weight=c.weight.astype(np.float32)), c._replace(backend="x")):
+            with pytest.raises(ValueError, match="RMSNorm cache was modified"):
+                rmsnorm_backward(dy, bad)
+    q, k, v = attention_inputs(1, 2, 1, 3, 4, 1, seed=15)
+    out, c = attention_forward(q, k, v, q_offset=1, backend=backend)
+    for bad in (c._replace(lse=c.lse[..., :2]), c._replace(k=c.k[:, :, :3]),
+                c._replace(v=None), c._replace(q_offset=2), c._replace(q_offset=1.0),
+                c._replace(block=0), c._replace(scale=1.0), c._replace(backend="x"),
+                c._replace(q_shape=(1, 2, 4, 3)), c._replace(q=c.q.astype(np.float32))):
+        with pytest.raises(ValueError, match="attention cache was modified"):
+            attention_backward(np.ones_like(out), bad)
+
+
 def test_rmsnorm_gradcheck_fixed_and_forward():
     rng = _rng(11)
     x, w = rng.standard_normal((2, 5, 16)), rng.standard_normal(16)

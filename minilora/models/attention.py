@@ -34,8 +34,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minilora.ops._checks import check_dtypes, check_positive_int, plain_array
-from minilora.ops.backends import resolve_backend
+from minilora.ops._checks import (
+    FLOAT_DTYPES,
+    check_dtypes,
+    check_positive_int,
+    is_plain,
+    plain_array,
+)
+from minilora.ops.backends import BACKENDS, resolve_backend
 
 BLOCK = 64  # query rows per block: (B, Hkv, g·64, S) scores at a time
 
@@ -181,6 +187,22 @@ def attention_forward(q, k, v, *, q_offset=0, block=BLOCK, backend=None):
                                                    q_offset, block, q.shape, backend)
 
 
+def _check_cache(cache):
+    """The cache's fields as ``attention_forward`` made them (shapes, dtypes, offsets), or
+    ValueError: a backward pass on other ones would not be this forward's gradient."""
+    q, k, v, lse = cache.q, cache.k, cache.v, cache.lse
+    if not all(is_plain(a) for a in (q, k, v, lse)) or q.ndim != 5 or k.ndim != 4 \
+            or q.dtype not in FLOAT_DTYPES or any(a.dtype != q.dtype for a in (k, v, lse)):
+        raise ValueError("the attention cache was modified after the forward pass")
+    B, Hkv, g, T, D = q.shape
+    offset, block = cache.q_offset, cache.block
+    if k.shape != v.shape or k.shape != (B, Hkv, k.shape[2], D) or lse.shape != q.shape[:-1] \
+            or type(offset) is not int or offset < 0 or k.shape[2] != offset + T \
+            or type(block) is not int or block < 1 or cache.scale != D ** -0.5 \
+            or cache.q_shape != (B, Hkv * g, T, D) or cache.backend not in BACKENDS:
+        raise ValueError("the attention cache was modified after the forward pass")
+
+
 def attention_backward(dout, cache):
     """Causal grouped-query attention, backward pass.
 
@@ -205,6 +227,7 @@ def attention_backward(dout, cache):
     if type(cache) is not AttentionCache:
         raise TypeError(f"cache must be the AttentionCache from attention_forward, "
                         f"got {type(cache).__name__}")
+    _check_cache(cache)
     dout = plain_array(dout, "dout")
     if dout.shape != cache.q_shape or dout.dtype != cache.lse.dtype:
         raise ValueError(f"dout must be {cache.lse.dtype}{cache.q_shape} like the forward's "

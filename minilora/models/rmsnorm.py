@@ -21,8 +21,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minilora.ops._checks import check_dtypes, plain_array
-from minilora.ops.backends import resolve_backend
+from minilora.ops._checks import FLOAT_DTYPES, check_dtypes, is_plain, plain_array
+from minilora.ops.backends import BACKENDS, resolve_backend
 
 
 class RMSNormCache(NamedTuple):
@@ -90,6 +90,19 @@ def rmsnorm_forward(x, weight, *, eps, backend=None, cache_output=False):
     return y, RMSNormCache(x_hat, r, weight.view(), backend)
 
 
+def _kept_array(cache):
+    """The cache's x̂ or y, once its fields are checked to be what the forward made: exactly
+    one of x̂ and y, r (..., 1) and the weight (d,) of its dtype, a backend."""
+    kept = cache.kept()
+    if (cache.x_hat is None) == (cache.y is None) or not is_plain(kept) or kept.ndim < 1 \
+            or kept.dtype not in FLOAT_DTYPES or not is_plain(cache.r) \
+            or cache.r.shape != kept.shape[:-1] + (1,) or cache.r.dtype != kept.dtype \
+            or not is_plain(cache.weight) or cache.weight.shape != kept.shape[-1:] \
+            or cache.weight.dtype != kept.dtype or cache.backend not in BACKENDS:
+        raise ValueError("the RMSNorm cache was modified after the forward pass")
+    return kept
+
+
 def rmsnorm_backward(dy, cache, *, add_to=None):
     """RMSNorm, backward pass (the weight is frozen: no dweight).
 
@@ -112,7 +125,7 @@ def rmsnorm_backward(dy, cache, *, add_to=None):
         raise TypeError(f"cache must be the RMSNormCache from rmsnorm_forward, "
                         f"got {type(cache).__name__}")
     dy = plain_array(dy, "dy")
-    kept = cache.kept()  # x̂ or y (..., d)
+    kept = _kept_array(cache)  # x̂ or y (..., d)
     if dy.shape != kept.shape or dy.dtype != kept.dtype:
         raise ValueError(f"dy must be {kept.dtype}{kept.shape} like the forward's y, got dy "
                          f"{dy.dtype}{dy.shape}")
