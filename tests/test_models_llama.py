@@ -286,13 +286,17 @@ def test_train_base_trains_and_refuses_adapters():
     assert all(np.array_equal(before[k], frozen.weights[k]) for k in before)
 
 
-@pytest.mark.parametrize("train_base", [False, True])
-def test_train_step_equals_loss_then_backward(train_base):
-    """train_step's fused head and loss give loss's value and backward's gradients."""
+@pytest.mark.parametrize("train_base, targets, use_dora, backend", [
+    (False, ALL, False, "numpy"), (True, None, False, "numpy"), (False, ALL, True, "numpy"),
+    (False, ("q_proj", "v_proj", "down_proj"), False, "numba")])
+def test_train_step_equals_loss_then_backward(train_base, targets, use_dora, backend):
+    """train_step's fused head and loss, and its first layer without the input gradient the
+    frozen embedding would receive, give loss's value and backward's gradients (the blocks,
+    DoRA, and a plain k_proj beside the adapted q and v)."""
     frozen = tiny(tied=True)
-    model = LlamaModel(frozen.config, frozen.weights, train_base=train_base)
+    model = LlamaModel(frozen.config, frozen.weights, train_base=train_base, backend=backend)
     if not train_base:
-        model.add_lora(r=2, alpha=3, target_modules=ALL, seed=4)
+        model.add_lora(r=2, alpha=3, target_modules=targets, use_dora=use_dora, seed=4)
         perturb(model)
     model.zero_grad()
     value = model.train_step(IDS, train=False)

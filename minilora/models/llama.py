@@ -234,8 +234,9 @@ class LlamaModel:
                             backend=self.backend)
         return y, ("lora", c)
 
-    def _project_backward(self, dy, name, cache):
-        """dx (B, T, d_in); the adapter's gradients accumulate into ``grads``."""
+    def _project_backward(self, dy, name, cache, need_dx=True):
+        """dx (B, T, d_in), or None without ``need_dx``; the adapter's gradients accumulate into
+        ``grads``."""
         kind, c = cache
         if kind == "plain":
             W, x = c
@@ -244,12 +245,12 @@ class LlamaModel:
                 self.grads[f"{name}.weight"] += dy.reshape(-1, d_out).T @ x.reshape(-1, d_in)
                 if f"{name}.bias" in self.grads:
                     self.grads[f"{name}.bias"] += dy.reshape(-1, d_out).sum(axis=0)
-            return dy @ W  # (B, T, d_in)
+            return dy @ W if need_dx else None  # (B, T, d_in)
         if kind == "dora":
-            g = dora_backward(dy, c)
+            g = dora_backward(dy, c, need_dx=need_dx)
             self.grads[f"{name}.m"] += g.dm
         else:
-            g = lora_backward(dy, c)
+            g = lora_backward(dy, c, need_dx=need_dx)
         self.grads[f"{name}.A"] += g.dA
         self.grads[f"{name}.B"] += g.dB
         return g.dx
@@ -447,8 +448,13 @@ class LlamaModel:
                         @ cache.h_final.reshape(-1, c.hidden_size))  # (V, d) = dlogitsᵀ h
         return self._decode_backward(dh, cache)
 
-    def _decode_backward(self, dh, cache):
-        """From dh (B, T, d), the final norm's output gradient, down to the embedding."""
+    def _decode_backward(self, dh, cache, need_dx=True):
+        """From dh (B, T, d), the final norm's output gradient, down to the embedding: returns
+        dx (B, T, d) of the embedding's output. Without ``need_dx`` (and without
+        ``train_base``, which needs it for the embedding's gradient), the first layer's
+        q, k, v input gradient and its norm's backward are skipped, and None comes back: the
+        frozen embedding is the only thing they would reach."""
+        need_dx = need_dx or self.train_base
         c = self.config
         Bsz, T = dh.shape[:2]
         H, Hkv, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -475,16 +481,20 @@ class LlamaModel:
                      "v_proj": dv.transpose(0, 2, 1, 3).reshape(Bsz, T, Hkv * D)}
             da = None
             group = L["group"]
+            need_da = need_dx or i > 0
             if group:
-                g = lora_qkv_backward([douts[p] for p in group], L["qkv"])
+                g = lora_qkv_backward([douts[p] for p in group], L["qkv"], need_dx=need_da)
                 for j, p in enumerate(group):
                     self.grads[f"{names[p]}.A"] += g.dA[j]
                     self.grads[f"{names[p]}.B"] += g.dB[j]
                 da = g.dx
             for p in ("q_proj", "k_proj", "v_proj"):
                 if p not in group:
-                    dp = self._project_backward(douts[p], names[p], L["proj"][p])  # (B, T, d)
+                    dp = self._project_backward(douts[p], names[p], L["proj"][p],
+                                                need_da)  # (B, T, d) or None
                     da = dp if da is None else da + dp
+            if not need_da:
+                return None
             self._norm_grad(f"model.layers.{i}.input_layernorm.weight", da, L["norm1"])
             rmsnorm_backward(da, L["norm1"], add_to=dx)  # dx += (B, T, d)
         self._base_grad("model.embed_tokens.weight",
@@ -526,7 +536,7 @@ class LlamaModel:
         h, cache = self._decode(input_ids, None, train, dropout_masks)  # (B, T, d)
         dhead = self.grads[self._head_key()] if self.train_base else None
         value, dh = lm_head_loss(h, self._lm_head(), input_ids, dhead=dhead)  # dh (B, T, d)
-        self._decode_backward(dh, cache)
+        self._decode_backward(dh, cache, need_dx=False)
         return value
 
     # -- generation -------------------------------------------------------------------------------
