@@ -8,6 +8,7 @@ import argparse
 import sys
 
 from minilora.oracle import cli as oracle_cli
+from minilora.toolkit.memory import retain_freed_memory
 from minilora.tools import bench, demo, selfcheck
 from minilora.tools._argtypes import nonnegative_int, output_path, positive_int
 
@@ -66,6 +67,7 @@ def _need_matplotlib():
 def _demo(args):
     if args.plot:
         _need_matplotlib()
+    retain_freed_memory()  # each training step reuses the last one's memory, unfaulted
     if args.model:
         from minilora.tools import demo_model
 
