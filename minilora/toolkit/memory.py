@@ -10,10 +10,11 @@ docs/performance.md, "A step alone in its process").
 
 ``retain_freed_memory()`` asks malloc to keep it: arrays up to ``mmap_threshold`` come from the
 heap, and the heap is trimmed only when more than ``trim_threshold`` lies free at its top. The
-process's resident set then stays at its peak between steps, as PyTorch's caching allocators
-keep theirs. It is a setting of the whole process (every library in it allocates through the
-same malloc), so minilora never makes it behind a caller's back: its training commands call it
-(``minilora demo``), and a script of a user's calls it once if it wants the same.
+process's resident set then stays at its peak between steps, as a GPU framework's caching
+allocator keeps its device memory. It is a setting of the whole process (every library in it
+allocates through the same malloc), so minilora never makes it behind a caller's back: its
+training commands call it (``minilora demo``), and a user's script calls it once if it wants
+the same.
 """
 
 import ctypes
