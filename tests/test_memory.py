@@ -5,6 +5,7 @@ import platform
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from minilora.toolkit.memory import retain_freed_memory
@@ -24,10 +25,13 @@ print(took, first, faults_of_a_round())
 """
 
 
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def test_freed_arrays_come_back_without_page_faults():
     took, first, second = subprocess.run([sys.executable, "-c", _PROBE], check=True,
                                          capture_output=True, text=True).stdout.split()
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not GLIBC:
         assert took in ("True", "False")
         return
     assert took == "True"
@@ -41,3 +45,8 @@ def test_freed_arrays_come_back_without_page_faults():
 def test_bad_thresholds_are_refused(kw):
     with pytest.raises(ValueError, match="threshold must be an integer"):
         retain_freed_memory(**kw)
+
+
+def test_numpy_integers_are_taken():
+    took = retain_freed_memory(mmap_threshold=np.int64(32 << 20), trim_threshold=np.int32(1 << 30))
+    assert took is True or not GLIBC

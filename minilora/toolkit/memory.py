@@ -18,6 +18,7 @@ the same.
 """
 
 import ctypes
+import numbers
 
 M_TRIM_THRESHOLD = -1  # mallopt's parameter numbers (glibc's malloc.h)
 M_MMAP_THRESHOLD = -3
@@ -40,7 +41,8 @@ def retain_freed_memory(*, mmap_threshold=MMAP_THRESHOLD_MAX, trim_threshold=1 <
     """
     for name, value, top in (("mmap_threshold", mmap_threshold, MMAP_THRESHOLD_MAX),
                              ("trim_threshold", trim_threshold, 2**31 - 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= top:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
+                or not 0 < value <= top:
             raise ValueError(f"{name} must be an integer number of bytes in (0, {top}], got "
                              f"{value!r}")
     try:
@@ -49,5 +51,5 @@ def retain_freed_memory(*, mmap_threshold=MMAP_THRESHOLD_MAX, trim_threshold=1 <
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     # the mmap threshold first: setting either one ends glibc's own adjustment of both
-    return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and \
-        bool(mallopt(M_TRIM_THRESHOLD, trim_threshold))
+    return bool(mallopt(M_MMAP_THRESHOLD, int(mmap_threshold))) and \
+        bool(mallopt(M_TRIM_THRESHOLD, int(trim_threshold)))
